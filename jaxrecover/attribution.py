@@ -1,0 +1,334 @@
+"""Vanilla Gradient and Integrated Gradients as pure, jit-compatible functions.
+
+Every public IG implementation approximates
+
+    IG(x; b) = (x - b) * sum_i w_i * grad f(b + a_i (x - b))
+
+with nodes ``a_i`` and weights ``w_i`` of a quadrature rule. :data:`RULES` is
+the one table of those rules (see ``docs/RECOVERY.md`` and ``REFERENCES.md``):
+
+=====================  ===========================================  ==========================  =========
+rule                   nodes a_i                                    weights w_i                 min steps
+=====================  ===========================================  ==========================  =========
+riemann_right          i/n, i=1..n (the paper's eq. 1; Captum)      1/n                         2
+riemann_left           i/n, i=0..n-1 (Captum; iNNvestigate 1.x)     1/n                         2
+riemann_middle         (2i-1)/(2n), i=1..n (Captum)                 1/n                         2
+riemann_trapezoid      i/(n-1), i=0..n-1 (Captum)                   1/n, ends 1/(2n); sum (n-1)/n  2
+trapezoid              i/(n-1), i=0..n-1 (a correct trapezoid)      1/(n-1), ends 1/(2(n-1))   2
+gausslegendre          (1+t_i)/2, numpy leggauss(n) (Captum default)  v_i/2                     1
+saliency               k/(n-1), k=0..n-1, linspace (PAIR saliency)   1/n                         1
+ig_original            k/n, k=0..n (n+1 points; Sundararajan code)   1/n, ends 1/(2n)            1
+=====================  ===========================================  ==========================  =========
+
+The minimum step counts are those the reference libraries accept (Captum
+asserts ``n > 1`` for its Riemann rules). ``steps`` is always static: each step
+count compiles once.
+
+Single-example functions take a scalar function ``f(x) -> ()`` of ONE example;
+the batched :func:`attribute` takes ``logit_fn(params, x)`` for one example
+(see :func:`jaxrecover.models.make_logit_fn`), a batch ``x[N, ...]`` and
+targets ``[N]``, and works in chunks of ``chunk_size`` examples so memory is
+bounded by the chunk, not by N.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "RULES",
+    "OUTPUTS",
+    "QuadratureRule",
+    "quadrature",
+    "num_evaluations",
+    "select_output",
+    "vanilla_gradient",
+    "path_points",
+    "path_gradients",
+    "integrated_gradients",
+    "completeness_delta",
+    "attribute",
+    "check_input_dtype",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuadratureRule:
+    """Where a rule puts its nodes in [0, 1] and how it weights them.
+
+    Attributes:
+      name: the rule's name in this library.
+      build: ``n -> (nodes, weights)``, float64 numpy arrays (nodes ascending).
+      min_steps: the smallest step count the reference implementation accepts.
+      source: where the rule comes from.
+    """
+
+    name: str
+    build: Callable[[int], tuple[np.ndarray, np.ndarray]]
+    min_steps: int
+    source: str
+
+
+def _uniform(nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return nodes, np.full(nodes.shape, 1.0 / nodes.size)
+
+
+def _trapezoid_weights(n_points: int, total: float) -> np.ndarray:
+    w = np.full(n_points, total / max(n_points - 1, 1))
+    w[0] /= 2
+    w[-1] /= 2
+    return w
+
+
+def _captum_trapezoid(n):
+    w = np.full(n, 1.0 / n)
+    w[0] /= 2
+    w[-1] /= 2
+    return np.arange(n) / (n - 1), w
+
+
+def _gauss_legendre(n):
+    t, v = np.polynomial.legendre.leggauss(n)
+    return (1.0 + t) / 2.0, v / 2.0
+
+
+def _ig_original(n):
+    return np.arange(n + 1) / n, _trapezoid_weights(n + 1, 1.0)
+
+
+RULES: dict[str, QuadratureRule] = {
+    r.name: r
+    for r in (
+        QuadratureRule("riemann_right", lambda n: _uniform(np.arange(1, n + 1) / n), 2,
+                       "the paper's eq. (1); Captum riemann_right"),
+        QuadratureRule("riemann_left", lambda n: _uniform(np.arange(n) / n), 2,
+                       "Captum riemann_left; iNNvestigate 1.x"),
+        QuadratureRule("riemann_middle", lambda n: _uniform((2 * np.arange(1, n + 1) - 1) / (2 * n)), 2,
+                       "Captum riemann_middle"),
+        QuadratureRule("riemann_trapezoid", _captum_trapezoid, 2,
+                       "Captum riemann_trapezoid (weights sum to (n-1)/n, as Captum has it)"),
+        QuadratureRule("trapezoid", lambda n: (np.arange(n) / (n - 1), _trapezoid_weights(n, 1.0)), 2,
+                       "a correct trapezoid rule on n points (weights sum to 1)"),
+        QuadratureRule("gausslegendre", _gauss_legendre, 1, "Captum gausslegendre (Captum's default)"),
+        QuadratureRule("saliency", lambda n: _uniform(np.linspace(0.0, 1.0, n)), 1,
+                       "PAIR saliency IntegratedGradients (linspace with both ends)"),
+        QuadratureRule("ig_original", _ig_original, 1,
+                       "original IG code (ankurtaly/Integrated-Gradients): n+1 points, trapezoid"),
+    )
+}
+
+#: What is explained: a class's logit, softmax probability or log-probability.
+OUTPUTS = ("logit", "prob", "logprob")
+
+
+def _rule(rule: str) -> QuadratureRule:
+    try:
+        return RULES[rule]
+    except KeyError:
+        raise ValueError(f"unknown IG rule {rule!r}; choose one of: {', '.join(RULES)}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _quadrature_cached(rule: str, steps: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    nodes, weights = _rule(rule).build(steps)
+    return tuple(float(v) for v in nodes), tuple(float(v) for v in weights)
+
+
+def quadrature(rule: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes and weights of ``rule`` with ``steps`` steps, float64 numpy arrays.
+
+    Raises:
+      ValueError: unknown rule, or ``steps`` below the rule's minimum.
+    """
+    r = _rule(rule)
+    if not isinstance(steps, (int, np.integer)) or steps < r.min_steps:
+        raise ValueError(f"rule {rule!r} needs an integer steps >= {r.min_steps}, got {steps!r}")
+    nodes, weights = _quadrature_cached(rule, int(steps))
+    return np.array(nodes, np.float64), np.array(weights, np.float64)
+
+
+def num_evaluations(rule: str, steps: int) -> int:
+    """Gradient evaluations one IG answer of ``rule`` with ``steps`` steps costs."""
+    return quadrature(rule, steps)[0].size
+
+
+def check_input_dtype(x) -> jnp.dtype:
+    """A float32/float64 input, and float64 only with ``jax_enable_x64`` on."""
+    dtype = np.dtype(getattr(x, "dtype", np.asarray(x).dtype))
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"inputs must be float32 or float64, got {dtype}; normalise images with "
+                        "jaxrecover.data.normalize")
+    if dtype == np.float64 and not jax.config.jax_enable_x64:
+        raise RuntimeError(
+            "a float64 input was given but jax_enable_x64 is off, so JAX would silently compute in float32. "
+            "Enable it first (jax.config.update('jax_enable_x64', True), JAX_ENABLE_X64=1 or "
+            "`with jax.enable_x64(True):`), or pass float32."
+        )
+    return jnp.dtype(dtype)
+
+
+def select_output(logits: jax.Array, target, output: str = "logit") -> jax.Array:
+    """The explained scalar of one example's logits ``[C]``: logit, prob or logprob of ``target``."""
+    if output == "logit":
+        return logits[target]
+    if output == "prob":
+        return jax.nn.softmax(logits)[target]
+    if output == "logprob":
+        return jax.nn.log_softmax(logits)[target]
+    raise ValueError(f"unknown output {output!r}; choose one of: {', '.join(OUTPUTS)}")
+
+
+def vanilla_gradient(f: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """VG_f(x) = grad f(x) for a scalar ``f`` of one example; same shape and dtype as ``x``."""
+    return jax.grad(f)(x)
+
+
+def path_points(x: jax.Array, baseline: jax.Array, nodes) -> jax.Array:
+    """``b + a_i (x - b)`` for every node: shape ``(n, *x.shape)``, dtype of ``x``."""
+    a = jnp.asarray(nodes, x.dtype).reshape((-1,) + (1,) * x.ndim)
+    return baseline + a * (x - baseline)
+
+
+def path_gradients(f, x, baseline, nodes) -> jax.Array:
+    """All ``grad f`` at the path points, from ONE ``jax.vmap``: ``(n, *x.shape)``."""
+    return jax.vmap(jax.grad(f))(path_points(x, baseline, nodes))
+
+
+def integrated_gradients(
+    f: Callable[[jax.Array], jax.Array],
+    x: jax.Array,
+    baseline: jax.Array | None = None,
+    *,
+    steps: int = 50,
+    rule: str = "riemann_right",
+) -> jax.Array:
+    """IG of a scalar ``f`` of one example under a quadrature ``rule``.
+
+    Args:
+      f: scalar function of one example.
+      x: the example, float32/float64 of any shape.
+      baseline: same shape and dtype as ``x``; default zeros.
+      steps: the rule's step count (static).
+      rule: one of :data:`RULES`.
+
+    Returns:
+      ``(x - b) * sum_i w_i grad f(b + a_i (x - b))``, shape and dtype of ``x``.
+    """
+    nodes, weights = quadrature(rule, steps)
+    baseline = jnp.zeros_like(x) if baseline is None else baseline
+    grads = path_gradients(f, x, baseline, nodes)
+    return (x - baseline) * jnp.tensordot(jnp.asarray(weights, x.dtype), grads, axes=1)
+
+
+def completeness_delta(f, x, baseline, attribution) -> jax.Array:
+    """Captum's convergence delta: ``sum(IG) - (f(x) - f(b))`` (0 for exact IG)."""
+    baseline = jnp.zeros_like(x) if baseline is None else baseline
+    return jnp.sum(attribution) - (f(x) - f(baseline))
+
+
+# --------------------------------------------------------------------------- batched
+
+
+@functools.partial(jax.jit, static_argnames=("logit_fn", "method", "steps", "rule", "output"))
+def _attribute_chunk(logit_fn, params, x, target, baseline, *, method, steps, rule, output):
+    def one(xi, ti, bi):
+        def f(z):
+            return select_output(logit_fn(params, z), ti, output)
+
+        if method == "vg":
+            return vanilla_gradient(f, xi)
+        return integrated_gradients(f, xi, bi, steps=steps, rule=rule)
+
+    return jax.vmap(one)(x, target, baseline)
+
+
+def attribute(
+    logit_fn: Callable[[Any, jax.Array], jax.Array],
+    params: Any,
+    x,
+    target,
+    *,
+    method: str = "ig",
+    steps: int = 50,
+    rule: str = "riemann_right",
+    baseline=None,
+    output: str = "logit",
+    chunk_size: int | None = 32,
+    progress: bool = False,
+) -> jax.Array:
+    """VG or IG of a batch, in jitted chunks of ``chunk_size`` examples.
+
+    Args:
+      logit_fn: ``logit_fn(params, x_one) -> logits[C]`` for ONE example. Build
+        it once (``make_logit_fn``): a new function object compiles anew.
+      params: the model's variables (same float dtype as ``x``).
+      x: ``[N, *shape]`` float32 or float64 (float64 needs ``jax_enable_x64``).
+      target: ``[N]`` integer class indices (e.g. the true labels).
+      method: ``"ig"`` or ``"vg"``.
+      steps, rule: the IG quadrature (see :data:`RULES`).
+      baseline: ``[N, *shape]``, ``[*shape]`` or None (zeros).
+      output: ``"logit"``, ``"prob"`` or ``"logprob"`` of the target class.
+      chunk_size: examples per compiled call (``None``: all at once). Every
+        chunk has the same shape (the last is padded), so one compilation
+        serves the whole batch.
+      progress: show a progress bar over the chunks.
+
+    Returns:
+      ``[N, *shape]`` attributions, dtype of ``x``.
+    """
+    dtype = check_input_dtype(x)
+    if method not in ("ig", "vg"):
+        raise ValueError(f"unknown method {method!r}; choose 'ig' or 'vg'")
+    if output not in OUTPUTS:
+        raise ValueError(f"unknown output {output!r}; choose one of: {', '.join(OUTPUTS)}")
+    if method == "ig":
+        quadrature(rule, steps)  # validate early
+    x = jnp.asarray(x, dtype)
+    n = x.shape[0]
+    target = jnp.asarray(target, jnp.int32)
+    if target.shape != (n,):
+        raise ValueError(f"target must have shape ({n},), got {target.shape}")
+    if baseline is None:
+        baseline = jnp.zeros_like(x)
+    else:
+        baseline = jnp.asarray(baseline)
+        if baseline.dtype != dtype:
+            raise TypeError(f"baseline dtype {baseline.dtype} differs from the input's {dtype}")
+        baseline = jnp.broadcast_to(baseline, x.shape)
+    kwargs = dict(method=method, steps=steps if method == "ig" else 0, rule=rule if method == "ig" else "", output=output)
+    return map_chunks(
+        lambda xs, ts, bs: _attribute_chunk(logit_fn, params, xs, ts, bs, **kwargs),
+        (x, target, baseline), chunk_size, progress=progress, desc=method.upper(),
+    )
+
+
+def map_chunks(fn, arrays: tuple, chunk_size: int | None, *, progress: bool = False, desc: str = "") -> Any:
+    """Apply ``fn(*chunk)`` over the leading axis in equal chunks and concatenate.
+
+    The last chunk is padded by repeating its final row, so ``fn`` sees one
+    shape and a jitted ``fn`` compiles once. Results are pytrees of arrays.
+    """
+    from tqdm.auto import tqdm
+
+    n = arrays[0].shape[0]
+    if chunk_size is None or chunk_size >= n:
+        return fn(*arrays)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    outs = []
+    starts = range(0, n, chunk_size)
+    for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        part = [a[s : s + chunk_size] for a in arrays]
+        short = chunk_size - part[0].shape[0]
+        if short:
+            part = [jnp.concatenate([p, jnp.repeat(p[-1:], short, axis=0)]) for p in part]
+        out = fn(*part)
+        outs.append(jax.tree.map(lambda o, k=chunk_size - short: o[:k], out))
+    return jax.tree.map(lambda *o: jnp.concatenate(o), *outs)

@@ -1,0 +1,219 @@
+"""Training the paper's models: optax, cross-entropy on logits, Orbax checkpoints.
+
+``train_and_evaluate(config, workdir)`` is the whole job; ``train.py`` is a thin
+CLI over it. Training resumes from ``workdir`` when a checkpoint is there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from . import __version__
+from .checkpoint import CheckpointError, checkpoint_exists, load_checkpoint, save_checkpoint
+from .data import Dataset, load_dataset, normalize
+from .models import get_model, init_variables, make_batched_logit_fn
+
+__all__ = ["TrainConfig", "DEFAULT_EPOCHS", "train_and_evaluate", "load_trained", "accuracy", "make_train_step"]
+
+#: Epochs that reach the README's accuracies on the offline split.
+DEFAULT_EPOCHS = {"twolayer": 30, "twolayer_nobias": 30, "lenet": 15, "lenet_nobias": 15, "resnet18": 15}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """What to train and how. ``epochs=None`` takes :data:`DEFAULT_EPOCHS`."""
+
+    model: str = "lenet"
+    dataset: str = "mnist"
+    epochs: int | None = None
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    augment: bool = True  # random shifts of up to 2 pixels
+    seed: int = 0
+    max_train: int | None = None  # use only the first k training images (tests, demos)
+    max_test: int | None = None
+
+    def resolved_epochs(self) -> int:
+        return DEFAULT_EPOCHS.get(self.model, 10) if self.epochs is None else int(self.epochs)
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    total = max(1, config.resolved_epochs() * steps_per_epoch)
+    schedule = optax.cosine_decay_schedule(config.learning_rate, total, alpha=0.01)
+    return optax.adamw(schedule, weight_decay=config.weight_decay)
+
+
+def _shift(key, x, max_shift: int, fill):
+    """Random translation of one NHWC-less image (28, 28, 1) by up to max_shift pixels."""
+    p = max_shift
+    padded = jnp.pad(x, ((p, p), (p, p), (0, 0)), constant_values=fill)
+    dx, dy = jax.random.randint(key, (2,), 0, 2 * p + 1)
+    return jax.lax.dynamic_slice(padded, (dx, dy, 0), x.shape)
+
+
+def make_train_step(model, optimizer, augment: bool, fill: float):
+    """A jitted ``step(variables, opt_state, x, y, key) -> (variables, opt_state, loss, acc)``."""
+    def loss_fn(params, other, x, y):
+        variables = {"params": params, **other}
+        if other:
+            logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        else:
+            logits, updates = model.apply(variables, x, train=True), {}
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, (logits, updates)
+
+    @jax.jit
+    def step(variables, opt_state, x, y, key):
+        if augment:
+            x = jax.vmap(_shift, in_axes=(0, 0, None, None))(jax.random.split(key, x.shape[0]), x, 2, fill)
+        params = variables["params"]
+        other = {k: v for k, v in variables.items() if k != "params"}
+        (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, other, x, y)
+        upd, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, upd)
+        acc = jnp.mean(jnp.argmax(logits, -1) == y)
+        return {"params": params, **other, **updates}, opt_state, loss, acc
+
+    return step
+
+
+def accuracy(model, variables, images: np.ndarray, labels: np.ndarray, batch_size: int = 500) -> float:
+    """Test accuracy (inference mode) of float images ``(N, 28, 28, 1)``."""
+    logit_fn = jax.jit(make_batched_logit_fn(model))
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        logits = logit_fn(variables, jnp.asarray(images[i : i + batch_size]))
+        correct += int(jnp.sum(jnp.argmax(logits, -1) == jnp.asarray(labels[i : i + batch_size])))
+    return correct / max(1, len(images))
+
+
+def _initial_state(config: TrainConfig, steps_per_epoch: int):
+    model = get_model(config.model)
+    variables = init_variables(model, jax.random.key(config.seed), jnp.float32)
+    optimizer = make_optimizer(config, steps_per_epoch)
+    state = {
+        "variables": variables,
+        "opt_state": optimizer.init(variables["params"]),
+        "epoch": np.int32(0),
+    }
+    return model, optimizer, state
+
+
+def train_and_evaluate(
+    config: TrainConfig,
+    workdir: str | Path,
+    *,
+    dataset: Dataset | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``config.model`` on ``config.dataset``, checkpoint every epoch into ``workdir``.
+
+    Returns:
+      A dict with ``variables`` (float32 inference variables), ``metadata``
+      (as saved) and ``model`` (the Flax module).
+    """
+    get_model(config.model)  # unknown model -> clear error before any data work
+    ds = dataset if dataset is not None else load_dataset(config.dataset)
+    xtr, ytr = normalize(ds.train_images, np.float32), ds.train_labels
+    xte, yte = normalize(ds.test_images, np.float32), ds.test_labels
+    if config.max_train:
+        xtr, ytr = xtr[: config.max_train], ytr[: config.max_train]
+    if config.max_test:
+        xte, yte = xte[: config.max_test], yte[: config.max_test]
+    bs = min(config.batch_size, len(xtr))
+    steps_per_epoch = len(xtr) // bs
+    epochs = config.resolved_epochs()
+    model, optimizer, state = _initial_state(config, steps_per_epoch)
+    elapsed = 0.0
+    if resume and checkpoint_exists(workdir):
+        state, meta = load_checkpoint(workdir, state)
+        for key in ("model", "dataset", "split"):
+            want = {"model": config.model, "dataset": ds.name, "split": ds.split}[key]
+            if meta[key] != want:
+                raise CheckpointError(f"checkpoint in {workdir} is for {key}={meta[key]!r}, not {want!r}; "
+                                      "use another --out or --no-resume")
+        elapsed = float(meta.get("train_seconds", 0.0))
+    fill = float(normalize(np.zeros((1, 1), np.uint8))[0, 0, 0])
+    step = make_train_step(model, optimizer, config.augment, fill)
+    variables, opt_state = state["variables"], state["opt_state"]
+    start_epoch = int(state["epoch"])
+    meta = None
+    test_acc = None
+    for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([config.seed, epoch])
+        order = rng.permutation(len(xtr))
+        key = jax.random.fold_in(jax.random.key(config.seed), epoch)
+        bar = tqdm(range(steps_per_epoch), desc=f"{config.model} epoch {epoch + 1}/{epochs}",
+                   disable=not progress, leave=False)
+        losses, accs = [], []
+        for i in bar:
+            idx = order[i * bs : (i + 1) * bs]
+            variables, opt_state, loss, acc = step(variables, opt_state, xtr[idx], ytr[idx], jax.random.fold_in(key, i))
+            losses.append(loss)
+            accs.append(acc)
+            if i % 10 == 0 or i == steps_per_epoch - 1:
+                bar.set_postfix(loss=f"{float(loss):.4f}", acc=f"{float(acc):.3f}")
+        test_acc = accuracy(model, variables, xte, yte)
+        elapsed += time.perf_counter() - t0
+        train_loss = float(jnp.mean(jnp.stack(losses)))
+        if progress:
+            tqdm.write(f"{config.model} epoch {epoch + 1}/{epochs}: loss {train_loss:.4f} "
+                       f"train acc {float(jnp.mean(jnp.stack(accs))):.4f} test acc {test_acc:.4f}")
+        meta = _metadata(config, ds, epoch + 1, test_acc, len(xtr), len(xte), elapsed, train_loss)
+        save_checkpoint(workdir, {"variables": variables, "opt_state": opt_state, "epoch": np.int32(epoch + 1)}, meta)
+    if meta is None:  # nothing left to train: report the stored checkpoint
+        test_acc = accuracy(model, variables, xte, yte)
+        meta = load_checkpoint(workdir, state)[1] if checkpoint_exists(workdir) else _metadata(
+            config, ds, start_epoch, test_acc, len(xtr), len(xte), elapsed, float("nan"))
+    return {"model": model, "variables": variables, "metadata": meta}
+
+
+def _metadata(config, ds, epochs_done, test_acc, n_train, n_test, seconds, train_loss) -> dict:
+    return {
+        "model": config.model,
+        "dataset": ds.name,
+        "split": ds.split,
+        "seed": config.seed,
+        "epochs": epochs_done,
+        "test_accuracy": test_acc,
+        "train_size": n_train,
+        "test_size": n_test,
+        "train_loss": train_loss,
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "weight_decay": config.weight_decay,
+        "augment": config.augment,
+        "max_train": config.max_train,
+        "max_test": config.max_test,
+        "train_seconds": round(seconds, 2),
+        "jax_version": jax.__version__,
+        "version": __version__,
+    }
+
+
+def load_trained(workdir: str | Path) -> tuple[str, Any, dict]:
+    """``(model_name, float32 variables, metadata)`` of a checkpoint written by :func:`train_and_evaluate`."""
+    from .checkpoint import load_metadata
+
+    meta = load_metadata(workdir)
+    cfg = TrainConfig(model=meta["model"], learning_rate=meta.get("learning_rate", 1e-3),
+                      weight_decay=meta.get("weight_decay", 0.0))
+    try:
+        get_model(cfg.model)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {workdir} names an unknown model: {e}") from e
+    _, _, target = _initial_state(cfg, steps_per_epoch=1)
+    state, meta = load_checkpoint(workdir, target)
+    return meta["model"], state["variables"], meta
