@@ -193,7 +193,7 @@ def vanilla_gradient(f: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.A
 def path_points(x: jax.Array, baseline: jax.Array, nodes) -> jax.Array:
     """``b + a_i (x - b)`` for every node: shape ``(n, *x.shape)``, dtype of ``x``."""
     a = jnp.asarray(nodes, x.dtype).reshape((-1,) + (1,) * x.ndim)
-    return baseline + a * (x - baseline)
+    return baseline[None] + a * (x - baseline)[None]
 
 
 def path_gradients(f, x, baseline, nodes) -> jax.Array:

@@ -35,7 +35,7 @@ class TrainConfig:
     model: str = "lenet"
     dataset: str = "mnist"
     epochs: int | None = None
-    batch_size: int = 128
+    batch_size: int = 64
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     augment: bool = True  # random shifts of up to 2 pixels
