@@ -18,7 +18,7 @@ import optax
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import CheckpointError, checkpoint_exists, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, checkpoint_exists, load_checkpoint, load_metadata, save_checkpoint
 from .data import Dataset, load_dataset, normalize
 from .models import get_model, init_variables, make_batched_logit_fn
 
@@ -137,12 +137,12 @@ def train_and_evaluate(
     model, optimizer, state = _initial_state(config, steps_per_epoch)
     elapsed = 0.0
     if resume and checkpoint_exists(workdir):
-        state, meta = load_checkpoint(workdir, state)
-        for key in ("model", "dataset", "split"):
-            want = {"model": config.model, "dataset": ds.name, "split": ds.split}[key]
+        meta = load_metadata(workdir)
+        for key, want in (("model", config.model), ("dataset", ds.name), ("split", ds.split)):
             if meta[key] != want:
                 raise CheckpointError(f"checkpoint in {workdir} is for {key}={meta[key]!r}, not {want!r}; "
                                       "use another --out or --no-resume")
+        state, meta = load_checkpoint(workdir, state)
         elapsed = float(meta.get("train_seconds", 0.0))
     fill = float(normalize(np.zeros((1, 1), np.uint8))[0, 0, 0])
     step = make_train_step(model, optimizer, config.augment, fill)
@@ -205,8 +205,6 @@ def _metadata(config, ds, epochs_done, test_acc, n_train, n_test, seconds, train
 
 def load_trained(workdir: str | Path) -> tuple[str, Any, dict]:
     """``(model_name, float32 variables, metadata)`` of a checkpoint written by :func:`train_and_evaluate`."""
-    from .checkpoint import load_metadata
-
     meta = load_metadata(workdir)
     cfg = TrainConfig(model=meta["model"], learning_rate=meta.get("learning_rate", 1e-3),
                       weight_decay=meta.get("weight_decay", 0.0))

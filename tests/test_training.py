@@ -1,0 +1,126 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrecover import models
+from jaxrecover.checkpoint import CheckpointError, load_metadata
+from jaxrecover.data import Dataset
+from jaxrecover.training import TrainConfig, load_trained, train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(mnist):
+    return Dataset("mnist", mnist.split, mnist.train_images[:256], mnist.train_labels[:256],
+                   mnist.test_images[:64], mnist.test_labels[:64])
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_one_epoch_on_tiny_data_learns_and_keeps_float32(tmp_path, tiny, name):
+    cfg = TrainConfig(model=name, epochs=1, batch_size=32, seed=0)
+    before = models.init_variables(name, jax.random.key(0))
+    out = train_and_evaluate(cfg, tmp_path, dataset=tiny, progress=False)
+    v = out["variables"]
+    assert models.tree_dtypes(v) == {jnp.dtype(jnp.float32)}  # x64 is on in tests: nothing was promoted
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before["params"], v["params"])
+    assert all(jax.tree.leaves(changed))
+    meta = out["metadata"]
+    for key in ("model", "dataset", "split", "seed", "epochs", "test_accuracy", "version"):
+        assert key in meta
+    assert meta["epochs"] == 1 and 0.0 <= meta["test_accuracy"] <= 1.0
+
+
+def test_checkpoint_round_trip_and_resume(tmp_path, tiny):
+    cfg = TrainConfig(model="twolayer", epochs=2, batch_size=32, seed=3)
+    first = train_and_evaluate(cfg, tmp_path, dataset=tiny, progress=False)
+    name, variables, meta = load_trained(tmp_path)
+    assert name == "twolayer" and meta["epochs"] == 2
+    jax.tree.map(np.testing.assert_array_equal, variables, first["variables"])
+    # resuming with more epochs continues from epoch 2 and ends at 3
+    cont = train_and_evaluate(TrainConfig(model="twolayer", epochs=3, batch_size=32, seed=3), tmp_path,
+                              dataset=tiny, progress=False)
+    assert cont["metadata"]["epochs"] == 3
+    # resuming a finished run trains nothing and returns the stored parameters
+    again = train_and_evaluate(TrainConfig(model="twolayer", epochs=3, batch_size=32, seed=3), tmp_path,
+                               dataset=tiny, progress=False)
+    jax.tree.map(np.testing.assert_array_equal, again["variables"], cont["variables"])
+    assert again["metadata"]["epochs"] == 3
+    assert not list(Path(tmp_path).glob("checkpoint.tmp-*"))
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny):
+    cfg = TrainConfig(model="twolayer", epochs=2, batch_size=32, seed=5)
+    full = train_and_evaluate(cfg, tmp_path / "full", dataset=tiny, progress=False)
+    # simulate a run stopped after epoch 1: train 2 epochs' schedule but stop early
+    import jaxrecover.training as T
+
+    orig = T.save_checkpoint
+    calls = {"n": 0}
+
+    def save_then_stop(*args, **kwargs):
+        orig(*args, **kwargs)
+        calls["n"] += 1
+        raise KeyboardInterrupt
+
+    T.save_checkpoint = save_then_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_and_evaluate(cfg, tmp_path / "part", dataset=tiny, progress=False)
+    finally:
+        T.save_checkpoint = orig
+    assert load_metadata(tmp_path / "part")["epochs"] == 1
+    resumed = train_and_evaluate(cfg, tmp_path / "part", dataset=tiny, progress=False)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+                 resumed["variables"], full["variables"])
+
+
+def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path, tiny):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_trained(tmp_path / "nothing")
+    train_and_evaluate(TrainConfig(model="twolayer", epochs=1, batch_size=32), tmp_path, dataset=tiny, progress=False)
+    meta = tmp_path / "checkpoint" / "metadata.json"
+    good = meta.read_text()
+    meta.write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_trained(tmp_path)
+    meta.write_text(good)
+    for f in (tmp_path / "checkpoint" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 100:
+            f.write_bytes(b"\0" * 16)
+    with pytest.raises(CheckpointError, match="could not be restored"):
+        load_trained(tmp_path)
+    m = json.loads(good)
+    m["model"] = "lenet"
+    meta.write_text(json.dumps(m))
+    with pytest.raises(CheckpointError):
+        load_trained(tmp_path)
+
+
+def test_resume_refuses_another_model(tmp_path, tiny):
+    train_and_evaluate(TrainConfig(model="twolayer", epochs=1, batch_size=32), tmp_path, dataset=tiny, progress=False)
+    with pytest.raises(CheckpointError, match="model='twolayer'"):
+        train_and_evaluate(TrainConfig(model="twolayer_nobias", epochs=1), tmp_path, dataset=tiny, progress=False)
+
+
+def test_cli_unknown_model_and_dataset(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", "vgg", "--out", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "twolayer_nobias" in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", "twolayer", "--dataset", "cifar",
+                        "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "idx:<dir>" in r.stderr
+
+
+def test_cli_trains_and_writes_a_checkpoint(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", "twolayer_nobias", "--epochs", "1",
+                        "--max-train", "512", "--quiet", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "test accuracy" in r.stdout
+    assert load_metadata(tmp_path)["max_train"] == 512
