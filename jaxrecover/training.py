@@ -25,7 +25,7 @@ from .models import get_model, init_variables, make_batched_logit_fn
 __all__ = ["TrainConfig", "DEFAULT_EPOCHS", "train_and_evaluate", "load_trained", "accuracy", "make_train_step"]
 
 #: Epochs that reach the README's accuracies on the offline split.
-DEFAULT_EPOCHS = {"twolayer": 30, "twolayer_nobias": 30, "lenet": 15, "lenet_nobias": 15, "resnet18": 15}
+DEFAULT_EPOCHS = {"twolayer": 30, "twolayer_nobias": 30, "lenet": 15, "lenet_nobias": 15, "resnet18": 10}
 
 
 @dataclasses.dataclass

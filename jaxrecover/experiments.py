@@ -1,0 +1,291 @@
+"""The paper's evaluation protocol: Table 1 and Experiments A, B, C, and Figure 5 data.
+
+For each test image x (explained output: the logit of the true label, x' = 0, m = 50):
+
+* ``table1``: distance(VG(x), IG_m(x))                         (every model)
+* ``A``: eq. (2), VG ~ IG_m(x) / x                              (no-bias models)
+* ``B``: eq. (4), VG ~ m (IG_m(x) - IG_{m-1}((m-1)/m x)) / x     (models with bias)
+* ``C``: eq. (3), VG ~ (IG_m(x) - IG_m(a x)) / ((1-a) x), a=0.98 (models with bias)
+
+with the paper's metric (L2 distance of unit-normalised vectors).
+
+Modes (recorded in every result):
+
+``faithful`` (default)
+    Each IG query is computed on its own, from its own input and step count,
+    exactly as a service would answer it: 1 + m + (m-1) + m = 150 gradient
+    evaluations per image for a model with bias (m = 50), 1 + m for a no-bias one.
+``shared``
+    Reuses gradient evaluations that are mathematically identical: the points
+    of IG_{m-1}((m-1)/m x) are ``j/m x`` (those of IG_m(x)), and VG(x) is the
+    last of them, so the protocol costs 2m = 100 evaluations. The points differ
+    from the faithful ones only by float rounding; ``tests/test_evaluate.py``
+    shows the two modes agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import __version__
+from .attribution import check_input_dtype, integrated_gradients, path_gradients, select_output
+from .metrics import normalized_distance, summarize
+from .recovery import recover_eq2, recover_eq3, recover_eq4
+
+__all__ = [
+    "PAPER",
+    "EXPERIMENTS",
+    "ProtocolConfig",
+    "experiments_for",
+    "protocol_chunk",
+    "run_protocol",
+    "path_gradient_norms",
+    "explain_examples",
+    "atomic_write_text",
+]
+
+#: The paper's numbers (mean, variance) per experiment and model (PAPER.md).
+PAPER: dict[str, dict[str, tuple[float, float]]] = {
+    "table1": {"twolayer_nobias": (1.682, 1.427e-1), "twolayer": (1.618, 1.468e-1), "lenet_nobias": (1.454, 9.211e-2),
+               "lenet": (1.339, 8.050e-2), "resnet18": (1.238, 9.749e-2)},
+    "A": {"twolayer_nobias": (3.708e-7, 2.058e-7), "lenet_nobias": (2.028e-3, 1.245e-2)},
+    "B": {"twolayer": (2.028e-4, 1.414e-2), "lenet": (1.175e-2, 3.504e-2), "resnet18": (1.198, 4.926e-1)},
+    "C": {"twolayer": (2.478e-2, 4.666e-2), "lenet": (8.368e-1, 9.391e-2), "resnet18": (1.392, 2.587e-1)},
+}
+EXPERIMENTS = ("table1", "A", "B", "C")
+
+
+def experiments_for(model: str) -> tuple[str, ...]:
+    """The experiments the paper runs on ``model``: A on no-bias models, B and C on the rest."""
+    return ("table1", "A") if model.endswith("nobias") else ("table1", "B", "C")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtocolConfig:
+    """Settings of one protocol run (hashable: it is a static jit argument)."""
+
+    experiments: tuple[str, ...] = ("table1", "B", "C")
+    steps: int = 50
+    a: float = 0.98
+    mode: str = "faithful"
+    output: str = "logit"
+
+    def __post_init__(self):
+        if self.mode not in ("faithful", "shared"):
+            raise ValueError(f"mode must be 'faithful' or 'shared', got {self.mode!r}")
+        unknown = set(self.experiments) - set(EXPERIMENTS)
+        if unknown:
+            raise ValueError(f"unknown experiments {sorted(unknown)}; choose from {EXPERIMENTS}")
+        if self.steps < 2:
+            raise ValueError("the protocol needs steps >= 2 (eq. 4 asks for m - 1 steps)")
+
+    @property
+    def evaluations_per_image(self) -> int:
+        """Gradient evaluations one image costs in this mode."""
+        m, e = self.steps, set(self.experiments)
+        if self.mode == "shared":
+            return m + (m if "C" in e else 0)
+        return 1 + m + ((m - 1) if "B" in e else 0) + (m if "C" in e else 0)
+
+
+def _metric_dtype(dtype):
+    return jnp.float64 if jax.config.jax_enable_x64 else dtype
+
+
+def _dist(vg, other, mask=None):
+    dt = _metric_dtype(vg.dtype)
+    return normalized_distance(vg.astype(dt), other.astype(dt), mask)
+
+
+@functools.partial(jax.jit, static_argnames=("logit_fn", "cfg"))
+def protocol_chunk(logit_fn, params, x, target, cfg: ProtocolConfig) -> dict[str, jax.Array]:
+    """Distances of every experiment for a chunk ``x[N, ...]`` (see module docstring).
+
+    Returns:
+      ``{experiment: distances[N]}``; distances are computed in float64 when
+      x64 is on (whatever the attack's dtype), so the metric adds no float32 floor.
+    """
+    m, a = cfg.steps, cfg.a
+    exps = set(cfg.experiments)
+
+    def one(xi, ti):
+        def f(z):
+            return select_output(logit_fn(params, z), ti, cfg.output)
+
+        if cfg.mode == "faithful":
+            vg = jax.grad(f)(xi)
+            ig_m = integrated_gradients(f, xi, steps=m)
+            ig_m1 = integrated_gradients(f, ((m - 1) / m) * xi, steps=m - 1) if "B" in exps else None
+            ig_a = integrated_gradients(f, a * xi, steps=m) if "C" in exps else None
+        else:
+            nodes = np.arange(1, m + 1) / m
+            pts = np.concatenate([nodes, a * nodes]) if "C" in exps else nodes
+            g = path_gradients(f, xi, jnp.zeros_like(xi), pts)
+            w = jnp.asarray(1.0 / m, xi.dtype)
+            vg = g[m - 1]
+            ig_m = xi * w * jnp.sum(g[:m], axis=0)
+            xq = jnp.asarray((m - 1) / m, xi.dtype) * xi
+            ig_m1 = xq * jnp.asarray(1.0 / (m - 1), xi.dtype) * jnp.sum(g[: m - 1], axis=0)
+            ig_a = (jnp.asarray(a, xi.dtype) * xi) * w * jnp.sum(g[m:], axis=0) if "C" in exps else None
+        out = {}
+        if "table1" in exps:
+            out["table1"] = _dist(vg[None], ig_m[None])[0]
+        if "A" in exps:
+            rec, mask = recover_eq2(ig_m, xi)
+            out["A"] = _dist(vg[None], rec[None], mask[None])[0]
+        if "B" in exps:
+            rec, mask = recover_eq4(ig_m, ig_m1, xi, m)
+            out["B"] = _dist(vg[None], rec[None], mask[None])[0]
+        if "C" in exps:
+            rec, mask = recover_eq3(ig_m, ig_a, xi, a)
+            out["C"] = _dist(vg[None], rec[None], mask[None])[0]
+        return out
+
+    return jax.vmap(one)(x, target)
+
+
+@functools.partial(jax.jit, static_argnames=("logit_fn", "steps", "output"))
+def path_gradient_norms(logit_fn, params, x, target, steps: int = 50, output: str = "logit") -> jax.Array:
+    """Figure 5: ``||grad f((i/m) x)||_2`` for i = 1..m, shape ``[N, m]``, dtype of x."""
+
+    def one(xi, ti):
+        f = lambda z: select_output(logit_fn(params, z), ti, output)  # noqa: E731
+        g = path_gradients(f, xi, jnp.zeros_like(xi), np.arange(1, steps + 1) / steps)
+        return jnp.sqrt(jnp.sum(g.reshape(steps, -1) ** 2, axis=1))
+
+    return jax.vmap(one)(x, target)
+
+
+@functools.partial(jax.jit, static_argnames=("logit_fn", "steps", "a"))
+def explain_examples(logit_fn, params, x, target, steps: int = 50, a: float = 0.98) -> dict[str, jax.Array]:
+    """Figure 4: VG, IG and the three recovered VGs for a few examples (faithful queries)."""
+
+    def one(xi, ti):
+        f = lambda z: logit_fn(params, z)[ti]  # noqa: E731
+        vg = jax.grad(f)(xi)
+        ig = integrated_gradients(f, xi, steps=steps)
+        ig_m1 = integrated_gradients(f, ((steps - 1) / steps) * xi, steps=steps - 1)
+        ig_a = integrated_gradients(f, a * xi, steps=steps)
+        return {"VG": vg, "IG": ig, "A": recover_eq2(ig, xi)[0], "B": recover_eq4(ig, ig_m1, xi, steps)[0],
+                "C": recover_eq3(ig, ig_a, xi, a)[0]}
+
+    return jax.vmap(one)(x, target)
+
+
+# --------------------------------------------------------------------------- running, resuming
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_save_npz(path: Path, arrays: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def machine_info() -> dict:
+    dev = jax.devices()[0]
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(), "device": str(dev.device_kind),
+            "jax_version": jax.__version__}
+
+
+def run_protocol(
+    logit_fn,
+    params,
+    x: np.ndarray,
+    target: np.ndarray,
+    cfg: ProtocolConfig,
+    *,
+    chunk_size: int = 16,
+    partial_path: Path | None = None,
+    progress: bool = True,
+    desc: str = "",
+) -> tuple[dict[str, np.ndarray], float]:
+    """Run the protocol over ``x[N, ...]`` in chunks, resuming from ``partial_path``.
+
+    After every chunk the distances so far are saved to ``partial_path``
+    (atomically, with a fingerprint of the inputs and config), so an
+    interrupted run continues where it stopped.
+
+    Returns:
+      ``({experiment: distances[N] float64}, seconds spent computing)``.
+    """
+    from tqdm.auto import tqdm
+
+    dtype = check_input_dtype(x)
+    n = len(x)
+    fp = hashlib.sha256(np.ascontiguousarray(x).tobytes() + np.asarray(target, np.int64).tobytes()
+                        + repr(cfg).encode()).hexdigest()
+    done, seconds, results = 0, 0.0, {e: np.full(n, np.nan) for e in cfg.experiments}
+    if partial_path is not None and partial_path.exists():
+        try:
+            with np.load(partial_path) as z:
+                if str(z["fingerprint"]) == fp:
+                    done, seconds = int(z["done"]), float(z["seconds"])
+                    for e in cfg.experiments:
+                        results[e] = z[e].copy()
+        except Exception:  # unreadable partial file: start over
+            done = 0
+    bar = tqdm(total=n, initial=done, desc=desc or "protocol", disable=not progress, unit="img")
+    while done < n:
+        s, e_ = done, min(done + chunk_size, n)
+        xs = jnp.asarray(x[s:e_], dtype)
+        ts = jnp.asarray(target[s:e_], jnp.int32)
+        pad = chunk_size - (e_ - s)
+        if pad:  # keep one compiled shape
+            xs = jnp.concatenate([xs, jnp.repeat(xs[-1:], pad, axis=0)])
+            ts = jnp.concatenate([ts, jnp.repeat(ts[-1:], pad, axis=0)])
+        t0 = time.perf_counter()
+        out = jax.device_get(protocol_chunk(logit_fn, params, xs, ts, cfg))
+        seconds += time.perf_counter() - t0
+        for k, v in out.items():
+            results[k][s:e_] = np.asarray(v, np.float64)[: e_ - s]
+        done = e_
+        bar.update(e_ - s)
+        if partial_path is not None:
+            _atomic_save_npz(partial_path, {"fingerprint": fp, "done": done, "seconds": seconds, **results})
+    bar.close()
+    return results, seconds
+
+
+def summarize_results(results: dict[str, np.ndarray]) -> dict[str, Any]:
+    return {k: summarize(v) for k, v in results.items()}
+
+
+def paper_value(experiment: str, model: str):
+    return PAPER.get(experiment, {}).get(model)
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)

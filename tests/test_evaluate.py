@@ -1,0 +1,143 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrecover import models
+from jaxrecover.data import normalize
+from jaxrecover.evaluation import EvalConfig, evaluate, load_results, markdown_report
+from jaxrecover.experiments import ProtocolConfig, experiments_for, run_protocol
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ("twolayer_nobias", "twolayer", "lenet_nobias", "lenet")
+
+SCHEMA = {"model": str, "dataset": str, "split": str, "n": int, "dtype": str, "mode": str, "seed": int,
+          "version": str, "wall_seconds": float, "steps": int, "a": float, "results": dict, "paper": dict,
+          "machine": dict, "fig5": dict, "gradient_evaluations_per_image": int, "test_accuracy": float}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    cfg = EvalConfig(models=SMALL, dtypes=("float32", "float64"), n=16, steps=8, checkpoints=str(root / "ckpt"),
+                     out=str(root / "out"), epochs=1, max_train=512, chunk_size=8, fig5_n=8, command="pytest")
+    return cfg, evaluate(cfg, progress=False)
+
+
+def test_evaluate_end_to_end_recovers_vg_in_float64(tiny_run):
+    cfg, records = tiny_run
+    assert len(records) == 2 * len(SMALL)
+    by = {(r["model"], r["dtype"]): r for r in records}
+    for model in ("twolayer_nobias", "lenet_nobias"):
+        assert by[(model, "float64")]["results"]["A"]["max"] < 1e-6
+    for model in ("twolayer", "lenet"):
+        assert by[(model, "float64")]["results"]["B"]["max"] < 1e-6
+        assert set(by[(model, "float64")]["results"]) == {"table1", "B", "C"}
+    # VG and IG are different explanations: Table 1's distances are far from 0
+    assert all(r["results"]["table1"]["mean"] > 0.1 for r in records)
+    # float64 recovers at least as well as float32
+    for model in SMALL:
+        e = "A" if model.endswith("nobias") else "B"
+        assert by[(model, "float64")]["results"][e]["mean"] <= by[(model, "float32")]["results"][e]["mean"]
+
+
+def test_result_json_schema_and_files(tiny_run):
+    cfg, _ = tiny_run
+    out = Path(cfg.out)
+    files = sorted(out.glob("*.json"))
+    assert len(files) == 2 * len(SMALL)
+    for f in files:
+        rec = json.loads(f.read_text())
+        for key, typ in SCHEMA.items():
+            assert key in rec, key
+            assert isinstance(rec[key], typ) or (typ is float and isinstance(rec[key], int)), key
+        assert rec["n"] == 16 and rec["mode"] == "faithful" and rec["dtype"] in ("float32", "float64")
+        assert set(rec["results"]) == set(experiments_for(rec["model"]))
+        for stats in rec["results"].values():
+            assert stats["n"] == 16 and set(stats) >= {"mean", "var", "median", "max"}
+        assert len(rec["fig5"]["median"]) == 8
+    for png in ("fig4_float32.png", "fig4_float64.png", "fig5_float32.png", "fig5_float64.png"):
+        assert (out / png).stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    assert "Table 3" in report and "| lenet | mnist (16) | float64 |" in report
+    assert not list(out.glob("*.partial.npz")) and not list(out.glob("*.tmp"))
+
+
+def test_report_is_rebuilt_from_json_only(tiny_run):
+    cfg, _ = tiny_run
+    assert markdown_report(load_results(cfg.out)) == (Path(cfg.out) / "report.md").read_text()
+
+
+@pytest.mark.parametrize("model", ["twolayer", "lenet"])
+def test_shared_mode_matches_faithful_mode(tiny_run, model):
+    cfg, _ = tiny_run
+    from jaxrecover.training import load_trained
+
+    _, variables, _ = load_trained(Path(cfg.checkpoints) / model)
+    v = models.cast_variables(variables, jnp.float64)
+    from jaxrecover.data import load_dataset
+
+    ds = load_dataset("mnist")
+    x = normalize(ds.test_images[:16], np.float64)
+    y = ds.test_labels[:16]
+    f = models.make_logit_fn(model)
+    res = {}
+    for mode in ("faithful", "shared"):
+        pcfg = ProtocolConfig(experiments=("table1", "B", "C"), steps=50, mode=mode)
+        res[mode], _ = run_protocol(f, v, x, y, pcfg, chunk_size=8, progress=False)
+    assert ProtocolConfig(mode="shared").evaluations_per_image == 100
+    assert ProtocolConfig(mode="faithful").evaluations_per_image == 150
+    for e in ("table1", "C"):
+        np.testing.assert_allclose(res["shared"][e], res["faithful"][e], rtol=1e-9, atol=1e-12)
+    # B's distances are round-off sized in both modes (stated tolerance: 1e-9 absolute)
+    np.testing.assert_allclose(res["shared"]["B"], res["faithful"]["B"], rtol=0, atol=1e-9)
+
+
+def test_interrupted_protocol_resumes(tmp_path):
+    f, params = models.make_logit_fn("twolayer"), models.init_variables("twolayer", jax.random.key(0), jnp.float64)
+    x = np.asarray(jax.random.normal(jax.random.key(1), (10, 28, 28, 1), jnp.float64))
+    y = np.arange(10) % 10
+    cfg = ProtocolConfig(steps=6)
+    full, _ = run_protocol(f, params, x, y, cfg, chunk_size=4, progress=False)
+    part = tmp_path / "p.npz"
+    import jaxrecover.experiments as E
+
+    real = E.protocol_chunk
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    E.protocol_chunk = flaky
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_protocol(f, params, x, y, cfg, chunk_size=4, partial_path=part, progress=False)
+    finally:
+        E.protocol_chunk = real
+    with np.load(part) as z:
+        assert int(z["done"]) == 4
+    resumed, _ = run_protocol(f, params, x, y, cfg, chunk_size=4, partial_path=part, progress=False)
+    for k in full:
+        np.testing.assert_array_equal(resumed[k], full[k])
+
+
+def test_cli_errors_and_report_only(tmp_path, tiny_run):
+    cfg, _ = tiny_run
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--models", "vgg", "--out", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown model" in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--models", "lenet", "--no-train",
+                        "--checkpoints", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--n", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no checkpoint" in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--report-only", "--out", cfg.out],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "Table 2" in r.stdout
