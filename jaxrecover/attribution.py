@@ -56,6 +56,8 @@ __all__ = [
     "completeness_delta",
     "attribute",
     "check_input_dtype",
+    "data_parallel",
+    "map_chunks",
 ]
 
 
@@ -262,6 +264,8 @@ def attribute(
     output: str = "logit",
     chunk_size: int | None = 32,
     progress: bool = False,
+    shard: bool = True,
+    devices=None,
 ) -> jax.Array:
     """VG or IG of a batch, in jitted chunks of ``chunk_size`` examples.
 
@@ -279,6 +283,9 @@ def attribute(
         chunk has the same shape (the last is padded), so one compilation
         serves the whole batch.
       progress: show a progress bar over the chunks.
+      shard: split every chunk across ``devices`` (default: all local
+        devices) with ``jax.sharding``; a no-op on one device.
+      devices: the devices to use when sharding.
 
     Returns:
       ``[N, *shape]`` attributions, dtype of ``x``.
@@ -303,32 +310,57 @@ def attribute(
             raise TypeError(f"baseline dtype {baseline.dtype} differs from the input's {dtype}")
         baseline = jnp.broadcast_to(baseline, x.shape)
     kwargs = dict(method=method, steps=steps if method == "ig" else 0, rule=rule if method == "ig" else "", output=output)
+    batch_sharding, replicated = data_parallel(devices) if shard else (None, None)
+    if replicated is not None:
+        params = jax.device_put(params, replicated)
     return map_chunks(
         lambda xs, ts, bs: _attribute_chunk(logit_fn, params, xs, ts, bs, **kwargs),
-        (x, target, baseline), chunk_size, progress=progress, desc=method.upper(),
+        (x, target, baseline), chunk_size, progress=progress, desc=method.upper(), sharding=batch_sharding,
     )
 
 
-def map_chunks(fn, arrays: tuple, chunk_size: int | None, *, progress: bool = False, desc: str = "") -> Any:
+def data_parallel(devices=None):
+    """``(batch_sharding, replicated_sharding)`` over ``devices`` (default: all local devices).
+
+    Returns ``(None, None)`` on a single device. Batches are split along their
+    leading axis (data parallelism); parameters are replicated.
+    """
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = list(jax.local_devices() if devices is None else devices)
+    if len(devices) < 2:
+        return None, None
+    mesh = Mesh(np.array(devices), ("data",))
+    return NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+
+
+def map_chunks(fn, arrays: tuple, chunk_size: int | None, *, progress: bool = False, desc: str = "",
+               sharding=None) -> Any:
     """Apply ``fn(*chunk)`` over the leading axis in equal chunks and concatenate.
 
     The last chunk is padded by repeating its final row, so ``fn`` sees one
-    shape and a jitted ``fn`` compiles once. Results are pytrees of arrays.
+    shape and a jitted ``fn`` compiles once. With a batch ``sharding`` (see
+    :func:`data_parallel`) each chunk is split across its devices; the chunk
+    size is then rounded up to a multiple of the device count.
     """
     from tqdm.auto import tqdm
 
     n = arrays[0].shape[0]
-    if chunk_size is None or chunk_size >= n:
-        return fn(*arrays)
-    if chunk_size < 1:
+    ndev = 1 if sharding is None else sharding.mesh.size
+    chunk = n if chunk_size is None else chunk_size
+    if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk = -(-min(chunk, n) // ndev) * ndev
     outs = []
-    starts = range(0, n, chunk_size)
-    for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
-        part = [a[s : s + chunk_size] for a in arrays]
-        short = chunk_size - part[0].shape[0]
+    for s in tqdm(range(0, n, chunk), desc=desc, disable=not progress, leave=False):
+        part = [a[s : s + chunk] for a in arrays]
+        short = chunk - part[0].shape[0]
         if short:
             part = [jnp.concatenate([p, jnp.repeat(p[-1:], short, axis=0)]) for p in part]
+        if sharding is not None:
+            part = [jax.device_put(p, sharding) for p in part]
         out = fn(*part)
-        outs.append(jax.tree.map(lambda o, k=chunk_size - short: o[:k], out))
+        outs.append(jax.tree.map(lambda o, k=chunk - short: o[:k], out))
+    if len(outs) == 1:
+        return outs[0]
     return jax.tree.map(lambda *o: jnp.concatenate(o), *outs)

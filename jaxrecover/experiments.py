@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import __version__
-from .attribution import check_input_dtype, integrated_gradients, path_gradients, select_output
+from .attribution import check_input_dtype, data_parallel, integrated_gradients, path_gradients, select_output
 from .metrics import normalized_distance, summarize
 from .recovery import recover_eq2, recover_eq3, recover_eq4
 
@@ -231,12 +231,14 @@ def run_protocol(
     partial_path: Path | None = None,
     progress: bool = True,
     desc: str = "",
+    shard: bool = True,
 ) -> tuple[dict[str, np.ndarray], float]:
     """Run the protocol over ``x[N, ...]`` in chunks, resuming from ``partial_path``.
 
     After every chunk the distances so far are saved to ``partial_path``
     (atomically, with a fingerprint of the inputs and config), so an
-    interrupted run continues where it stopped.
+    interrupted run continues where it stopped. With several local devices
+    each chunk is split across them (``shard=True``, data parallel).
 
     Returns:
       ``({experiment: distances[N] float64}, seconds spent computing)``.
@@ -257,6 +259,10 @@ def run_protocol(
                         results[e] = z[e].copy()
         except Exception:  # unreadable partial file: start over
             done = 0
+    batch_sharding, replicated = data_parallel() if shard else (None, None)
+    if replicated is not None:
+        params = jax.device_put(params, replicated)
+        chunk_size = -(-chunk_size // batch_sharding.mesh.size) * batch_sharding.mesh.size
     bar = tqdm(total=n, initial=done, desc=desc or "protocol", disable=not progress, unit="img")
     while done < n:
         s, e_ = done, min(done + chunk_size, n)
@@ -266,6 +272,8 @@ def run_protocol(
         if pad:  # keep one compiled shape
             xs = jnp.concatenate([xs, jnp.repeat(xs[-1:], pad, axis=0)])
             ts = jnp.concatenate([ts, jnp.repeat(ts[-1:], pad, axis=0)])
+        if batch_sharding is not None:
+            xs, ts = jax.device_put(xs, batch_sharding), jax.device_put(ts, batch_sharding)
         t0 = time.perf_counter()
         out = jax.device_get(protocol_chunk(logit_fn, params, xs, ts, cfg))
         seconds += time.perf_counter() - t0
