@@ -1,0 +1,17 @@
+"""The benchmark still runs (tiny configuration); speed itself is never asserted in tests."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_smoke_prints_its_tables():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ig.py"), "--smoke"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "| twolayer | float32 |" in out and "| lenet | float32 |" in out
+    assert "gradient evals / image" in out and "| lenet | float32 | shared | 8 |" in out
+    assert "XLA temp memory" in out
