@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import ops
+
 __all__ = [
     "MODEL_NAMES",
     "INPUT_SHAPE",
@@ -47,6 +49,12 @@ __all__ = [
 ]
 
 INPUT_SHAPE = (28, 28, 1)
+
+
+def Conv(*args, **kwargs) -> nn.Conv:
+    """``nn.Conv`` computing with :func:`jaxrecover.ops.conv_general_dilated` (same function, faster on CPU)."""
+    return nn.Conv(*args, conv_general_dilated=ops.conv_general_dilated, **kwargs)
+
 NUM_CLASSES = 10
 Variables = Any
 
@@ -73,9 +81,9 @@ class LeNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.relu(nn.Conv(32, (3, 3), padding="VALID", use_bias=self.use_bias)(x))
-        x = nn.relu(nn.Conv(64, (3, 3), padding="VALID", use_bias=self.use_bias)(x))
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = nn.relu(Conv(32, (3, 3), padding="VALID", use_bias=self.use_bias)(x))
+        x = nn.relu(Conv(64, (3, 3), padding="VALID", use_bias=self.use_bias)(x))
+        x = ops.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(128, use_bias=self.use_bias)(x))
         return nn.Dense(self.num_classes, use_bias=self.use_bias)(x)
@@ -95,12 +103,12 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         pad = ((1, 1), (1, 1))
-        y = nn.Conv(self.features, (3, 3), (self.strides,) * 2, padding=pad, use_bias=False)(x)
+        y = Conv(self.features, (3, 3), (self.strides,) * 2, padding=pad, use_bias=False)(x)
         y = nn.relu(_bn(train)(y))
-        y = nn.Conv(self.features, (3, 3), padding=pad, use_bias=False)(y)
+        y = Conv(self.features, (3, 3), padding=pad, use_bias=False)(y)
         y = _bn(train)(y)
         if self.strides != 1 or x.shape[-1] != self.features:
-            x = nn.Conv(self.features, (1, 1), (self.strides,) * 2, use_bias=False, name="shortcut_conv")(x)
+            x = Conv(self.features, (1, 1), (self.strides,) * 2, use_bias=False, name="shortcut_conv")(x)
             x = _bn(train, name="shortcut_bn")(x)
         return nn.relu(x + y)
 
@@ -113,9 +121,9 @@ class ResNet18(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.Conv(64, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False, name="conv1")(x)
+        x = Conv(64, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False, name="conv1")(x)
         x = nn.relu(_bn(train, name="bn1")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = ops.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for i, blocks in enumerate(self.stage_sizes):
             for j in range(blocks):
                 x = BasicBlock(64 * 2**i, strides=2 if (i > 0 and j == 0) else 1)(x, train)

@@ -1,0 +1,60 @@
+"""ops.py computes the same function as lax.conv_general_dilated and nn.max_pool."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jaxrecover import ops
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.mark.parametrize("h,k,s,p", [(1, 3, 1, 1), (2, 3, 2, 1), (2, 3, 1, 1), (2, 1, 2, 0), (4, 3, 2, 1),
+                                     (7, 3, 1, 1), (7, 3, 2, 1), (3, 3, 1, 0), (5, 7, 2, 3)])
+def test_conv_equals_lax_values_and_input_gradients(h, k, s, p):
+    x = jax.random.normal(jax.random.key(0), (3, h, h, 4), jnp.float64)
+    w = jax.random.normal(jax.random.key(1), (k, k, 4, 5), jnp.float64)
+    pad = ((p, p), (p, p))
+    ours = lambda z: ops.conv_general_dilated(z, w, (s, s), pad, dimension_numbers=DN)  # noqa: E731
+    ref = lambda z: lax.conv_general_dilated(z, w, (s, s), pad, dimension_numbers=DN)  # noqa: E731
+    np.testing.assert_allclose(ours(x), ref(x), rtol=1e-12, atol=1e-12)
+    g = jax.random.normal(jax.random.key(2), ref(x).shape, jnp.float64)
+    np.testing.assert_allclose(jax.vjp(ours, x)[1](g)[0], jax.vjp(ref, x)[1](g)[0], rtol=1e-12, atol=1e-12)
+    assert ours(x).dtype == jnp.float64
+
+
+def test_conv_falls_back_for_other_layouts():
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5, 5), jnp.float32)
+    w = jax.random.normal(jax.random.key(1), (4, 3, 3, 3), jnp.float32)
+    a = ops.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    b = lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    np.testing.assert_array_equal(a, b)
+
+
+POOLS = [((3, 3), (2, 2), ((1, 1), (1, 1))), ((2, 2), (2, 2), ((0, 0), (0, 0)))]
+
+
+@pytest.mark.parametrize("win,st,pad", POOLS)
+def test_max_pool_equals_flax_values_and_gradients(win, st, pad):
+    x = jax.random.normal(jax.random.key(0), (2, 14, 14, 3), jnp.float64)
+    np.testing.assert_array_equal(ops.max_pool(x, win, st, pad), nn.max_pool(x, win, st, pad))
+    g_ours = jax.grad(lambda z: jnp.sum(jnp.sin(ops.max_pool(z, win, st, pad))))(x)
+    g_ref = jax.grad(lambda z: jnp.sum(jnp.sin(nn.max_pool(z, win, st, pad))))(x)
+    np.testing.assert_array_equal(g_ours, g_ref)
+
+
+@pytest.mark.parametrize("win,st,pad", POOLS)
+def test_max_pool_sends_tied_gradients_to_the_first_maximum(win, st, pad):
+    """Constant regions (MNIST background) tie inside windows: the gradient must
+    go to the first maximum in row-major order, as PyTorch and XLA's select-and-scatter."""
+    x = jnp.zeros((1, 6, 6, 2), jnp.float32).at[:, :3].set(1.0)
+    out = ops.max_pool(x, win, st, pad)
+    weights = jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape) + 1
+    g_ours = jax.grad(lambda z: jnp.sum(weights * ops.max_pool(z, win, st, pad)))(x)
+    g_ref = jax.grad(lambda z: jnp.sum(weights * nn.max_pool(z, win, st, pad)))(x)
+    np.testing.assert_array_equal(g_ours, g_ref)
+    # one input per window receives the whole gradient
+    assert int(jnp.sum(g_ours != 0)) == out.size
