@@ -10,6 +10,9 @@ points, and on XLA:CPU two of the paper's layers have slow lowerings
   2x2 and 1x1 maps) run at a few GFLOP/s, forward and backward; here they are
   one matmul of the concatenated strided input slices of the kernel taps
   (taps that only see zero padding are skipped). Up to 70x faster there.
+* Unpadded ("VALID") stride-1 convolutions (LeNet's) are computed with one
+  pixel of zero padding and cropped: the kept outputs are the same sums, and
+  the padded lowering is faster, most of all for float64 gradients.
 * ``max_pool``'s gradient is a select-and-scatter, about 14x slower than its
   forward pass on XLA:CPU; here pooling is a ``max`` over the strided window
   slices with a custom VJP that sends each window's gradient to its first
@@ -73,6 +76,8 @@ def _tap_conv(lhs, rhs, strides, padding, precision):
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """``lax.conv_general_dilated``; NHWC convolutions with small outputs go through :func:`_tap_conv`."""
+    if isinstance(padding, str) and padding.upper() == "VALID":
+        padding = ((0, 0), (0, 0))
     plain = (feature_group_count == 1 and _is_nhwc(dimension_numbers) and not isinstance(padding, str)
              and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
              and lhs.ndim == 4 and not kwargs)
@@ -83,6 +88,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         out_w = (w + pl + pr - kw) // window_strides[1] + 1
         if out_h * out_w <= SMALL_OUTPUT_PIXELS:
             return _tap_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)), precision)
+        if tuple(window_strides) == (1, 1) and (pt, pb, pl, pr) == (0, 0, 0, 0) and kh > 1 and kw > 1:
+            # An unpadded conv, computed padded by one and cropped: the same sums, on XLA:CPU's
+            # faster padded-convolution path (3.3x for LeNet's float64 gradients).
+            y = lax.conv_general_dilated(lhs, rhs, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dimension_numbers,
+                                         precision=precision)
+            return y[:, 1:-1, 1:-1, :]
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                     rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                     feature_group_count=feature_group_count, precision=precision, **kwargs)

@@ -13,7 +13,7 @@ DN = ("NHWC", "HWIO", "NHWC")
 
 
 @pytest.mark.parametrize("h,k,s,p", [(1, 3, 1, 1), (2, 3, 2, 1), (2, 3, 1, 1), (2, 1, 2, 0), (4, 3, 2, 1),
-                                     (7, 3, 1, 1), (7, 3, 2, 1), (3, 3, 1, 0), (5, 7, 2, 3)])
+                                     (7, 3, 1, 1), (7, 3, 2, 1), (3, 3, 1, 0), (5, 7, 2, 3), (26, 3, 1, 0), (9, 3, 1, 0)])
 def test_conv_equals_lax_values_and_input_gradients(h, k, s, p):
     x = jax.random.normal(jax.random.key(0), (3, h, h, 4), jnp.float64)
     w = jax.random.normal(jax.random.key(1), (k, k, 4, 5), jnp.float64)
