@@ -29,6 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--max-train", type=int, default=None, help="training images for models trained here")
     p.add_argument("--chunk-size", type=int, default=16)
     p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--bn-batch-stats", action="store_true",
+                   help="ablation (resnet18): BatchNorm on batch statistics, as a PyTorch model left in train() mode")
     p.add_argument("--out", default=None, help="results directory (default: results/<dataset>)")
     p.add_argument("--report-only", action="store_true", help="only rebuild report.md from the JSON in --out")
     p.add_argument("--quiet", action="store_true")
@@ -58,6 +60,7 @@ def main(argv=None) -> int:
     cfg = EvalConfig(models=tuple(a.models), dataset=a.dataset, dtypes=tuple(a.dtype), n=a.n, steps=a.steps, a=a.a,
                      mode=a.mode, seed=a.seed, checkpoints=a.checkpoints, out=out, train_missing=not a.no_train,
                      epochs=a.epochs, max_train=a.max_train, chunk_size=a.chunk_size, figures=not a.no_figures,
+                     bn_batch_stats=a.bn_batch_stats,
                      command="python evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     try:
         evaluate(cfg, progress=not a.quiet)

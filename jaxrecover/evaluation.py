@@ -14,6 +14,7 @@ beside the JSON, and a run whose JSON exists is not repeated.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -27,8 +28,9 @@ import numpy as np
 from . import __version__
 from .checkpoint import checkpoint_exists
 from .data import load_dataset, normalize
-from .experiments import (EXPERIMENTS, PAPER, ProtocolConfig, atomic_write_text, experiments_for, explain_examples,
-                          machine_info, path_gradient_norms, run_protocol, summarize_results)
+from .experiments import (EXPERIMENTS, PAPER, ProtocolConfig, atomic_write_text, batchstats_protocol_chunk,
+                          experiments_for, explain_examples, machine_info, make_batchstats_logit_fn,
+                          path_gradient_norms, run_protocol, summarize_results)
 from .models import MODEL_NAMES, cast_variables, check_float_dtype, get_model, make_logit_fn
 from .training import TrainConfig, load_trained, train_and_evaluate
 
@@ -56,6 +58,7 @@ class EvalConfig:
     figures: bool = True
     fig4_examples: int = 2
     fig5_n: int = 100
+    bn_batch_stats: bool = False  # ablation: BatchNorm on batch statistics (models with BatchNorm only)
     command: str = ""
 
 
@@ -78,7 +81,7 @@ def _load_or_train(cfg: EvalConfig, model: str, dataset, progress: bool):
 
 
 def _run_name(cfg: EvalConfig, model: str, dtype: str, n: int) -> str:
-    return f"{model}_{dtype}_{cfg.mode}_n{n}_m{cfg.steps}"
+    return f"{model}_{dtype}_{cfg.mode}_n{n}_m{cfg.steps}" + ("_bnbatch" if cfg.bn_batch_stats else "")
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
@@ -93,9 +96,18 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
     ds = load_dataset(cfg.dataset)
     n = len(ds.test_images) if cfg.n is None else min(cfg.n, len(ds.test_images))
     records, fig4, fig5 = [], {}, {}
+    if cfg.bn_batch_stats:
+        no_bn = [m for m in cfg.models if m != "resnet18"]
+        if no_bn:
+            raise ValueError(f"--bn-batch-stats is an ablation for models with BatchNorm (resnet18), not {no_bn}")
     for model in cfg.models:
         name, variables32, meta = _load_or_train(cfg, model, ds, progress)
         logit_fn = make_logit_fn(model)
+        chunk_fn, mode = None, cfg.mode
+        if cfg.bn_batch_stats:
+            bs_fn = make_batchstats_logit_fn(get_model(model))
+            chunk_fn = functools.partial(_batchstats_distances, bs_fn, steps=cfg.steps, a=cfg.a)
+            mode = "bn-batch-stats"
         for dtype in cfg.dtypes:
             path = out / (_run_name(cfg, model, dtype, n) + ".json")
             variables = cast_variables(variables32, dtype)
@@ -108,18 +120,26 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
                 t0 = time.time()
                 dists, seconds = run_protocol(logit_fn, variables, x_all, y_all, pcfg, chunk_size=cfg.chunk_size,
                                               partial_path=path.with_suffix(".partial.npz"), progress=progress,
-                                              desc=f"{model} {dtype}")
+                                              desc=f"{model} {dtype}", chunk_fn=chunk_fn, tag=mode)
                 k5 = min(cfg.fig5_n, n)
-                norms = np.asarray(path_gradient_norms(logit_fn, variables, jnp.asarray(x_all[:k5]),
-                                                       jnp.asarray(y_all[:k5]), cfg.steps), np.float64)
+                if cfg.bn_batch_stats:  # gradient norms of the batch-coupled points, as the ablation sees them
+                    norms = np.asarray(batchstats_protocol_chunk(
+                        make_batchstats_logit_fn(get_model(model)), variables, jnp.asarray(x_all[:k5]),
+                        jnp.asarray(y_all[:k5], jnp.int32), cfg.steps, cfg.a)[1], np.float64)
+                else:
+                    norms = np.asarray(path_gradient_norms(logit_fn, variables, jnp.asarray(x_all[:k5]),
+                                                           jnp.asarray(y_all[:k5]), cfg.steps), np.float64)
                 rec = {
                     "model": model, "dataset": ds.name, "split": ds.split, "n": n, "dtype": dtype,
-                    "mode": cfg.mode, "steps": cfg.steps, "a": cfg.a, "seed": cfg.seed, "rule": "riemann_right",
+                    "mode": mode, "steps": cfg.steps, "a": cfg.a, "seed": cfg.seed, "rule": "riemann_right",
                     "output": "logit of the true label", "baseline": "zeros",
                     "metric_dtype": "float64" if jax.config.jax_enable_x64 else dtype,
                     "version": __version__, "checkpoint": str(_checkpoint_dir(cfg, model)),
                     "test_accuracy": meta["test_accuracy"], "train_epochs": meta["epochs"],
                     "gradient_evaluations_per_image": pcfg.evaluations_per_image,
+                    "batchnorm": ("batch statistics (ablation: m path points of one image form one batch, "
+                                  f"VG over chunks of {cfg.chunk_size} test images)") if cfg.bn_batch_stats
+                                 else "inference (running statistics)",
                     "wall_seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "elapsed_seconds_this_session": round(time.time() - t0, 2),
                     "machine": machine_info(), "command": cfg.command,
@@ -133,7 +153,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
                 path.with_suffix(".partial.npz").unlink(missing_ok=True)
             records.append(rec)
             fig5[(model, dtype)] = rec["fig5"]
-            if cfg.figures:
+            if cfg.figures and not cfg.bn_batch_stats:
                 k4 = min(cfg.fig4_examples, n)
                 fig4[(model, dtype)] = (x_all[:k4], jax.device_get(explain_examples(
                     logit_fn, variables, jnp.asarray(x_all[:k4]), jnp.asarray(y_all[:k4], jnp.int32), cfg.steps, cfg.a)))
@@ -145,6 +165,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
             figure5({k[0]: v for k, v in fig5.items() if k[1] == dtype}, out / f"fig5_{dtype}.png", dtype)
     atomic_write_text(out / "report.md", markdown_report(load_results(out)))
     return records
+
+
+def _batchstats_distances(bs_fn, params, xs, ts, *, steps, a):
+    return batchstats_protocol_chunk(bs_fn, params, xs, ts, steps, a)[0]
 
 
 def _digest(dists):

@@ -232,6 +232,8 @@ def run_protocol(
     progress: bool = True,
     desc: str = "",
     shard: bool = True,
+    chunk_fn=None,
+    tag: str = "",
 ) -> tuple[dict[str, np.ndarray], float]:
     """Run the protocol over ``x[N, ...]`` in chunks, resuming from ``partial_path``.
 
@@ -239,6 +241,9 @@ def run_protocol(
     (atomically, with a fingerprint of the inputs and config), so an
     interrupted run continues where it stopped. With several local devices
     each chunk is split across them (``shard=True``, data parallel).
+    ``chunk_fn(params, xs, ts) -> {experiment: distances}`` replaces
+    :func:`protocol_chunk` (the ablations use it; ``tag`` names it in the
+    resume fingerprint).
 
     Returns:
       ``({experiment: distances[N] float64}, seconds spent computing)``.
@@ -248,7 +253,7 @@ def run_protocol(
     dtype = check_input_dtype(x)
     n = len(x)
     fp = hashlib.sha256(np.ascontiguousarray(x).tobytes() + np.asarray(target, np.int64).tobytes()
-                        + repr(cfg).encode()).hexdigest()
+                        + repr(cfg).encode() + tag.encode()).hexdigest()
     done, seconds, results = 0, 0.0, {e: np.full(n, np.nan) for e in cfg.experiments}
     if partial_path is not None and partial_path.exists():
         try:
@@ -275,7 +280,10 @@ def run_protocol(
         if batch_sharding is not None:
             xs, ts = jax.device_put(xs, batch_sharding), jax.device_put(ts, batch_sharding)
         t0 = time.perf_counter()
-        out = jax.device_get(protocol_chunk(logit_fn, params, xs, ts, cfg))
+        if chunk_fn is None:
+            out = jax.device_get(protocol_chunk(logit_fn, params, xs, ts, cfg))
+        else:
+            out = jax.device_get(chunk_fn(params, xs, ts))
         seconds += time.perf_counter() - t0
         for k, v in out.items():
             results[k][s:e_] = np.asarray(v, np.float64)[: e_ - s]
@@ -297,3 +305,53 @@ def paper_value(experiment: str, model: str):
 
 def dumps(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True)
+
+
+# --------------------------------------------------------------------------- ablation: BatchNorm on batch statistics
+
+
+def make_batchstats_logit_fn(model):
+    """``logits_fn(variables, x[B, ...]) -> [B, C]`` with BatchNorm on the statistics of the batch ``x``.
+
+    This is a PyTorch model left in ``train()`` mode: each example's logits
+    depend on the whole batch. Only the ablation below uses it.
+    """
+
+    def logits_fn(variables, xb):
+        out, _ = model.apply(variables, xb, train=True, mutable=["batch_stats"])
+        return out
+
+    return logits_fn
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "steps", "a"))
+def batchstats_protocol_chunk(logits_fn, params, x, target, steps: int = 50, a: float = 0.98):
+    """Table 1 and Experiments B, C with BatchNorm on batch statistics, as Captum would compute them.
+
+    Captum evaluates the ``m`` path points of one image as ONE batch and
+    differentiates the sum of their target outputs; in train mode the batch
+    statistics couple the points. VG is the gradient with the chunk ``x`` of
+    test images as the batch. Returns ``{experiment: distances[N]}`` and the
+    path-gradient norms ``[N, m]`` (Figure 5 under batch statistics).
+    """
+    m = steps
+
+    def ig_batch(xi, ti, scale, n):
+        nodes = jnp.asarray(np.arange(1, n + 1) / n, xi.dtype)
+        xq = jnp.asarray(scale, xi.dtype) * xi
+        pts = nodes[:, None, None, None] * xq[None]
+        grads = jax.grad(lambda p: jnp.sum(logits_fn(params, p)[:, ti]))(pts)
+        return xq * jnp.mean(grads, axis=0), jnp.sqrt(jnp.sum(grads.reshape(n, -1) ** 2, axis=1))
+
+    vg = jax.grad(lambda xb: jnp.sum(jnp.take_along_axis(logits_fn(params, xb), target[:, None], axis=1)))(x)
+
+    def one(xi, ti, vgi):
+        ig_m, norms = ig_batch(xi, ti, 1.0, m)
+        ig_m1, _ = ig_batch(xi, ti, (m - 1) / m, m - 1)
+        ig_a, _ = ig_batch(xi, ti, a, m)
+        rb, mb = recover_eq4(ig_m, ig_m1, xi, m)
+        rc, mc = recover_eq3(ig_m, ig_a, xi, a)
+        return {"table1": _dist(vgi[None], ig_m[None])[0], "B": _dist(vgi[None], rb[None], mb[None])[0],
+                "C": _dist(vgi[None], rc[None], mc[None])[0]}, norms
+
+    return jax.vmap(one)(x, target, vg)

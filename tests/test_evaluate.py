@@ -141,3 +141,22 @@ def test_cli_errors_and_report_only(tmp_path, tiny_run):
     r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--report-only", "--out", cfg.out],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "Table 2" in r.stdout
+
+
+def test_batchnorm_ablation_breaks_eq4_even_in_float64(tmp_path):
+    """In inference mode eq. (4) recovers ResNet18's VG in float64; with BatchNorm on
+    batch statistics (a PyTorch model left in train mode under Captum) it cannot:
+    the m and m-1 point batches are different functions."""
+    common = dict(models=("resnet18",), dtypes=("float64",), n=4, steps=8, checkpoints=str(tmp_path / "ckpt"),
+                  epochs=1, max_train=128, chunk_size=4, fig5_n=4, figures=False)
+    inference = evaluate(EvalConfig(out=str(tmp_path / "inf"), **common), progress=False)[0]
+    ablation = evaluate(EvalConfig(out=str(tmp_path / "bn"), bn_batch_stats=True, **common), progress=False)[0]
+    assert inference["mode"] == "faithful" and ablation["mode"] == "bn-batch-stats"
+    assert "batch statistics" in ablation["batchnorm"]
+    assert inference["results"]["B"]["max"] < 1e-6
+    assert ablation["results"]["B"]["mean"] > 0.1
+
+
+def test_batchnorm_ablation_refuses_models_without_batchnorm(tmp_path):
+    with pytest.raises(ValueError, match="BatchNorm"):
+        evaluate(EvalConfig(models=("lenet",), bn_batch_stats=True, out=str(tmp_path)), progress=False)
