@@ -86,7 +86,9 @@ def build(main_dir: Path, ablation_dir: Path | None) -> str:
     if f5["float64"]:
         lines.append(f"* Figure 5, ResNet18: ||grad f(x)|| / max_i ||grad f(i/m x)|| has median "
                      f"{f5['float64']['end_over_max_median']:.3g} and minimum {f5['float64']['end_over_max_min']:.3g} over "
-                     f"the first {f5['float64']['n_images']} images (float64): nothing like the paper's 1e-10.")
+                     f"the first {f5['float64']['n_images']} images (float64): "
+                     + ("as small as the paper's 1e-10." if f5["float64"]["end_over_max_median"] < 1e-6
+                        else "nothing like the paper's 1e-10."))
     b32, b64 = r18["float32"]["B"], r18["float64"]["B"]
     if b32 is not None and b64 is not None:
         if b32 > 0.5:

@@ -7,6 +7,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_ops_benchmark_smoke():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ops.py"), "--smoke"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| lenet conv1 | float32 |" in r.stdout and "| lenet maxpool 2x2 | float64 |" in r.stdout
+
+
 def test_benchmark_smoke_prints_its_tables():
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ig.py"), "--smoke"],
                        capture_output=True, text=True, timeout=900)
