@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         plan = minimal_plan(rule)
         rec, _ = attack(ig_oracle(f, v, y, rule=rule), plan, x)
         dist = summarize(normalized_distance(vg, rec))["max"]
-        print(f"  {rule:18s} {len(plan.queries)} queries, {plan.evaluations:2d} gradient evaluations, "
+        print(f"  {rule:18s} {len(plan.queries)} quer{'y' if len(plan.queries) == 1 else 'ies'}, {plan.evaluations:2d} gradient evaluation{'' if plan.evaluations == 1 else 's'}, "
               f"max distance {dist:.1e}   {plan}")
     return 0
 
