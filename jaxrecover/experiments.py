@@ -28,10 +28,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,8 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import __version__
 from .attribution import check_input_dtype, data_parallel, integrated_gradients, path_gradients, select_output
+from .fileio import atomic_save_npz
 from .metrics import normalized_distance, summarize
 from .recovery import recover_eq2, recover_eq3, recover_eq4
 
@@ -54,7 +52,6 @@ __all__ = [
     "run_protocol",
     "path_gradient_norms",
     "explain_examples",
-    "atomic_write_text",
 ]
 
 #: The paper's numbers (mean, variance) per experiment and model (PAPER.md).
@@ -188,31 +185,6 @@ def explain_examples(logit_fn, params, x, target, steps: int = 50, a: float = 0.
 # --------------------------------------------------------------------------- running, resuming
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_save_npz(path: Path, arrays: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def machine_info() -> dict:
     dev = jax.devices()[0]
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -290,21 +262,13 @@ def run_protocol(
         done = e_
         bar.update(e_ - s)
         if partial_path is not None:
-            _atomic_save_npz(partial_path, {"fingerprint": fp, "done": done, "seconds": seconds, **results})
+            atomic_save_npz(partial_path, fingerprint=fp, done=done, seconds=seconds, **results)
     bar.close()
     return results, seconds
 
 
 def summarize_results(results: dict[str, np.ndarray]) -> dict[str, Any]:
     return {k: summarize(v) for k, v in results.items()}
-
-
-def paper_value(experiment: str, model: str):
-    return PAPER.get(experiment, {}).get(model)
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True)
 
 
 # --------------------------------------------------------------------------- ablation: BatchNorm on batch statistics

@@ -9,15 +9,17 @@ points, and on XLA:CPU two of the paper's layers have slow lowerings
 * Convolutions with tiny outputs (ResNet18's last two stages: 3x3 kernels on
   2x2 and 1x1 maps) run at a few GFLOP/s, forward and backward; here they are
   one matmul of the concatenated strided input slices of the kernel taps
-  (taps that only see zero padding are skipped). Up to 70x faster there.
+  (taps that only see zero padding are skipped).
 * Unpadded ("VALID") stride-1 convolutions (LeNet's) are computed with one
   pixel of zero padding and cropped: the kept outputs are the same sums, and
   the padded lowering is faster, most of all for float64 gradients.
-* ``max_pool``'s gradient is a select-and-scatter, about 14x slower than its
+* ``max_pool``'s gradient is a select-and-scatter, many times slower than its
   forward pass on XLA:CPU; here pooling is a ``max`` over the strided window
   slices with a custom VJP that sends each window's gradient to its first
   maximum (an argmax and a one-hot mask): the same gradient as PyTorch and as
   XLA's select-and-scatter, ties included.
+
+Per-layer timings: ``python benchmarks/bench_ops.py`` (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
             return _tap_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)), precision)
         if tuple(window_strides) == (1, 1) and (pt, pb, pl, pr) == (0, 0, 0, 0) and kh > 1 and kw > 1:
             # An unpadded conv, computed padded by one and cropped: the same sums, on XLA:CPU's
-            # faster padded-convolution path (3.3x for LeNet's float64 gradients).
+            # faster padded-convolution path (benchmarks/bench_ops.py, docs/PERFORMANCE.md).
             y = lax.conv_general_dilated(lhs, rhs, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dimension_numbers,
                                          precision=precision)
             return y[:, 1:-1, 1:-1, :]

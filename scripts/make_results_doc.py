@@ -4,7 +4,6 @@ Usage: python scripts/make_results_doc.py [--main results/mnist] [--ablation res
 """
 
 import argparse
-import json
 from pathlib import Path
 
 from jaxrecover.evaluation import load_results, markdown_report

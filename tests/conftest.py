@@ -12,7 +12,6 @@ os.environ.setdefault("JAXRECOVER_CACHE", os.path.join(os.path.expanduser("~"), 
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)

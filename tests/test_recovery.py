@@ -1,6 +1,5 @@
 """The proof: exact identities on random ReLU nets in float64."""
 
-import itertools
 
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,43 @@
+"""Atomic file writes: a temporary file in the same directory, then one rename.
+
+A reader sees either the old file or the complete new one, never a half-written
+file, even when the writer is interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["atomic_write", "atomic_write_text", "atomic_save_npz"]
+
+
+def atomic_write(path: str | os.PathLike, write: Callable, mode: str = "wb") -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    return atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def atomic_save_npz(path: str | os.PathLike, compressed: bool = False, **arrays) -> Path:
+    """``numpy.savez[_compressed]`` to ``path`` atomically."""
+    save = np.savez_compressed if compressed else np.savez
+    return atomic_write(path, lambda f: save(f, **arrays))
