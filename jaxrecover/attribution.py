@@ -57,7 +57,9 @@ __all__ = [
     "attribute",
     "check_input_dtype",
     "data_parallel",
+    "chunk_length",
     "map_chunks",
+    "pad_chunk",
 ]
 
 
@@ -334,6 +336,29 @@ def data_parallel(devices=None):
     return NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
 
 
+def chunk_length(chunk_size: int | None, n: int, sharding=None) -> int:
+    """Examples per chunk: ``chunk_size`` (all ``n`` if None), rounded up to a multiple of the devices."""
+    chunk = n if chunk_size is None else chunk_size
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    ndev = 1 if sharding is None else sharding.mesh.size
+    return -(-min(chunk, n) // ndev) * ndev
+
+
+def pad_chunk(parts, chunk: int, sharding=None) -> list:
+    """Pad each array of ``parts`` to ``chunk`` rows (repeating the last row) and place it on ``sharding``.
+
+    Every chunk then has one shape, so a jitted function compiles once.
+    """
+    out = []
+    for p in parts:
+        short = chunk - p.shape[0]
+        if short:
+            p = jnp.concatenate([p, jnp.repeat(p[-1:], short, axis=0)])
+        out.append(p if sharding is None else jax.device_put(p, sharding))
+    return out
+
+
 def map_chunks(fn, arrays: tuple, chunk_size: int | None, *, progress: bool = False, desc: str = "",
                sharding=None) -> Any:
     """Apply ``fn(*chunk)`` over the leading axis in equal chunks and concatenate.
@@ -346,21 +371,12 @@ def map_chunks(fn, arrays: tuple, chunk_size: int | None, *, progress: bool = Fa
     from tqdm.auto import tqdm
 
     n = arrays[0].shape[0]
-    ndev = 1 if sharding is None else sharding.mesh.size
-    chunk = n if chunk_size is None else chunk_size
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    chunk = -(-min(chunk, n) // ndev) * ndev
+    chunk = chunk_length(chunk_size, n, sharding)
     outs = []
     for s in tqdm(range(0, n, chunk), desc=desc, disable=not progress, leave=False):
-        part = [a[s : s + chunk] for a in arrays]
-        short = chunk - part[0].shape[0]
-        if short:
-            part = [jnp.concatenate([p, jnp.repeat(p[-1:], short, axis=0)]) for p in part]
-        if sharding is not None:
-            part = [jax.device_put(p, sharding) for p in part]
-        out = fn(*part)
-        outs.append(jax.tree.map(lambda o, k=chunk - short: o[:k], out))
+        k = min(chunk, n - s)
+        out = fn(*pad_chunk([a[s : s + k] for a in arrays], chunk, sharding))
+        outs.append(jax.tree.map(lambda o, k=k: o[:k], out))
     if len(outs) == 1:
         return outs[0]
     return jax.tree.map(lambda *o: jnp.concatenate(o), *outs)

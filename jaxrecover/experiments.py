@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .attribution import check_input_dtype, data_parallel, integrated_gradients, path_gradients, select_output
+from .attribution import (check_input_dtype, chunk_length, data_parallel, integrated_gradients, pad_chunk,
+                          path_gradients, select_output)
 from .fileio import atomic_save_npz
 from .metrics import normalized_distance, summarize
 from .recovery import recover_eq2, recover_eq3, recover_eq4
@@ -239,18 +240,12 @@ def run_protocol(
     batch_sharding, replicated = data_parallel() if shard else (None, None)
     if replicated is not None:
         params = jax.device_put(params, replicated)
-        chunk_size = -(-chunk_size // batch_sharding.mesh.size) * batch_sharding.mesh.size
+    chunk_size = chunk_length(chunk_size, max(n, chunk_size), batch_sharding)  # fixed size: resumes compile once
     bar = tqdm(total=n, initial=done, desc=desc or "protocol", disable=not progress, unit="img")
     while done < n:
         s, e_ = done, min(done + chunk_size, n)
-        xs = jnp.asarray(x[s:e_], dtype)
-        ts = jnp.asarray(target[s:e_], jnp.int32)
-        pad = chunk_size - (e_ - s)
-        if pad:  # keep one compiled shape
-            xs = jnp.concatenate([xs, jnp.repeat(xs[-1:], pad, axis=0)])
-            ts = jnp.concatenate([ts, jnp.repeat(ts[-1:], pad, axis=0)])
-        if batch_sharding is not None:
-            xs, ts = jax.device_put(xs, batch_sharding), jax.device_put(ts, batch_sharding)
+        xs, ts = pad_chunk([jnp.asarray(x[s:e_], dtype), jnp.asarray(target[s:e_], jnp.int32)], chunk_size,
+                           batch_sharding)
         t0 = time.perf_counter()
         if chunk_fn is None:
             out = jax.device_get(protocol_chunk(logit_fn, params, xs, ts, cfg))
