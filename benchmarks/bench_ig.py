@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from jaxrecover import attribution as A  # noqa: E402
+from jaxrecover import ops  # noqa: E402
 from jaxrecover.experiments import ProtocolConfig, experiments_for, run_protocol  # noqa: E402
 from jaxrecover.models import MODEL_NAMES, cast_variables, init_variables, make_logit_fn  # noqa: E402
 
@@ -63,7 +64,7 @@ def _inputs(n, dtype, seed=0):
 
 
 def _limit_fn(f):
-    @jax.jit
+    @ops.tuned_jit  # the same compile options as attribute()
     def grads(v, pts, tt):
         return jax.vmap(jax.grad(lambda z, ti: f(v, z)[ti]))(pts, tt)
 

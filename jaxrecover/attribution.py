@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import ops
+
 __all__ = [
     "RULES",
     "OUTPUTS",
@@ -240,7 +242,7 @@ def completeness_delta(f, x, baseline, attribution) -> jax.Array:
 # --------------------------------------------------------------------------- batched
 
 
-@functools.partial(jax.jit, static_argnames=("logit_fn", "method", "steps", "rule", "output"))
+@ops.tuned_jit(static_argnames=("logit_fn", "method", "steps", "rule", "output"))
 def _attribute_chunk(logit_fn, params, x, target, baseline, *, method, steps, rule, output):
     def one(xi, ti, bi):
         def f(z):

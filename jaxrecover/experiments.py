@@ -40,6 +40,7 @@ import numpy as np
 
 from .attribution import (check_input_dtype, chunk_length, data_parallel, integrated_gradients, pad_chunk,
                           path_gradients, select_output)
+from . import ops
 from .fileio import atomic_save_npz
 from .metrics import normalized_distance, summarize
 from .recovery import recover_eq2, recover_eq3, recover_eq4
@@ -108,7 +109,7 @@ def _dist(vg, other, mask=None):
     return normalized_distance(vg.astype(dt), other.astype(dt), mask)
 
 
-@functools.partial(jax.jit, static_argnames=("logit_fn", "cfg"))
+@ops.tuned_jit(static_argnames=("logit_fn", "cfg"))
 def protocol_chunk(logit_fn, params, x, target, cfg: ProtocolConfig) -> dict[str, jax.Array]:
     """Distances of every experiment for a chunk ``x[N, ...]`` (see module docstring).
 
@@ -155,7 +156,7 @@ def protocol_chunk(logit_fn, params, x, target, cfg: ProtocolConfig) -> dict[str
     return jax.vmap(one)(x, target)
 
 
-@functools.partial(jax.jit, static_argnames=("logit_fn", "steps", "output"))
+@ops.tuned_jit(static_argnames=("logit_fn", "steps", "output"))
 def path_gradient_norms(logit_fn, params, x, target, steps: int = 50, output: str = "logit") -> jax.Array:
     """Figure 5: ``||grad f((i/m) x)||_2`` for i = 1..m, shape ``[N, m]``, dtype of x."""
 
@@ -167,7 +168,7 @@ def path_gradient_norms(logit_fn, params, x, target, steps: int = 50, output: st
     return jax.vmap(one)(x, target)
 
 
-@functools.partial(jax.jit, static_argnames=("logit_fn", "steps", "a"))
+@ops.tuned_jit(static_argnames=("logit_fn", "steps", "a"))
 def explain_examples(logit_fn, params, x, target, steps: int = 50, a: float = 0.98) -> dict[str, jax.Array]:
     """Figure 4: VG, IG and the three recovered VGs for a few examples (faithful queries)."""
 
@@ -283,7 +284,7 @@ def make_batchstats_logit_fn(model):
     return logits_fn
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "steps", "a"))
+@ops.tuned_jit(static_argnames=("logits_fn", "steps", "a"))
 def batchstats_protocol_chunk(logits_fn, params, x, target, steps: int = 50, a: float = 0.98):
     """Table 1 and Experiments B, C with BatchNorm on batch statistics, as Captum would compute them.
 

@@ -25,13 +25,17 @@ Per-layer timings: ``python benchmarks/bench_ops.py`` (docs/PERFORMANCE.md).
 from __future__ import annotations
 
 import functools
+import itertools
+import os
+import warnings
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-__all__ = ["conv_general_dilated", "max_pool"]
+__all__ = ["conv_general_dilated", "max_pool", "cpu_compiler_options", "tuned_jit"]
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -44,8 +48,18 @@ def _is_nhwc(dimension_numbers) -> bool:
     return tuple(dimension_numbers) == _NHWC
 
 
-#: Convolutions with at most this many output pixels use the tap formulation.
+#: Convolutions with at most this many output pixels use a matmul formulation.
 SMALL_OUTPUT_PIXELS = 4
+
+
+def _geometry(lhs_shape, rhs_shape, strides, padding):
+    """Output size and the kernel taps that see at least one input pixel (the others only see padding)."""
+    (h, w), (kh, kw) = lhs_shape[1:3], rhs_shape[:2]
+    (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
+    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    rows = [i for i in range(kh) if any(0 <= r < h for r in range(i - pt, i - pt + sh * (oh - 1) + 1, sh))]
+    cols = [j for j in range(kw) if any(0 <= c < w for c in range(j - pl, j - pl + sw * (ow - 1) + 1, sw))]
+    return (oh, ow), [(i, j) for i in rows for j in cols]
 
 
 def _tap_conv(lhs, rhs, strides, padding, precision):
@@ -54,30 +68,49 @@ def _tap_conv(lhs, rhs, strides, padding, precision):
     Taps whose slice lies entirely in the zero padding contribute nothing and
     are skipped (exactly), so a 3x3 kernel on a 1x1 map costs one tap.
     """
-    (h, w), (kh, kw) = lhs.shape[1:3], rhs.shape[:2]
     (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
-    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    (oh, ow), taps = _geometry(lhs.shape, rhs.shape, strides, padding)
     x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    slices, taps = [], []
-    for i in range(kh):
-        rows = range(i - pt, i - pt + sh * (oh - 1) + 1, sh)
-        if not any(0 <= r < h for r in rows):
-            continue
-        for j in range(kw):
-            cols = range(j - pl, j - pl + sw * (ow - 1) + 1, sw)
-            if not any(0 <= c < w for c in cols):
-                continue
-            slices.append(lax.slice(x, (0, i, j, 0), (x.shape[0], i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1,
-                                                       x.shape[3]), (1, sh, sw, 1)))
-            taps.append(rhs[i, j])
+    slices = [lax.slice(x, (0, i, j, 0), (x.shape[0], i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1, x.shape[3]),
+                        (1, sh, sw, 1)) for i, j in taps]
     cat = slices[0] if len(slices) == 1 else jnp.concatenate(slices, axis=-1)
-    kernel = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=0)
+    kernel = jnp.concatenate([rhs[i, j] for i, j in taps], axis=0)
     return jnp.einsum("bhwk,ko->bhwo", cat, kernel, precision=precision)
+
+
+def _dense_conv(lhs, rhs, strides, padding, precision):
+    """Convolution of a tiny map as ONE matmul of the flattened input with the conv's (in, out) matrix.
+
+    The matrix holds kernel tap ``(r - sh*p + pt, c - sw*q + pl)`` between input
+    pixel (r, c) and output pixel (p, q), and zeros between pixels no tap joins.
+    When every input pixel feeds every output pixel (3x3 on 2x2, anything on
+    1x1) it has no zeros and costs less than :func:`_tap_conv`, whose slices
+    carry the padding.
+    """
+    n, h, w, c = lhs.shape
+    (kh, kw), o = rhs.shape[:2], rhs.shape[3]
+    (sh, sw), ((pt, _), (pl, _)) = strides, padding
+    (oh, ow), _ = _geometry(lhs.shape, rhs.shape, strides, padding)
+    index = np.full((h * w, oh * ow), kh * kw)  # kh*kw: the appended zero tap
+    for r, cc, p, q in itertools.product(range(h), range(w), range(oh), range(ow)):
+        i, j = r - sh * p + pt, cc - sw * q + pl
+        if 0 <= i < kh and 0 <= j < kw:
+            index[r * w + cc, p * ow + q] = i * kw + j
+    taps = jnp.concatenate([rhs.reshape(kh * kw, c, o), jnp.zeros((1, c, o), rhs.dtype)])
+    matrix = taps[index].transpose(0, 2, 1, 3).reshape(h * w * c, oh * ow * o)
+    return jnp.dot(lhs.reshape(n, h * w * c), matrix, precision=precision).reshape(n, oh, ow, o)
+
+
+def _small_conv(lhs, rhs, strides, padding, precision):
+    """The cheaper of :func:`_dense_conv` (h*w*oh*ow multiply blocks) and :func:`_tap_conv` (oh*ow*taps)."""
+    _, taps = _geometry(lhs.shape, rhs.shape, strides, padding)
+    dense = lhs.shape[1] * lhs.shape[2] <= len(taps)
+    return (_dense_conv if dense else _tap_conv)(lhs, rhs, strides, padding, precision)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """``lax.conv_general_dilated``; NHWC convolutions with small outputs go through :func:`_tap_conv`."""
+    """``lax.conv_general_dilated``; NHWC convolutions with small outputs become one matmul (:func:`_small_conv`)."""
     if isinstance(padding, str) and padding.upper() == "VALID":
         padding = ((0, 0), (0, 0))
     plain = (feature_group_count == 1 and _is_nhwc(dimension_numbers) and not isinstance(padding, str)
@@ -89,7 +122,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         out_h = (h + pt + pb - kh) // window_strides[0] + 1
         out_w = (w + pl + pr - kw) // window_strides[1] + 1
         if out_h * out_w <= SMALL_OUTPUT_PIXELS:
-            return _tap_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)), precision)
+            return _small_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)), precision)
         if tuple(window_strides) == (1, 1) and (pt, pb, pl, pr) == (0, 0, 0, 0) and kh > 1 and kw > 1:
             # An unpadded conv, computed padded by one and cropped: the same sums, on XLA:CPU's
             # faster padded-convolution path (benchmarks/bench_ops.py, docs/PERFORMANCE.md).
@@ -102,29 +135,51 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
 
 def _window_slices(x, window_shape, strides):
+    """The strided slices of ``x`` seen by each window tap, in row-major tap order."""
     (kh, kw), (sh, sw) = window_shape, strides
     oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
-    return jnp.stack([x[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw, :]
-                      for i in range(kh) for j in range(kw)], axis=0)
+    return [lax.slice(x, (0, i, j, 0), (x.shape[0], i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1, x.shape[3]),
+                      (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
+
+
+def _pool_max_and_first(x, window_shape, strides):
+    """Window maxima and the tap index of each window's FIRST maximum (row-major), in one fused pass."""
+    slices = _window_slices(x, window_shape, strides)
+    index_dtype = jnp.int8 if len(slices) <= 127 else jnp.int32
+    best, first = slices[0], jnp.zeros(slices[0].shape, index_dtype)
+    for k, s in enumerate(slices[1:], start=1):
+        better = s > best  # strict: ties keep the earlier tap
+        first = jnp.where(better, jnp.asarray(k, index_dtype), first)
+        best = jnp.maximum(best, s)
+    return best, first
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _pool_padded(x, window_shape, strides):
-    return jnp.max(_window_slices(x, window_shape, strides), axis=0)
+    return _pool_max_and_first(x, window_shape, strides)[0]
 
 
 def _pool_fwd(x, window_shape, strides):
-    stacked = _window_slices(x, window_shape, strides)
-    first = jnp.argmax(stacked, axis=0)  # first maximum in row-major window order, as PyTorch and XLA
-    return jnp.max(stacked, axis=0), (first, x)
+    best, first = _pool_max_and_first(x, window_shape, strides)
+    return best, (first, x.shape)
 
 
 def _pool_bwd(window_shape, strides, res, g):
-    first, x = res
-    taps = window_shape[0] * window_shape[1]
-    onehot = (jnp.arange(taps).reshape((taps,) + (1,) * g.ndim) == first[None]).astype(g.dtype)
-    _, transpose = jax.vjp(lambda z: _window_slices(z, window_shape, strides), x)
-    return (transpose(onehot * g[None])[0],)
+    """Each window's cotangent goes to its first maximum: per tap, a masked copy of ``g`` placed on the
+    input grid by an interior-padded ``lax.pad`` (the transpose of the strided slice); XLA fuses the sum."""
+    first, shape = res
+    (sh, sw), (oh, ow) = strides, g.shape[1:3]
+    zero = jnp.zeros((), g.dtype)
+    total = None
+    for k in range(window_shape[0] * window_shape[1]):
+        i, j = divmod(k, window_shape[1])
+        part = jnp.where(first == k, g, zero)
+        config = ((0, 0, 0), (i, shape[1] - i - sh * (oh - 1) - 1, sh - 1),
+                  (j, shape[2] - j - sw * (ow - 1) - 1, sw - 1), (0, 0, 0))
+        part = lax.pad(part, zero, config)
+        total = part if total is None else total + part
+    return (total,)
 
 
 _pool_padded.defvjp(_pool_fwd, _pool_bwd)
@@ -143,3 +198,78 @@ def max_pool(x, window_shape: Sequence[int], strides: Sequence[int] | None = Non
     if pt or pb or pl or pr:
         x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=-jnp.inf)
     return _pool_padded(x, window_shape, strides)
+
+
+# --------------------------------------------------------------------------- compile options
+
+#: Set to "1" to compile everything with XLA's default options.
+DEFAULTS_ENV = "JAXRECOVER_XLA_DEFAULTS"
+_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+#: float32 on XLA:CPU: YNNPACK for matmuls only; its convolutions are slower than XLA's own
+#: (LeNet's IG 1.7x, ResNet18's 1.3x; docs/PERFORMANCE.md). float64 keeps XLA's defaults:
+#: there YNNPACK's convolutions are 5x FASTER than XLA's own.
+FLOAT32_CPU_OPTIONS = {_YNN_OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+@functools.lru_cache(maxsize=None)
+def _options_supported(backend: str, items: tuple) -> bool:
+    try:
+        jax.jit(lambda a: a + 1, compiler_options=dict(items)).lower(jnp.zeros(2, jnp.float32)).compile()
+    except Exception as err:  # noqa: BLE001 - an option this jaxlib does not know: fall back to defaults
+        warnings.warn(f"jaxrecover: XLA rejected compile options {dict(items)} ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0][:200]}); using XLA's defaults, which may be slower on CPU.",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+def cpu_compiler_options(dtype) -> dict[str, str] | None:
+    """XLA compile options for differentiating the paper's models in ``dtype`` (None: XLA's defaults).
+
+    Only float32 on the CPU backend gets options (:data:`FLOAT32_CPU_OPTIONS`).
+    None as well when ``XLA_FLAGS`` already sets the YNNPACK option (the user's
+    choice wins), when ``JAXRECOVER_XLA_DEFAULTS=1``, or when this jaxlib does not
+    know the option (with a warning). Options change how XLA computes, not what:
+    results agree to round-off (tests/test_ops.py).
+    """
+    if (dtype is None or jnp.dtype(dtype) != jnp.float32 or jax.default_backend() != "cpu"
+            or os.environ.get(DEFAULTS_ENV, "") not in ("", "0") or _YNN_OPTION in os.environ.get("XLA_FLAGS", "")):
+        return None
+    items = tuple(sorted(FLOAT32_CPU_OPTIONS.items()))
+    return dict(items) if _options_supported(jax.default_backend(), items) else None
+
+
+def _float_dtype(tree):
+    for leaf in jax.tree.leaves(tree):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+            return dtype
+    return None
+
+
+def tuned_jit(fun=None, **jit_kwargs):
+    """``jax.jit`` compiled with :func:`cpu_compiler_options` of the arguments' float dtype.
+
+    The first floating array among the arguments picks the dtype; each set of
+    options gets its own ``jax.jit`` (so its own compilation cache). Supports
+    ``.lower``, ``.clear_cache`` and ``._cache_size`` like a jitted function.
+    """
+    if fun is None:
+        return functools.partial(tuned_jit, **jit_kwargs)
+    variants: dict = {}
+
+    def pick(args, kwargs):
+        options = cpu_compiler_options(_float_dtype((args, kwargs)))
+        key = None if options is None else tuple(sorted(options.items()))
+        if key not in variants:
+            variants[key] = jax.jit(fun, compiler_options=options, **jit_kwargs)
+        return variants[key]
+
+    @functools.wraps(fun)
+    def jitted(*args, **kwargs):
+        return pick(args, kwargs)(*args, **kwargs)
+
+    jitted.lower = lambda *args, **kwargs: pick(args, kwargs).lower(*args, **kwargs)
+    jitted.clear_cache = lambda: [v.clear_cache() for v in variants.values()]
+    jitted._cache_size = lambda: sum(v._cache_size() for v in variants.values())
+    return jitted
