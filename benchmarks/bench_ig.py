@@ -71,7 +71,8 @@ def _limit_fn(f):
     return grads
 
 
-def _captum(name, variables, x, y, steps, chunk, repeats):
+def _captum(name, variables, x, y, steps, chunk, repeats, sweep):
+    """Captum's throughput with ``internal_batch_size = chunk * steps`` and at its best internal batch size."""
     try:
         import torch
         from captum.attr import IntegratedGradients
@@ -85,22 +86,34 @@ def _captum(name, variables, x, y, steps, chunk, repeats):
     yt = torch.from_numpy(np.asarray(y)).long()
     ig = IntegratedGradients(model)
 
-    def run():
-        return ig.attribute(xt, baselines=torch.zeros_like(xt), target=yt, n_steps=steps, method="riemann_right",
-                            internal_batch_size=chunk * steps)
+    def timed(batch, reps):
+        def run():
+            return ig.attribute(xt, baselines=torch.zeros_like(xt), target=yt, n_steps=steps,
+                                method="riemann_right", internal_batch_size=batch)
 
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
         out = run()
-        best = min(best, time.perf_counter() - t0)
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - t0)
+        return best, out
+
+    same = chunk * steps
+    t_same, out = timed(same, repeats)
+    # Captum's best internal batch (at least N points: Captum raises smaller ones to N)
+    batches = sorted({max(b, len(x)) for b in sweep if b != same})
+    t_best, best_batch = t_same, same
+    for b in batches:
+        t, _ = timed(b, 1)
+        if t < t_best:
+            t_best, best_batch = timed(b, repeats)[0], b
     with torch.no_grad():
         logits_t = model(xt).numpy()
-    return best, from_nchw(out.detach().numpy()), logits_t
+    return t_same, t_best, best_batch, from_nchw(out.detach().numpy()), logits_t
 
 
-def bench(models, dtypes, n, steps, chunk, repeats, captum, protocol_n, mem_chunks):
+def bench(models, dtypes, n, steps, chunk, repeats, captum, protocol_n, mem_chunks, captum_sweep=()):
     rows, proto_rows, mem_rows = [], [], []
     for name in models:
         f = make_logit_fn(name)
@@ -108,20 +121,22 @@ def bench(models, dtypes, n, steps, chunk, repeats, captum, protocol_n, mem_chun
         for dt in dtypes:
             v = cast_variables(v32, dt)
             x, y = _inputs(n, np.dtype(dt))
-            t_ig = _time(lambda: A.attribute(f, v, x, y, steps=steps, chunk_size=chunk), repeats)
+            examples = (A.auto_chunk_size(f, v, x[0], steps, n) if chunk == "auto" else int(chunk))
+            t_ig = _time(lambda: A.attribute(f, v, x, y, steps=steps, chunk_size=examples), repeats)
             nodes = jnp.asarray(np.arange(1, steps + 1) / steps, x.dtype)
             pts = (nodes[:, None, None, None, None] * x[None]).reshape((-1,) + x.shape[1:])
             tt = jnp.tile(y, steps)
             lim = _limit_fn(f)
             t_lim = _time(lambda: lim(v, pts, tt), repeats)
-            row = {"model": name, "dtype": dt, "n": n, "ig_per_s": n / t_ig, "limit_per_s": n / t_lim,
-                   "ratio_limit": t_lim / t_ig}
+            row = {"model": name, "dtype": dt, "n": n, "chunk": examples, "ig_per_s": n / t_ig,
+                   "limit_per_s": n / t_lim, "ratio_limit": t_lim / t_ig}
             if captum:
-                res = _captum(name, v, x, y, steps, chunk, repeats)
+                res = _captum(name, v, x, y, steps, examples, repeats, captum_sweep)
                 if res is not None:
-                    t_c, attr_c, logits_t = res
-                    ours = np.asarray(A.attribute(f, v, x, y, steps=steps, chunk_size=chunk))
-                    row.update(captum_per_s=n / t_c, ratio_captum=t_c / t_ig,
+                    t_c, t_cbest, best_batch, attr_c, logits_t = res
+                    ours = np.asarray(A.attribute(f, v, x, y, steps=steps, chunk_size=examples))
+                    row.update(captum_per_s=n / t_c, ratio_captum=t_c / t_ig, captum_best_per_s=n / t_cbest,
+                               captum_best_batch=best_batch, ratio_captum_best=t_cbest / t_ig,
                                max_rel_diff=float(np.abs(ours - attr_c).max() / np.abs(attr_c).max()),
                                logits_rel_diff=float(np.abs(np.asarray(jax.vmap(f, (None, 0))(v, x)) - logits_t).max()
                                                      / np.abs(logits_t).max()))
@@ -130,9 +145,9 @@ def bench(models, dtypes, n, steps, chunk, repeats, captum, protocol_n, mem_chun
                 xp, yp = np.asarray(x[:protocol_n]), np.asarray(y[:protocol_n])
                 for mode in ("faithful", "shared"):
                     cfg = ProtocolConfig(experiments=experiments_for(name), steps=steps, mode=mode)
-                    run_protocol(f, v, xp, yp, cfg, chunk_size=min(chunk, protocol_n), progress=False)  # compile
+                    run_protocol(f, v, xp, yp, cfg, chunk_size=min(examples, protocol_n), progress=False)  # compile
                     t0 = time.perf_counter()
-                    run_protocol(f, v, xp, yp, cfg, chunk_size=min(chunk, protocol_n), progress=False)
+                    run_protocol(f, v, xp, yp, cfg, chunk_size=min(examples, protocol_n), progress=False)
                     proto_rows.append({"model": name, "dtype": dt, "mode": mode,
                                        "evals": cfg.evaluations_per_image,
                                        "s_per_img": (time.perf_counter() - t0) / protocol_n})
@@ -153,14 +168,17 @@ def _fmt(v, spec=".1f"):
 
 def print_tables(rows, proto_rows, mem_rows, args):
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__} ({jax.default_backend()}, "
-          f"{len(jax.devices())} device(s)); N={args.n}, m={args.steps}, chunk={args.chunk_size} examples; "
+          f"{len(jax.devices())} device(s)); N={args.n}, m={args.steps}, chunk={args.chunk_size}; "
           f"best of {args.repeats}; random-init weights (speed does not depend on training).\n")
-    print("| model | dtype | IG expl/s | limit expl/s | IG / limit | Captum expl/s | IG / Captum | max rel diff vs Captum |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | dtype | chunk | IG expl/s | limit expl/s | IG / limit | Captum expl/s (same batch) | IG / Captum "
+          "| Captum best expl/s (internal batch) | IG / Captum best | max rel diff vs Captum |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['dtype']} | {r['ig_per_s']:.1f} | {r['limit_per_s']:.1f} | {r['ratio_limit']:.2f} "
-              f"| {_fmt(r.get('captum_per_s'))} | {_fmt(r.get('ratio_captum'), '.2f')} "
-              f"| {_fmt(r.get('max_rel_diff'), '.1e')} |")
+        best = ("-" if r.get("captum_best_per_s") is None
+                else f"{r['captum_best_per_s']:.1f} ({r['captum_best_batch']})")
+        print(f"| {r['model']} | {r['dtype']} | {r['chunk']} | {r['ig_per_s']:.1f} | {r['limit_per_s']:.1f} "
+              f"| {r['ratio_limit']:.2f} | {_fmt(r.get('captum_per_s'))} | {_fmt(r.get('ratio_captum'), '.2f')} "
+              f"| {best} | {_fmt(r.get('ratio_captum_best'), '.2f')} | {_fmt(r.get('max_rel_diff'), '.1e')} |")
     if proto_rows:
         print("\n| model | dtype | protocol mode | gradient evals / image | s / image |")
         print("|---|---|---|---|---|")
@@ -179,7 +197,9 @@ def main(argv=None):
     p.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--chunk-size", type=int, default=32)
+    p.add_argument("--chunk-size", default="auto", help="examples per IG chunk, or 'auto' (attribute's default)")
+    p.add_argument("--captum-sweep", type=int, nargs="*", default=[50, 100, 200, 400, 800, 1600, 3200],
+                   help="Captum internal batch sizes tried for its best throughput")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--protocol-n", type=int, default=16, help="images for the protocol cost (0: skip)")
     p.add_argument("--mem-chunks", type=int, nargs="*", default=[8, 32, 128])
@@ -188,9 +208,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.smoke:
         a.models, a.dtypes, a.n, a.steps, a.chunk_size, a.repeats = ["twolayer", "lenet"], ["float32"], 4, 4, 2, 1
-        a.protocol_n, a.mem_chunks = 2, [2, 4]
+        a.protocol_n, a.mem_chunks, a.captum_sweep = 2, [2, 4], [4]
     rows, proto, mem = bench(a.models, a.dtypes, a.n, a.steps, a.chunk_size, a.repeats, not a.no_captum,
-                             a.protocol_n, a.mem_chunks)
+                             a.protocol_n, a.mem_chunks, a.captum_sweep)
     print_tables(rows, proto, mem, a)
     return 0
 

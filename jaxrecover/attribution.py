@@ -55,8 +55,11 @@ __all__ = [
     "path_points",
     "path_gradients",
     "integrated_gradients",
+    "integrated_gradients_affine_stem",
     "completeness_delta",
     "attribute",
+    "auto_chunk_size",
+    "forward_bytes",
     "check_input_dtype",
     "data_parallel",
     "chunk_length",
@@ -233,6 +236,34 @@ def integrated_gradients(
     return (x - baseline) * jnp.tensordot(jnp.asarray(weights, x.dtype), grads, axes=1)
 
 
+def integrated_gradients_affine_stem(
+    stem: Callable[[jax.Array], jax.Array],
+    body: Callable[[jax.Array], jax.Array],
+    x: jax.Array,
+    baseline: jax.Array | None = None,
+    *,
+    steps: int = 50,
+    rule: str = "riemann_right",
+) -> jax.Array:
+    """IG of ``f = body o stem`` for an AFFINE ``stem`` (a model's first layer), the stem computed once.
+
+    An affine stem ``s(z) = A z + c`` maps the straight path to a straight path,
+    ``s(b + a (x - b)) = s(b) + a (s(x) - s(b))``, and ``grad f(z) = A^T grad body(s(z))``,
+    so ``sum_i w_i grad f(z_i) = A^T sum_i w_i grad body(h_i)``: ONE stem forward
+    at ``x`` and ``b`` and ONE transpose (the stem's VJP, the same at every point)
+    instead of one of each per path point. The body is differentiated at all
+    points by one ``jax.vmap``. Equal to :func:`integrated_gradients` of
+    ``body o stem`` up to round-off (tests/test_attribution.py).
+    """
+    nodes, weights = quadrature(rule, steps)
+    baseline = jnp.zeros_like(x) if baseline is None else baseline
+    s_x, stem_transpose = jax.vjp(stem, x)
+    grads = path_gradients(body, s_x, stem(baseline), nodes)
+    w = jnp.asarray(weights, s_x.dtype).reshape((-1,) + (1,) * s_x.ndim)
+    (total,) = stem_transpose(jnp.sum(w * grads, axis=0))  # a fused multiply-reduce (a tensordot copies)
+    return (x - baseline) * total
+
+
 def completeness_delta(f, x, baseline, attribution) -> jax.Array:
     """Captum's convergence delta: ``sum(IG) - (f(x) - f(b))`` (0 for exact IG)."""
     baseline = jnp.zeros_like(x) if baseline is None else baseline
@@ -242,14 +273,20 @@ def completeness_delta(f, x, baseline, attribution) -> jax.Array:
 # --------------------------------------------------------------------------- batched
 
 
-@ops.tuned_jit(static_argnames=("logit_fn", "method", "steps", "rule", "output"))
-def _attribute_chunk(logit_fn, params, x, target, baseline, *, method, steps, rule, output):
+@ops.tuned_jit(static_argnames=("logit_fn", "method", "steps", "rule", "output", "factor_stem"))
+def _attribute_chunk(logit_fn, params, x, target, baseline, *, method, steps, rule, output, factor_stem=True):
+    split = getattr(logit_fn, "affine_stem", None) if factor_stem else None
+
     def one(xi, ti, bi):
         def f(z):
             return select_output(logit_fn(params, z), ti, output)
 
         if method == "vg":
             return vanilla_gradient(f, xi)
+        if split is not None:
+            return integrated_gradients_affine_stem(
+                lambda z: split.stem(params, z), lambda h: select_output(split.body(params, h), ti, output),
+                xi, bi, steps=steps, rule=rule)
         return integrated_gradients(f, xi, bi, steps=steps, rule=rule)
 
     return jax.vmap(one)(x, target, baseline)
@@ -266,10 +303,11 @@ def attribute(
     rule: str = "riemann_right",
     baseline=None,
     output: str = "logit",
-    chunk_size: int | None = 32,
+    chunk_size: int | str | None = "auto",
     progress: bool = False,
     shard: bool = True,
     devices=None,
+    factor_stem: bool = True,
 ) -> jax.Array:
     """VG or IG of a batch, in jitted chunks of ``chunk_size`` examples.
 
@@ -283,13 +321,19 @@ def attribute(
       steps, rule: the IG quadrature (see :data:`RULES`).
       baseline: ``[N, *shape]``, ``[*shape]`` or None (zeros).
       output: ``"logit"``, ``"prob"`` or ``"logprob"`` of the target class.
-      chunk_size: examples per compiled call (``None``: all at once). Every
-        chunk has the same shape (the last is padded), so one compilation
-        serves the whole batch.
+      chunk_size: examples per compiled call; ``"auto"`` (default) sizes
+        chunks by the model's forward intermediates (:func:`auto_chunk_size`);
+        ``None``: all at once. Every chunk has the same shape (the last is
+        padded), so one compilation serves the whole batch.
       progress: show a progress bar over the chunks.
       shard: split every chunk across ``devices`` (default: all local
         devices) with ``jax.sharding``; a no-op on one device.
       devices: the devices to use when sharding.
+      factor_stem: when ``logit_fn`` carries an ``affine_stem`` split (every
+        ``make_logit_fn`` model does), compute IG with
+        :func:`integrated_gradients_affine_stem`: the first layer once per
+        example, not per path point. The same IG up to round-off; False
+        differentiates ``logit_fn`` itself at every point.
 
     Returns:
       ``[N, *shape]`` attributions, dtype of ``x``.
@@ -313,14 +357,60 @@ def attribute(
         if baseline.dtype != dtype:
             raise TypeError(f"baseline dtype {baseline.dtype} differs from the input's {dtype}")
         baseline = jnp.broadcast_to(baseline, x.shape)
-    kwargs = dict(method=method, steps=steps if method == "ig" else 0, rule=rule if method == "ig" else "", output=output)
+    kwargs = dict(method=method, steps=steps if method == "ig" else 0, rule=rule if method == "ig" else "", output=output,
+                  factor_stem=bool(factor_stem))
     batch_sharding, replicated = data_parallel(devices) if shard else (None, None)
+    if chunk_size == "auto":
+        points = num_evaluations(rule, steps) if method == "ig" else 1
+        ndev = 1 if batch_sharding is None else batch_sharding.mesh.size
+        chunk_size = auto_chunk_size(logit_fn, params, x[0], points, n, devices=ndev)
     if replicated is not None:
         params = jax.device_put(params, replicated)
     return map_chunks(
         lambda xs, ts, bs: _attribute_chunk(logit_fn, params, xs, ts, bs, **kwargs),
         (x, target, baseline), chunk_size, progress=progress, desc=method.upper(), sharding=batch_sharding,
     )
+
+
+#: ``chunk_size="auto"``: forward intermediates per chunk and device (bytes). About 16 images x 50 path
+#: points of LeNet or ResNet18, where their IG throughput peaks on the 2-core CPU (docs/PERFORMANCE.md);
+#: the two-layer nets get whole batches, so per-chunk dispatch does not dominate.
+AUTO_CHUNK_BYTES = 3 * 2**29
+#: ``chunk_size="auto"`` never exceeds this many examples.
+AUTO_CHUNK_MAX = 1024
+
+
+def forward_bytes(logit_fn, params, x_one) -> int:
+    """Bytes of the intermediate values of ONE forward pass per example (from the jaxpr, no compilation).
+
+    Counted as the growth from a batch of one to a batch of two, so work on the
+    parameters alone (kernel reshapes, gathers) does not count.
+    """
+
+    def total(jaxpr) -> int:
+        size = 0
+        for eqn in jaxpr.eqns:
+            size += sum(int(np.prod(v.aval.shape)) * np.dtype(v.aval.dtype).itemsize for v in eqn.outvars
+                        if hasattr(v.aval, "shape"))
+            for param in eqn.params.values():
+                inner = getattr(param, "jaxpr", None)
+                if inner is not None:
+                    size += total(getattr(inner, "jaxpr", inner))
+        return size
+
+    batched = jax.vmap(logit_fn, in_axes=(None, 0))
+    one, two = (total(jax.make_jaxpr(batched)(params, jnp.stack([x_one] * k)).jaxpr) for k in (1, 2))
+    return max(two - one, 1)
+
+
+def auto_chunk_size(logit_fn, params, x_one, points_per_example: int, n: int, devices: int = 1) -> int:
+    """Examples per chunk so one chunk's forward intermediates are about :data:`AUTO_CHUNK_BYTES` per device.
+
+    ``points_per_example``: gradient evaluations per example (IG's path points).
+    Between 1 and ``min(n, AUTO_CHUNK_MAX)``.
+    """
+    per_example = forward_bytes(logit_fn, params, x_one) * max(points_per_example, 1)
+    return int(np.clip(AUTO_CHUNK_BYTES * devices // per_example, 1, max(1, min(n, AUTO_CHUNK_MAX))))
 
 
 def data_parallel(devices=None):

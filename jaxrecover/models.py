@@ -21,7 +21,7 @@ inputs of the same dtype.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -42,6 +42,7 @@ __all__ = [
     "init_variables",
     "make_logit_fn",
     "make_batched_logit_fn",
+    "StemSplit",
     "cast_variables",
     "check_float_dtype",
     "param_count",
@@ -60,17 +61,24 @@ Variables = Any
 
 
 class TwoLayerNet(nn.Module):
-    """flatten 784 -> fc 100 -> ReLU -> fc 10."""
+    """flatten 784 -> fc 100 -> ReLU -> fc 10.
+
+    Every model's ``__call__`` takes ``part``: ``"all"`` (the model), ``"stem"``
+    (its first, affine layer only) or ``"body"`` (the rest, applied to a stem
+    output). Layers are named explicitly so the three share one set of variables.
+    """
 
     use_bias: bool = True
     hidden: int = 100
     num_classes: int = NUM_CLASSES
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(self.hidden, use_bias=self.use_bias)(x))
-        return nn.Dense(self.num_classes, use_bias=self.use_bias)(x)
+    def __call__(self, x, train: bool = False, part: str = "all"):
+        if part != "body":
+            x = nn.Dense(self.hidden, use_bias=self.use_bias, name="Dense_0")(x.reshape(x.shape[0], -1))
+            if part == "stem":
+                return x
+        return nn.Dense(self.num_classes, use_bias=self.use_bias, name="Dense_1")(nn.relu(x))
 
 
 class LeNet(nn.Module):
@@ -80,13 +88,16 @@ class LeNet(nn.Module):
     num_classes: int = NUM_CLASSES
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = nn.relu(Conv(32, (3, 3), padding="VALID", use_bias=self.use_bias)(x))
-        x = nn.relu(Conv(64, (3, 3), padding="VALID", use_bias=self.use_bias)(x))
+    def __call__(self, x, train: bool = False, part: str = "all"):
+        if part != "body":
+            x = Conv(32, (3, 3), padding="VALID", use_bias=self.use_bias, name="Conv_0")(x)
+            if part == "stem":
+                return x
+        x = nn.relu(Conv(64, (3, 3), padding="VALID", use_bias=self.use_bias, name="Conv_1")(nn.relu(x)))
         x = ops.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(128, use_bias=self.use_bias)(x))
-        return nn.Dense(self.num_classes, use_bias=self.use_bias)(x)
+        x = nn.relu(nn.Dense(128, use_bias=self.use_bias, name="Dense_0")(x))
+        return nn.Dense(self.num_classes, use_bias=self.use_bias, name="Dense_1")(x)
 
 
 def _bn(train: bool, name: str | None = None):
@@ -120,13 +131,18 @@ class ResNet18(nn.Module):
     num_classes: int = NUM_CLASSES
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = Conv(64, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False, name="conv1")(x)
-        x = nn.relu(_bn(train, name="bn1")(x))
-        x = ops.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    def __call__(self, x, train: bool = False, part: str = "all"):
+        if part != "body":
+            x = Conv(64, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False, name="conv1")(x)
+            x = _bn(train, name="bn1")(x)
+            if part == "stem":
+                return x
+        x = ops.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        block = 0
         for i, blocks in enumerate(self.stage_sizes):
             for j in range(blocks):
-                x = BasicBlock(64 * 2**i, strides=2 if (i > 0 and j == 0) else 1)(x, train)
+                x = BasicBlock(64 * 2**i, strides=2 if (i > 0 and j == 0) else 1, name=f"BasicBlock_{block}")(x, train)
+                block += 1
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="fc")(x)
 
@@ -229,6 +245,13 @@ def make_logit_fn(model: nn.Module | str) -> Callable[[Variables, jax.Array], ja
     """``logit_fn(variables, x[28, 28, 1]) -> logits[10]`` for ONE example, inference mode.
 
     Batch it with ``jax.vmap(logit_fn, in_axes=(None, 0))``.
+
+    The function carries ``logit_fn.affine_stem``: a :class:`StemSplit` of the
+    model into its first, affine layer (``stem``: Dense/Conv, ResNet18's conv1 +
+    inference-mode bn1) and the rest (``body``), ``logit_fn = body o stem``.
+    :func:`jaxrecover.attribution.attribute` uses it to compute the stem once
+    per example instead of once per path point (an exact identity, see
+    :func:`jaxrecover.attribution.integrated_gradients_affine_stem`).
     """
     if isinstance(model, str):
         model = get_model(model)
@@ -237,4 +260,19 @@ def make_logit_fn(model: nn.Module | str) -> Callable[[Variables, jax.Array], ja
         _check_input(variables, x, batched=False)
         return model.apply(variables, x[None], train=False)[0]
 
+    def stem(variables, x):
+        _check_input(variables, x, batched=False)
+        return model.apply(variables, x[None], train=False, part="stem")[0]
+
+    def body(variables, h):
+        return model.apply(variables, h[None], train=False, part="body")[0]
+
+    logit_fn.affine_stem = StemSplit(stem, body)
     return logit_fn
+
+
+class StemSplit(NamedTuple):
+    """``logit_fn(v, x) == body(v, stem(v, x))`` for ONE example, with ``stem`` affine in ``x``."""
+
+    stem: Callable[[Variables, jax.Array], jax.Array]
+    body: Callable[[Variables, jax.Array], jax.Array]

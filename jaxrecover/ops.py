@@ -24,6 +24,7 @@ Per-layer timings: ``python benchmarks/bench_ops.py`` (docs/PERFORMANCE.md).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import itertools
 import os
@@ -102,9 +103,14 @@ def _dense_conv(lhs, rhs, strides, padding, precision):
 
 
 def _small_conv(lhs, rhs, strides, padding, precision):
-    """The cheaper of :func:`_dense_conv` (h*w*oh*ow multiply blocks) and :func:`_tap_conv` (oh*ow*taps)."""
+    """:func:`_dense_conv` unless it multiplies over twice the blocks of :func:`_tap_conv`.
+
+    Dense costs h*w*oh*ow (C, O) blocks, taps oh*ow*taps plus the copies of the
+    concatenated slices; measured (benchmarks/bench_ops.py), dense is still the
+    faster at 1.8x the blocks (ResNet18's 3x3/2 conv from 4x4 to 2x2).
+    """
     _, taps = _geometry(lhs.shape, rhs.shape, strides, padding)
-    dense = lhs.shape[1] * lhs.shape[2] <= len(taps)
+    dense = lhs.shape[1] * lhs.shape[2] <= 2 * len(taps)
     return (_dense_conv if dense else _tap_conv)(lhs, rhs, strides, padding, precision)
 
 
@@ -123,9 +129,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         out_w = (w + pl + pr - kw) // window_strides[1] + 1
         if out_h * out_w <= SMALL_OUTPUT_PIXELS:
             return _small_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)), precision)
-        if tuple(window_strides) == (1, 1) and (pt, pb, pl, pr) == (0, 0, 0, 0) and kh > 1 and kw > 1:
-            # An unpadded conv, computed padded by one and cropped: the same sums, on XLA:CPU's
-            # faster padded-convolution path (benchmarks/bench_ops.py, docs/PERFORMANCE.md).
+        if (tuple(window_strides) == (1, 1) and (pt, pb, pl, pr) == (0, 0, 0, 0) and kh > 1 and kw > 1
+                and _ynn_convolutions()):
+            # An unpadded conv, computed padded by one and cropped: the same sums, on the faster
+            # padded path of YNNPACK, XLA:CPU's default convolution library (benchmarks/bench_ops.py).
+            # Under FLOAT32_CPU_OPTIONS (no YNNPACK convolutions) the plain VALID conv is the faster.
             y = lax.conv_general_dilated(lhs, rhs, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dimension_numbers,
                                          precision=precision)
             return y[:, 1:-1, 1:-1, :]
@@ -211,6 +219,16 @@ _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 FLOAT32_CPU_OPTIONS = {_YNN_OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
+#: The compile options of the :func:`tuned_jit` function being traced (None: XLA's defaults).
+_COMPILE_OPTIONS: contextvars.ContextVar = contextvars.ContextVar("jaxrecover_compile_options", default=None)
+
+
+def _ynn_convolutions() -> bool:
+    """Whether convolutions traced now will run on XLA:CPU's default (YNNPACK) convolutions."""
+    options = dict(_COMPILE_OPTIONS.get() or ())
+    return jax.default_backend() == "cpu" and options.get(_YNN_OPTION) != FLOAT32_CPU_OPTIONS[_YNN_OPTION]
+
+
 @functools.lru_cache(maxsize=None)
 def _options_supported(backend: str, items: tuple) -> bool:
     try:
@@ -262,7 +280,16 @@ def tuned_jit(fun=None, **jit_kwargs):
         options = cpu_compiler_options(_float_dtype((args, kwargs)))
         key = None if options is None else tuple(sorted(options.items()))
         if key not in variants:
-            variants[key] = jax.jit(fun, compiler_options=options, **jit_kwargs)
+
+            @functools.wraps(fun)
+            def traced(*a, **k):  # the layers of ops.py see the options they will be compiled with
+                token = _COMPILE_OPTIONS.set(key)
+                try:
+                    return fun(*a, **k)
+                finally:
+                    _COMPILE_OPTIONS.reset(token)
+
+            variants[key] = jax.jit(traced, compiler_options=options, **jit_kwargs)
         return variants[key]
 
     @functools.wraps(fun)

@@ -185,3 +185,45 @@ def test_ig_of_a_linear_function_is_exact_times_weight_sum(rule, n, xv, bv):
     b = jnp.asarray([bv, 0.5, 0.0])
     ig = A.integrated_gradients(f, x, b, steps=n, rule=rule)
     np.testing.assert_allclose(ig, (x - b) * g * A.quadrature(rule, n)[1].sum(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["twolayer", "lenet", "resnet18"])
+@pytest.mark.parametrize("rule", ["riemann_right", "gausslegendre", "ig_original"])
+def test_affine_stem_ig_equals_plain_ig_on_the_models(name, rule):
+    """The stem factorisation is an identity: float64, random weights, a random baseline, every output."""
+    from jaxrecover import models
+
+    v = models.init_variables(name, jax.random.key(0), jnp.float64)
+    logit_fn = models.make_logit_fn(name)
+    assert logit_fn.affine_stem is not None
+    x = jax.random.uniform(jax.random.key(1), (3, 28, 28, 1), jnp.float64)
+    b = 0.2 * jax.random.uniform(jax.random.key(2), (3, 28, 28, 1), jnp.float64)
+    t = jnp.asarray([0, 3, 7], jnp.int32)
+    for output in ("logit", "logprob"):
+        kw = dict(baseline=b, steps=6, rule=rule, output=output, chunk_size=2)
+        fast = A.attribute(logit_fn, v, x, t, factor_stem=True, **kw)
+        plain = A.attribute(logit_fn, v, x, t, factor_stem=False, **kw)
+        assert fast.dtype == jnp.float64
+        np.testing.assert_allclose(fast, plain, rtol=1e-10, atol=1e-12 * float(jnp.abs(plain).max()))
+
+
+def test_auto_chunk_size_follows_the_forward_footprint():
+    from jaxrecover import models
+
+    x_one = jnp.zeros((28, 28, 1), jnp.float32)
+    sizes = {}
+    for name in ("twolayer", "lenet"):
+        v = models.init_variables(name, jax.random.key(0), jnp.float32)
+        f = models.make_logit_fn(name)
+        per_point = A.forward_bytes(f, v, x_one)
+        # at least the activations the model must hold: its hidden layer / its conv outputs
+        assert per_point >= {"twolayer": 100 * 4, "lenet": (26 * 26 * 32 + 24 * 24 * 64) * 4}[name]
+        sizes[name] = A.auto_chunk_size(f, v, x_one, 50, 2000)
+        assert sizes[name] == max(1, min(2000, A.AUTO_CHUNK_MAX, A.AUTO_CHUNK_BYTES // (50 * per_point)))
+        assert A.auto_chunk_size(f, v, x_one, 50, 3) <= 3
+    assert sizes["twolayer"] == A.AUTO_CHUNK_MAX and 1 <= sizes["lenet"] < 64
+    # the default chunking gives the same attributions as one chunk
+    logit_fn, params, shape = make_net("dense2", jax.random.key(0), True)
+    x = jax.random.normal(jax.random.key(1), (5, *shape))
+    np.testing.assert_allclose(A.attribute(logit_fn, params, x, jnp.arange(5) % 3),
+                               A.attribute(logit_fn, params, x, jnp.arange(5) % 3, chunk_size=None), rtol=1e-12)

@@ -107,3 +107,31 @@ def test_resnet18_inference_uses_running_statistics():
     # do not depend on the rest of the batch (no batch statistics at inference)
     assert not np.allclose(f(variables, x), f(v2, x))
     np.testing.assert_allclose(f(variables, x)[:1], f(variables, x[:1]), rtol=1e-5, atol=1e-5)
+
+
+#: Variable names as saved in the checkpoints: the explicit names of the stem/body split must keep them.
+TOP_LEVEL_NAMES = {
+    "twolayer": {"Dense_0", "Dense_1"},
+    "lenet": {"Conv_0", "Conv_1", "Dense_0", "Dense_1"},
+    "resnet18": {"conv1", "bn1", "fc"} | {f"BasicBlock_{i}" for i in range(8)},
+}
+
+
+def test_variable_names_are_the_checkpointed_ones(built):
+    name, variables = built
+    assert set(variables["params"]) == TOP_LEVEL_NAMES[name.removesuffix("_nobias")]
+
+
+def test_stem_is_affine_and_body_after_stem_is_the_model(built):
+    name, variables = built
+    with jax.enable_x64(True):
+        v = models.cast_variables(variables, jnp.float64)
+        logit_fn = models.make_logit_fn(name)
+        stem, body = logit_fn.affine_stem
+        x, z = (jax.random.uniform(jax.random.key(k), (28, 28, 1), jnp.float64) for k in (1, 2))
+        np.testing.assert_allclose(body(v, stem(v, x)), logit_fn(v, x), rtol=1e-12, atol=1e-12)
+        # affine: s(a x + (1 - a) z) = a s(x) + (1 - a) s(z)
+        a = 0.3
+        np.testing.assert_allclose(stem(v, a * x + (1 - a) * z), a * stem(v, x) + (1 - a) * stem(v, z),
+                                   rtol=1e-12, atol=1e-12)
+        assert stem(v, x).dtype == jnp.float64

@@ -58,3 +58,66 @@ def test_max_pool_sends_tied_gradients_to_the_first_maximum(win, st, pad):
     np.testing.assert_array_equal(g_ours, g_ref)
     # one input per window receives the whole gradient
     assert int(jnp.sum(g_ours != 0)) == out.size
+
+
+SMALL = [(1, 3, 1, 1), (2, 3, 1, 1), (2, 3, 2, 1), (2, 1, 2, 0), (4, 3, 2, 1), (4, 3, 1, 1)]
+
+
+@pytest.mark.parametrize("form", ["_tap_conv", "_dense_conv"])
+@pytest.mark.parametrize("h,k,s,p", SMALL)
+def test_both_small_conv_forms_equal_lax(form, h, k, s, p):
+    x = jax.random.normal(jax.random.key(0), (3, h, h, 4), jnp.float64)
+    w = jax.random.normal(jax.random.key(1), (k, k, 4, 5), jnp.float64)
+    pad = ((p, p), (p, p))
+    ours = lambda z: getattr(ops, form)(z, w, (s, s), pad, None)  # noqa: E731
+    ref = lambda z: lax.conv_general_dilated(z, w, (s, s), pad, dimension_numbers=DN)  # noqa: E731
+    np.testing.assert_allclose(ours(x), ref(x), rtol=1e-12, atol=1e-12)
+    g = jax.random.normal(jax.random.key(2), ref(x).shape, jnp.float64)
+    np.testing.assert_allclose(jax.vjp(ours, x)[1](g)[0], jax.vjp(ref, x)[1](g)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_compile_options_by_dtype_and_env(monkeypatch):
+    monkeypatch.delenv(ops.DEFAULTS_ENV, raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert ops.cpu_compiler_options(jnp.float32) == ops.FLOAT32_CPU_OPTIONS  # CI and this machine: CPU
+    assert ops.cpu_compiler_options(jnp.float64) is None
+    assert ops.cpu_compiler_options(None) is None
+    monkeypatch.setenv(ops.DEFAULTS_ENV, "1")
+    assert ops.cpu_compiler_options(jnp.float32) is None
+    monkeypatch.delenv(ops.DEFAULTS_ENV)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    assert ops.cpu_compiler_options(jnp.float32) is None  # the user's XLA_FLAGS win
+
+
+def test_tuned_jit_equals_jit_and_caches_per_option_set():
+    def f(w, x):
+        return jnp.sum(jnp.tanh(ops.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=DN)) ** 2)
+
+    g = jax.grad(f, argnums=1)
+    tuned = ops.tuned_jit(g)
+    for dt in (jnp.float32, jnp.float64):
+        x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3), dt)
+        w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4), dt)
+        out = tuned(w, x)
+        assert out.dtype == dt
+        tol = 1e-5 if dt == jnp.float32 else 1e-12
+        np.testing.assert_allclose(out, jax.jit(g)(w, x), rtol=tol, atol=tol)
+    assert tuned._cache_size() == 2  # one compilation per dtype / option set
+    tuned(w, x)
+    assert tuned._cache_size() == 2
+
+
+def test_tuned_jit_tells_the_layers_their_compile_options():
+    """VALID convs skip the pad-and-crop form exactly when YNNPACK convolutions are off (float32 on CPU)."""
+    seen = {}
+
+    def probe(x):
+        seen[x.dtype] = ops._ynn_convolutions()
+        return 2 * x
+
+    tuned = ops.tuned_jit(probe)
+    tuned(jnp.ones(3, jnp.float32))
+    tuned(jnp.ones(3, jnp.float64))
+    assert seen == {jnp.dtype(jnp.float32): False, jnp.dtype(jnp.float64): True}
+    jax.jit(probe)(jnp.ones(4, jnp.float32))  # plain jit: XLA's defaults
+    assert seen[jnp.dtype(jnp.float32)] is True
