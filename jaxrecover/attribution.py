@@ -326,8 +326,11 @@ def attribute(
         ``None``: all at once. Every chunk has the same shape (the last is
         padded), so one compilation serves the whole batch.
       progress: show a progress bar over the chunks.
-      shard: split every chunk across ``devices`` (default: all local
-        devices) with ``jax.sharding``; a no-op on one device.
+      shard: split every chunk across ``devices`` with ``jax.sharding``; a
+        no-op on one device. Default devices: all local ones, or in a
+        multi-process run (``jax.distributed.initialize``) all devices of all
+        processes, each process passing its own examples and getting its own
+        attributions back (every process must call ``attribute`` together).
       devices: the devices to use when sharding.
       factor_stem: when ``logit_fn`` carries an ``affine_stem`` split (every
         ``make_logit_fn`` model does), compute IG with
@@ -359,10 +362,10 @@ def attribute(
         baseline = jnp.broadcast_to(baseline, x.shape)
     kwargs = dict(method=method, steps=steps if method == "ig" else 0, rule=rule if method == "ig" else "", output=output,
                   factor_stem=bool(factor_stem))
-    batch_sharding, replicated = data_parallel(devices) if shard else (None, None)
+    batch_sharding, replicated = data_parallel(devices, multihost=True) if shard else (None, None)
     if chunk_size == "auto":
         points = num_evaluations(rule, steps) if method == "ig" else 1
-        ndev = 1 if batch_sharding is None else batch_sharding.mesh.size
+        ndev = 1 if batch_sharding is None else len(batch_sharding.addressable_devices)
         chunk_size = auto_chunk_size(logit_fn, params, x[0], points, n, devices=ndev)
     if replicated is not None:
         params = jax.device_put(params, replicated)
@@ -413,19 +416,46 @@ def auto_chunk_size(logit_fn, params, x_one, points_per_example: int, n: int, de
     return int(np.clip(AUTO_CHUNK_BYTES * devices // per_example, 1, max(1, min(n, AUTO_CHUNK_MAX))))
 
 
-def data_parallel(devices=None):
+def data_parallel(devices=None, multihost: bool = False):
     """``(batch_sharding, replicated_sharding)`` over ``devices`` (default: all local devices).
 
     Returns ``(None, None)`` on a single device. Batches are split along their
-    leading axis (data parallelism); parameters are replicated.
+    leading axis (data parallelism); parameters are replicated. With
+    ``multihost=True`` in a multi-process JAX run (``jax.distributed``), the
+    default is every device of every process: each process then passes its OWN
+    examples and gets its own results back (:func:`map_chunks`).
     """
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    devices = list(jax.local_devices() if devices is None else devices)
+    if devices is None:
+        devices = jax.devices() if multihost and jax.process_count() > 1 else jax.local_devices()
+    devices = list(devices)
     if len(devices) < 2:
         return None, None
     mesh = Mesh(np.array(devices), ("data",))
     return NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+
+
+def _spans_processes(sharding) -> bool:
+    return sharding is not None and not sharding.is_fully_addressable
+
+
+def _place(a, sharding):
+    """A process-local chunk on ``sharding``; across processes the chunks of all processes form one global batch."""
+    if sharding is None:
+        return a
+    if _spans_processes(sharding):
+        return jax.make_array_from_process_local_data(sharding, np.asarray(a))
+    return jax.device_put(a, sharding)
+
+
+def _local_rows(out, sharding):
+    """This process's rows of a (global) batch output."""
+    if not _spans_processes(sharding):
+        return out
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.global_array_to_host_local_array(out, sharding.mesh, sharding.spec)
 
 
 def chunk_length(chunk_size: int | None, n: int, sharding=None) -> int:
@@ -433,7 +463,7 @@ def chunk_length(chunk_size: int | None, n: int, sharding=None) -> int:
     chunk = n if chunk_size is None else chunk_size
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    ndev = 1 if sharding is None else sharding.mesh.size
+    ndev = 1 if sharding is None else len(sharding.addressable_devices)  # this process's share of a chunk
     return -(-min(chunk, n) // ndev) * ndev
 
 
@@ -447,7 +477,7 @@ def pad_chunk(parts, chunk: int, sharding=None) -> list:
         short = chunk - p.shape[0]
         if short:
             p = jnp.concatenate([p, jnp.repeat(p[-1:], short, axis=0)])
-        out.append(p if sharding is None else jax.device_put(p, sharding))
+        out.append(_place(p, sharding))
     return out
 
 
@@ -464,11 +494,18 @@ def map_chunks(fn, arrays: tuple, chunk_size: int | None, *, progress: bool = Fa
 
     n = arrays[0].shape[0]
     chunk = chunk_length(chunk_size, n, sharding)
+    starts = list(range(0, n, chunk))
+    if _spans_processes(sharding):  # every process runs the same number of chunks (SPMD); extras are padding
+        from jax.experimental import multihost_utils
+
+        most = int(np.max(multihost_utils.process_allgather(np.int32(len(starts)))))
+        starts += [starts[-1]] * (most - len(starts))
     outs = []
-    for s in tqdm(range(0, n, chunk), desc=desc, disable=not progress, leave=False):
+    for i, s in enumerate(tqdm(starts, desc=desc, disable=not progress, leave=False)):
         k = min(chunk, n - s)
-        out = fn(*pad_chunk([a[s : s + k] for a in arrays], chunk, sharding))
-        outs.append(jax.tree.map(lambda o, k=k: o[:k], out))
+        out = _local_rows(fn(*pad_chunk([a[s : s + k] for a in arrays], chunk, sharding)), sharding)
+        if i < -(-n // chunk):
+            outs.append(jax.tree.map(lambda o, k=k: o[:k], out))
     if len(outs) == 1:
         return outs[0]
     return jax.tree.map(lambda *o: jnp.concatenate(o), *outs)

@@ -41,3 +41,54 @@ def test_two_devices_give_the_one_device_results():
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "SHARDING-OK" in r.stdout
+
+
+WORKER = textwrap.dedent("""
+    import sys
+    import jax
+    pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp, numpy as np
+    from jaxrecover import attribution as A, models
+    assert jax.process_count() == 2 and len(jax.devices()) == 4 and len(jax.local_devices()) == 2
+    f = models.make_logit_fn("lenet")
+    v = models.init_variables("lenet", jax.random.key(0), jnp.float64)   # the same weights in both processes
+    x = jax.random.normal(jax.random.key(1), (9, 28, 28, 1), jnp.float64)
+    t = jnp.arange(9) % 10
+    mine = slice(0, 5) if pid == 0 else slice(5, 9)   # unequal shares: 5 and 4 examples
+    ig = A.attribute(f, v, x[mine], t[mine], steps=6, chunk_size=2)
+    assert ig.shape == (mine.stop - mine.start, 28, 28, 1) and ig.dtype == jnp.float64
+    np.save(out, np.asarray(ig))
+    print("MULTIHOST-OK", pid)
+""")
+
+
+def test_two_processes_use_all_devices_and_return_their_own_rows(tmp_path):
+    """A multi-process JAX run (2 processes x 2 CPU devices, gloo collectives): each process gets the
+    IG of its own examples, identical to one device computing all of them."""
+    import socket
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxrecover import attribution as A
+    from jaxrecover import models
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(i), port, str(tmp_path / f"ig{i}.npy")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert "MULTIHOST-OK" in out
+    f = models.make_logit_fn("lenet")
+    v = models.init_variables("lenet", jax.random.key(0), jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (9, 28, 28, 1), jnp.float64)
+    ref = np.asarray(A.attribute(f, v, x, jnp.arange(9) % 10, steps=6, chunk_size=2, shard=False))
+    got = np.concatenate([np.load(tmp_path / "ig0.npy"), np.load(tmp_path / "ig1.npy")])
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14)
