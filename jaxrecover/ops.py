@@ -213,9 +213,9 @@ def max_pool(x, window_shape: Sequence[int], strides: Sequence[int] | None = Non
 #: Set to "1" to compile everything with XLA's default options.
 DEFAULTS_ENV = "JAXRECOVER_XLA_DEFAULTS"
 _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
-#: float32 on XLA:CPU: YNNPACK for matmuls only; its convolutions are slower than XLA's own
-#: (LeNet's IG 1.7x, ResNet18's 1.3x; docs/PERFORMANCE.md). float64 keeps XLA's defaults:
-#: there YNNPACK's convolutions are 5x FASTER than XLA's own.
+#: float32 on XLA:CPU: YNNPACK for matmuls only; its convolutions were slower than XLA's own
+#: for the paper's models (docs/PERFORMANCE.md; compare with JAXRECOVER_XLA_DEFAULTS=1).
+#: float64 keeps XLA's defaults: there YNNPACK's convolutions were several times FASTER.
 FLOAT32_CPU_OPTIONS = {_YNN_OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
