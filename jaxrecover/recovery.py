@@ -301,7 +301,7 @@ Oracle = Callable[[jax.Array, int], jax.Array]
 
 
 def ig_oracle(logit_fn, params, target, *, rule: str = "riemann_right", baseline=None, output: str = "logit",
-              chunk_size: int | None = 32) -> Oracle:
+              chunk_size: int | str | None = "auto") -> Oracle:
     """A simulated IG service: ``oracle(x_batch, steps) -> IG answers`` for fixed targets."""
 
     def oracle(xq, steps):
