@@ -121,17 +121,19 @@ def bench(models, dtypes, n, steps, chunk, repeats, captum, protocol_n, mem_chun
         for dt in dtypes:
             v = cast_variables(v32, dt)
             x, y = _inputs(n, np.dtype(dt))
-            examples = (A.auto_chunk_size(f, v, x[0], steps, n) if chunk == "auto" else int(chunk))
+            micro = A.auto_micro_batch(f, v, x[0], steps)  # attribute's default (a loop on the CPU)
+            examples = (A.auto_chunk_size(f, v, x[0], steps, n, micro_batch=micro) if chunk == "auto" else int(chunk))
             t_ig = _time(lambda: A.attribute(f, v, x, y, steps=steps, chunk_size=examples), repeats)
             nodes = jnp.asarray(np.arange(1, steps + 1) / steps, x.dtype)
             pts = (nodes[:, None, None, None, None] * x[None]).reshape((-1,) + x.shape[1:])
             tt = jnp.tile(y, steps)
             lim = _limit_fn(f)
             t_lim = _time(lambda: lim(v, pts, tt), repeats)
-            row = {"model": name, "dtype": dt, "n": n, "chunk": examples, "ig_per_s": n / t_ig,
+            row = {"model": name, "dtype": dt, "n": n, "chunk": examples, "micro": micro, "ig_per_s": n / t_ig,
                    "limit_per_s": n / t_lim, "ratio_limit": t_lim / t_ig}
             if captum:
-                res = _captum(name, v, x, y, steps, examples, repeats, captum_sweep)
+                step = min(micro or examples, examples)  # the examples one vmap of ours differentiates at once
+                res = _captum(name, v, x, y, steps, step, repeats, captum_sweep)
                 if res is not None:
                     t_c, t_cbest, best_batch, attr_c, logits_t = res
                     ours = np.asarray(A.attribute(f, v, x, y, steps=steps, chunk_size=examples))
@@ -154,11 +156,13 @@ def bench(models, dtypes, n, steps, chunk, repeats, captum, protocol_n, mem_chun
             if dt == dtypes[0]:
                 for c in mem_chunks:
                     xs = jnp.zeros((c, 28, 28, 1), x.dtype)
-                    compiled = A._attribute_chunk.lower(f, v, xs, jnp.zeros(c, jnp.int32), xs, method="ig",
-                                                        steps=steps, rule="riemann_right", output="logit").compile()
-                    mem = compiled.memory_analysis()
-                    mem_rows.append({"model": name, "dtype": dt, "chunk": c,
-                                     "temp_mib": getattr(mem, "temp_size_in_bytes", float("nan")) / 2**20})
+                    for mb in dict.fromkeys([micro, None]):
+                        compiled = A._attribute_chunk.lower(f, v, xs, jnp.zeros(c, jnp.int32), xs, method="ig",
+                                                            steps=steps, rule="riemann_right", output="logit",
+                                                            micro_batch=mb).compile()
+                        mem = compiled.memory_analysis()
+                        mem_rows.append({"model": name, "dtype": dt, "chunk": c, "micro": mb,
+                                         "temp_mib": getattr(mem, "temp_size_in_bytes", float("nan")) / 2**20})
     return rows, proto_rows, mem_rows
 
 
@@ -170,13 +174,14 @@ def print_tables(rows, proto_rows, mem_rows, args):
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__} ({jax.default_backend()}, "
           f"{len(jax.devices())} device(s)); N={args.n}, m={args.steps}, chunk={args.chunk_size}; "
           f"best of {args.repeats}; random-init weights (speed does not depend on training).\n")
-    print("| model | dtype | chunk | IG expl/s | limit expl/s | IG / limit | Captum expl/s (same batch) | IG / Captum "
-          "| Captum best expl/s (internal batch) | IG / Captum best | max rel diff vs Captum |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | dtype | chunk | micro-batch | IG expl/s | limit expl/s | IG / limit | Captum expl/s (same batch) "
+          "| IG / Captum | Captum best expl/s (internal batch) | IG / Captum best | max rel diff vs Captum |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         best = ("-" if r.get("captum_best_per_s") is None
                 else f"{r['captum_best_per_s']:.1f} ({r['captum_best_batch']})")
-        print(f"| {r['model']} | {r['dtype']} | {r['chunk']} | {r['ig_per_s']:.1f} | {r['limit_per_s']:.1f} "
+        print(f"| {r['model']} | {r['dtype']} | {r['chunk']} | {r['micro'] or '-'} | {r['ig_per_s']:.1f} "
+              f"| {r['limit_per_s']:.1f} "
               f"| {r['ratio_limit']:.2f} | {_fmt(r.get('captum_per_s'))} | {_fmt(r.get('ratio_captum'), '.2f')} "
               f"| {best} | {_fmt(r.get('ratio_captum_best'), '.2f')} | {_fmt(r.get('max_rel_diff'), '.1e')} |")
     if proto_rows:
@@ -185,10 +190,10 @@ def print_tables(rows, proto_rows, mem_rows, args):
         for r in proto_rows:
             print(f"| {r['model']} | {r['dtype']} | {r['mode']} | {r['evals']} | {r['s_per_img']:.4f} |")
     if mem_rows:
-        print("\n| model | dtype | chunk (examples) | XLA temp memory of one IG chunk (MiB) |")
-        print("|---|---|---|---|")
+        print("\n| model | dtype | chunk (examples) | micro-batch | XLA temp memory of one IG chunk (MiB) |")
+        print("|---|---|---|---|---|")
         for r in mem_rows:
-            print(f"| {r['model']} | {r['dtype']} | {r['chunk']} | {r['temp_mib']:.1f} |")
+            print(f"| {r['model']} | {r['dtype']} | {r['chunk']} | {r['micro'] or '- (one vmap)'} | {r['temp_mib']:.1f} |")
 
 
 def main(argv=None):

@@ -273,8 +273,9 @@ def completeness_delta(f, x, baseline, attribution) -> jax.Array:
 # --------------------------------------------------------------------------- batched
 
 
-@ops.tuned_jit(static_argnames=("logit_fn", "method", "steps", "rule", "output", "factor_stem"))
-def _attribute_chunk(logit_fn, params, x, target, baseline, *, method, steps, rule, output, factor_stem=True):
+@ops.tuned_jit(static_argnames=("logit_fn", "method", "steps", "rule", "output", "factor_stem", "micro_batch"))
+def _attribute_chunk(logit_fn, params, x, target, baseline, *, method, steps, rule, output, factor_stem=True,
+                     micro_batch=None):
     split = getattr(logit_fn, "affine_stem", None) if factor_stem else None
 
     def one(xi, ti, bi):
@@ -289,7 +290,20 @@ def _attribute_chunk(logit_fn, params, x, target, baseline, *, method, steps, ru
                 xi, bi, steps=steps, rule=rule)
         return integrated_gradients(f, xi, bi, steps=steps, rule=rule)
 
-    return jax.vmap(one)(x, target, baseline)
+    return vmap_in_micro_batches(one, (x, target, baseline), micro_batch)
+
+
+def vmap_in_micro_batches(fn, args: tuple, micro_batch: int | None):
+    """``jax.vmap(fn)(*args)``, or a loop (``lax.map``) over micro-batches of ``micro_batch`` examples.
+
+    The loop computes the same values; on the CPU it is faster when one
+    micro-batch's intermediates stay in cache and XLA allocates its temporary
+    buffer once per call instead of once per chunk (:func:`auto_micro_batch`).
+    """
+    n = args[0].shape[0]
+    if micro_batch is None or micro_batch >= n:
+        return jax.vmap(fn)(*args)
+    return jax.lax.map(lambda a: fn(*a), args, batch_size=micro_batch)
 
 
 def attribute(
@@ -308,6 +322,7 @@ def attribute(
     shard: bool = True,
     devices=None,
     factor_stem: bool = True,
+    micro_batch: int | str | None = "auto",
 ) -> jax.Array:
     """VG or IG of a batch, in jitted chunks of ``chunk_size`` examples.
 
@@ -337,6 +352,11 @@ def attribute(
         :func:`integrated_gradients_affine_stem`: the first layer once per
         example, not per path point. The same IG up to round-off; False
         differentiates ``logit_fn`` itself at every point.
+      micro_batch: examples per step of a loop inside each chunk's compiled
+        call (``lax.map``); None: the whole chunk in one ``jax.vmap``.
+        ``"auto"`` (default): a loop on the CPU (:func:`auto_micro_batch`),
+        one vmap on accelerators and when sharding over several devices.
+        Same values either way, up to round-off.
 
     Returns:
       ``[N, *shape]`` attributions, dtype of ``x``.
@@ -363,10 +383,15 @@ def attribute(
     kwargs = dict(method=method, steps=steps if method == "ig" else 0, rule=rule if method == "ig" else "", output=output,
                   factor_stem=bool(factor_stem))
     batch_sharding, replicated = data_parallel(devices, multihost=True) if shard else (None, None)
+    points = num_evaluations(rule, steps) if method == "ig" else 1
+    if micro_batch == "auto":
+        micro_batch = None if batch_sharding is not None else auto_micro_batch(logit_fn, params, x[0], points)
+    elif micro_batch is not None and (isinstance(micro_batch, str) or micro_batch < 1):
+        raise ValueError(f"micro_batch must be a positive int, None or 'auto', got {micro_batch!r}")
     if chunk_size == "auto":
-        points = num_evaluations(rule, steps) if method == "ig" else 1
         ndev = 1 if batch_sharding is None else len(batch_sharding.addressable_devices)
-        chunk_size = auto_chunk_size(logit_fn, params, x[0], points, n, devices=ndev)
+        chunk_size = auto_chunk_size(logit_fn, params, x[0], points, n, devices=ndev, micro_batch=micro_batch)
+    kwargs["micro_batch"] = micro_batch
     if replicated is not None:
         params = jax.device_put(params, replicated)
     return map_chunks(
@@ -381,6 +406,12 @@ def attribute(
 AUTO_CHUNK_BYTES = 3 * 2**29
 #: ``chunk_size="auto"`` never exceeds this many examples.
 AUTO_CHUNK_MAX = 1024
+#: ``chunk_size="auto"`` with a micro-batch loop (CPU): examples per compiled call.
+AUTO_LOOP_CHUNK = 256
+#: ``micro_batch="auto"``: no loop for examples with fewer forward intermediates (bytes, jaxpr count).
+AUTO_LOOP_BYTES = 2**25
+#: ``micro_batch="auto"``: a micro-batch's intermediates are at least this many times the parameter bytes.
+AUTO_LOOP_WEIGHT_RATIO = 8
 
 
 def forward_bytes(logit_fn, params, x_one) -> int:
@@ -413,14 +444,42 @@ def forward_bytes(logit_fn, params, x_one) -> int:
 _FORWARD_BYTES: dict = {}
 
 
-def auto_chunk_size(logit_fn, params, x_one, points_per_example: int, n: int, devices: int = 1) -> int:
+def auto_chunk_size(logit_fn, params, x_one, points_per_example: int, n: int, devices: int = 1,
+                    micro_batch: int | None = None) -> int:
     """Examples per chunk so one chunk's forward intermediates are about :data:`AUTO_CHUNK_BYTES` per device.
 
     ``points_per_example``: gradient evaluations per example (IG's path points).
-    Between 1 and ``min(n, AUTO_CHUNK_MAX)``.
+    With a ``micro_batch`` loop only one micro-batch's intermediates are live,
+    so chunks hold :data:`AUTO_LOOP_CHUNK` examples (or more micro-batches when
+    they are larger). Between 1 and ``min(n, AUTO_CHUNK_MAX)``.
     """
+    if micro_batch is not None:
+        return int(min(n, AUTO_CHUNK_MAX, max(AUTO_LOOP_CHUNK, 4 * micro_batch)))
     per_example = forward_bytes(logit_fn, params, x_one) * max(points_per_example, 1)
     return int(np.clip(AUTO_CHUNK_BYTES * devices // per_example, 1, max(1, min(n, AUTO_CHUNK_MAX))))
+
+
+def auto_micro_batch(logit_fn, params, x_one, points_per_example: int) -> int | None:
+    """Examples per loop step inside a compiled chunk on the CPU (None elsewhere: one vmap).
+
+    On XLA:CPU a chunk of thousands of path points runs up to 1.7x slower per
+    point than a loop over small micro-batches (benchmarks/bench_ig.py,
+    docs/PERFORMANCE.md): each call's temporary buffer is freshly mapped and
+    page-faulted once it exceeds glibc's mmap threshold (32 MiB), and the
+    intermediates of a big batch spill out of cache. A micro-batch holds the
+    single example unless more are needed for the parameters, streamed once per
+    step, to be at most 1/:data:`AUTO_LOOP_WEIGHT_RATIO` of the micro-batch's
+    intermediates (ResNet18's 45 MB of weights: 4 images x 50 points; LeNet:
+    1 image). Models whose example has under :data:`AUTO_LOOP_BYTES` of
+    intermediates (the two-layer nets) run whole chunks in one vmap: None.
+    """
+    if jax.default_backend() != "cpu":
+        return None
+    per_example = forward_bytes(logit_fn, params, x_one) * max(points_per_example, 1)
+    weights = sum(int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(params))
+    if per_example < AUTO_LOOP_BYTES:
+        return None
+    return max(1, -(-AUTO_LOOP_WEIGHT_RATIO * weights // per_example))
 
 
 def data_parallel(devices=None, multihost: bool = False):

@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .attribution import (check_input_dtype, chunk_length, data_parallel, integrated_gradients, pad_chunk,
-                          path_gradients, select_output)
+from .attribution import (auto_micro_batch, check_input_dtype, chunk_length, data_parallel, integrated_gradients,
+                          pad_chunk, path_gradients, select_output, vmap_in_micro_batches)
 from . import ops
 from .fileio import atomic_save_npz
 from .metrics import normalized_distance, summarize
@@ -109,9 +109,13 @@ def _dist(vg, other, mask=None):
     return normalized_distance(vg.astype(dt), other.astype(dt), mask)
 
 
-@ops.tuned_jit(static_argnames=("logit_fn", "cfg"))
-def protocol_chunk(logit_fn, params, x, target, cfg: ProtocolConfig) -> dict[str, jax.Array]:
+@ops.tuned_jit(static_argnames=("logit_fn", "cfg", "micro_batch"))
+def protocol_chunk(logit_fn, params, x, target, cfg: ProtocolConfig, micro_batch: int | None = None
+                   ) -> dict[str, jax.Array]:
     """Distances of every experiment for a chunk ``x[N, ...]`` (see module docstring).
+
+    ``micro_batch``: examples per step of a loop inside the compiled call
+    (None: one vmap); see :func:`jaxrecover.attribution.auto_micro_batch`.
 
     Returns:
       ``{experiment: distances[N]}``; distances are computed in float64 when
@@ -153,7 +157,7 @@ def protocol_chunk(logit_fn, params, x, target, cfg: ProtocolConfig) -> dict[str
             out["C"] = _dist(vg[None], rec[None], mask[None])[0]
         return out
 
-    return jax.vmap(one)(x, target)
+    return vmap_in_micro_batches(one, (x, target), micro_batch)
 
 
 @ops.tuned_jit(static_argnames=("logit_fn", "steps", "output"))
@@ -258,6 +262,9 @@ def run_protocol(
     if replicated is not None:
         params = jax.device_put(params, replicated)
     chunk_size = chunk_length(chunk_size, max(n, chunk_size), batch_sharding)  # fixed size: resumes compile once
+    micro = None
+    if chunk_fn is None and batch_sharding is None and n:  # CPU: a loop over micro-batches inside each chunk
+        micro = auto_micro_batch(logit_fn, params, jnp.asarray(x[0], dtype), cfg.evaluations_per_image)
     bar = tqdm(total=n, initial=done, desc=desc or "protocol", disable=not progress, unit="img")
     while done < n:
         s, e_ = done, min(done + chunk_size, n)
@@ -265,7 +272,7 @@ def run_protocol(
                            batch_sharding)
         t0 = time.perf_counter()
         if chunk_fn is None:
-            out = jax.device_get(protocol_chunk(logit_fn, params, xs, ts, cfg))
+            out = jax.device_get(protocol_chunk(logit_fn, params, xs, ts, cfg, micro))
         else:
             out = jax.device_get(chunk_fn(params, xs, ts))
         seconds += time.perf_counter() - t0

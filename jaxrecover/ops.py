@@ -114,6 +114,71 @@ def _small_conv(lhs, rhs, strides, padding, precision):
     return (_dense_conv if dense else _tap_conv)(lhs, rhs, strides, padding, precision)
 
 
+def _library_form(lhs, rhs, padding, precision, lhs_dilation=(1, 1)):
+    """A stride-1 NHWC convolution in the form its CPU library runs fastest (the same sums).
+
+    Under YNNPACK convolutions (XLA:CPU's default; float64 here) "SAME"-padded
+    convolutions of odd kernels are many times faster than other paddings
+    (benchmarks/bench_ops.py): the input is padded explicitly (behind an
+    optimization barrier, so XLA does not fold the pad back into the
+    convolution) and/or the extra outputs cropped. Otherwise the plain lax call.
+    """
+    (kh, kw), (h, w) = rhs.shape[:2], lhs.shape[1:3]
+    if (_ynn_convolutions() and tuple(lhs_dilation) == (1, 1) and kh % 2 and kw % 2 and min(h, w) > 1
+            and all(p >= 0 for pair in padding for p in pair)):
+        same = ((kh - 1) // 2, (kw - 1) // 2)
+        pre = [(max(a - c, 0), max(b - c, 0)) for (a, b), c in zip(padding, same)]
+        crop = [(max(c - a, 0), max(c - b, 0)) for (a, b), c in zip(padding, same)]
+        if any(p for pair in pre for p in pair):
+            lhs = lax.optimization_barrier(jnp.pad(lhs, ((0, 0), *pre, (0, 0))))
+        y = lax.conv_general_dilated(lhs, rhs, (1, 1), tuple((c, c) for c in same), dimension_numbers=_NHWC,
+                                     precision=precision)
+        (ct, cb), (cl, cr) = crop
+        return y[:, ct : y.shape[1] - cb, cl : y.shape[2] - cr, :]
+    return lax.conv_general_dilated(lhs, rhs, (1, 1), padding, lhs_dilation=lhs_dilation, dimension_numbers=_NHWC,
+                                    precision=precision)
+
+
+def _lax_conv(lhs, rhs, strides, padding, precision):
+    return lax.conv_general_dilated(lhs, rhs, strides, padding, dimension_numbers=_NHWC, precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(lhs, rhs, strides, padding, precision):
+    """NHWC/HWIO convolution whose input gradient is an explicit convolution with a materialised kernel.
+
+    Autodiff's transpose rule convolves the cotangent with a reversed kernel
+    in "OI" order; inside a loop (``lax.map`` over micro-batches) XLA:CPU then
+    runs that convolution several times slower than the same sums with the
+    flipped, transposed kernel materialised in HWIO order (measured on LeNet).
+    Both convolutions also take :func:`_library_form`. Same values and
+    gradients as ``lax.conv_general_dilated`` (tests/test_ops.py).
+    """
+    if tuple(strides) == (1, 1):
+        return _library_form(lhs, rhs, padding, precision)
+    return _lax_conv(lhs, rhs, strides, padding, precision)
+
+
+def _conv_fwd(lhs, rhs, strides, padding, precision):
+    return _conv(lhs, rhs, strides, padding, precision), (lhs, rhs)
+
+
+def _conv_bwd(strides, padding, precision, res, g):
+    lhs, rhs = res
+    (kh, kw), (h, w), (oh, ow) = rhs.shape[:2], lhs.shape[1:3], g.shape[1:3]
+    (pt, _), (pl, _) = padding
+    (sh, sw) = strides
+    # x[r] receives g[p] k[r + pt - s p]: the cotangent dilated by the stride, correlated with the flipped kernel.
+    pads = ((kh - 1 - pt, h - (sh * (oh - 1) + 1) + pt), (kw - 1 - pl, w - (sw * (ow - 1) + 1) + pl))
+    kernel = lax.optimization_barrier(jnp.flip(rhs, (0, 1)).swapaxes(2, 3))
+    d_lhs = _library_form(g, kernel, pads, precision, lhs_dilation=strides)
+    d_rhs = jax.vjp(lambda r: _lax_conv(lhs, r, strides, padding, precision), rhs)[1](g)[0]
+    return d_lhs, d_rhs
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """``lax.conv_general_dilated``; NHWC convolutions with small outputs become one matmul (:func:`_small_conv`)."""
@@ -129,14 +194,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         out_w = (w + pl + pr - kw) // window_strides[1] + 1
         if out_h * out_w <= SMALL_OUTPUT_PIXELS:
             return _small_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)), precision)
-        if (tuple(window_strides) == (1, 1) and (pt, pb, pl, pr) == (0, 0, 0, 0) and kh > 1 and kw > 1
-                and _ynn_convolutions()):
-            # An unpadded conv, computed padded by one and cropped: the same sums, on the faster
-            # padded path of YNNPACK, XLA:CPU's default convolution library (benchmarks/bench_ops.py).
-            # Under FLOAT32_CPU_OPTIONS (no YNNPACK convolutions) the plain VALID conv is the faster.
-            y = lax.conv_general_dilated(lhs, rhs, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dimension_numbers,
-                                         precision=precision)
-            return y[:, 1:-1, 1:-1, :]
+        return _conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)), precision)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                     rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                     feature_group_count=feature_group_count, precision=precision, **kwargs)

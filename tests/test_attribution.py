@@ -227,3 +227,45 @@ def test_auto_chunk_size_follows_the_forward_footprint():
     x = jax.random.normal(jax.random.key(1), (5, *shape))
     np.testing.assert_allclose(A.attribute(logit_fn, params, x, jnp.arange(5) % 3),
                                A.attribute(logit_fn, params, x, jnp.arange(5) % 3, chunk_size=None), rtol=1e-12)
+
+
+def test_micro_batch_loop_equals_one_vmap():
+    """A lax.map over micro-batches (with a remainder) computes the same IG as one vmap: float64 LeNet."""
+    from jaxrecover import models
+
+    v = models.init_variables("lenet", jax.random.key(0), jnp.float64)
+    logit_fn = models.make_logit_fn("lenet")
+    x = jax.random.uniform(jax.random.key(1), (5, 28, 28, 1), jnp.float64)
+    t = jnp.asarray([0, 3, 7, 1, 9], jnp.int32)
+    kw = dict(steps=4, chunk_size=5)
+    one_vmap = A.attribute(logit_fn, v, x, t, micro_batch=None, **kw)
+    for micro in (1, 2):
+        looped = A.attribute(logit_fn, v, x, t, micro_batch=micro, **kw)
+        assert looped.dtype == jnp.float64
+        np.testing.assert_allclose(looped, one_vmap, rtol=1e-12, atol=1e-14 * float(jnp.abs(one_vmap).max()))
+    with pytest.raises(ValueError, match="micro_batch must be"):
+        A.attribute(logit_fn, v, x, t, micro_batch=0, **kw)
+    with pytest.raises(ValueError, match="micro_batch must be"):
+        A.attribute(logit_fn, v, x, t, micro_batch="big", **kw)
+
+
+def test_auto_micro_batch_by_footprint_and_weights(monkeypatch):
+    from jaxrecover import models
+
+    x_one = jnp.zeros((28, 28, 1), jnp.float32)
+    got = {}
+    for name in ("twolayer", "lenet", "resnet18"):
+        v = models.init_variables(name, jax.random.key(0), jnp.float32)
+        f = models.make_logit_fn(name)
+        per_example = 50 * A.forward_bytes(f, v, x_one)
+        weights = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(v))
+        got[name] = A.auto_micro_batch(f, v, x_one, 50)
+        if per_example < A.AUTO_LOOP_BYTES:
+            assert got[name] is None
+        else:
+            assert got[name] == max(1, -(-A.AUTO_LOOP_WEIGHT_RATIO * weights // per_example))
+    # the models of the paper: two-layer nets one vmap, LeNet one image, ResNet18 (45 MB of weights) more
+    assert got["twolayer"] is None and got["lenet"] == 1 and got["resnet18"] > 1
+    assert A.auto_chunk_size(f, v, x_one, 50, 1000, micro_batch=got["resnet18"]) == A.AUTO_LOOP_CHUNK
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert A.auto_micro_batch(f, v, x_one, 50) is None  # accelerators: one vmap per chunk

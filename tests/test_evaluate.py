@@ -160,3 +160,21 @@ def test_batchnorm_ablation_breaks_eq4_even_in_float64(tmp_path):
 def test_batchnorm_ablation_refuses_models_without_batchnorm(tmp_path):
     with pytest.raises(ValueError, match="BatchNorm"):
         evaluate(EvalConfig(models=("lenet",), bn_batch_stats=True, out=str(tmp_path)), progress=False)
+
+
+def test_protocol_micro_batch_loop_equals_one_vmap():
+    from jaxrecover import models
+    from jaxrecover.experiments import ProtocolConfig, protocol_chunk
+
+    v = models.init_variables("lenet", jax.random.key(0), jnp.float64)
+    f = models.make_logit_fn("lenet")
+    x = jax.random.uniform(jax.random.key(1), (3, 28, 28, 1), jnp.float64)
+    t = jnp.asarray([1, 4, 8], jnp.int32)
+    for mode in ("shared", "faithful"):
+        cfg = ProtocolConfig(steps=5, mode=mode)
+        ref = protocol_chunk(f, v, x, t, cfg, None)
+        looped = protocol_chunk(f, v, x, t, cfg, 2)
+        assert set(looped) == set(ref)
+        for k in ref:
+            assert looped[k].dtype == jnp.float64
+            np.testing.assert_allclose(looped[k], ref[k], rtol=1e-9, atol=1e-12)

@@ -26,6 +26,49 @@ def test_conv_equals_lax_values_and_input_gradients(h, k, s, p):
     assert ours(x).dtype == jnp.float64
 
 
+CONV_CASES = [(7, 3, 1, 1), (7, 3, 2, 1), (8, 3, 2, 0), (7, 1, 2, 0), (9, 3, 1, 0), (9, 5, 1, 1), (11, 7, 2, 3)]
+
+
+@pytest.mark.parametrize("ynn", [True, False], ids=["ynn-form", "plain-form"])
+@pytest.mark.parametrize("h,k,s,p", CONV_CASES)
+def test_custom_vjp_conv_equals_lax_for_both_library_forms(h, k, s, p, ynn):
+    """The custom-VJP convolution (large outputs): values, input AND kernel gradients as lax, in both the
+    SAME-padded form used under YNNPACK convolutions and the plain form used under the float32 options."""
+    x = jax.random.normal(jax.random.key(0), (2, h, h, 3), jnp.float64)
+    w = jax.random.normal(jax.random.key(1), (k, k, 3, 4), jnp.float64)
+    pad = ((p, p), (p, p))
+    ref = lambda z, v: lax.conv_general_dilated(z, v, (s, s), pad, dimension_numbers=DN)  # noqa: E731
+    token = ops._COMPILE_OPTIONS.set(None if ynn else tuple(ops.FLOAT32_CPU_OPTIONS.items()))
+    try:
+        assert ops._ynn_convolutions() is ynn
+        y, vjp = jax.vjp(lambda z, v: ops._conv(z, v, (s, s), pad, None), x, w)
+        g = jax.random.normal(jax.random.key(2), y.shape, jnp.float64)
+        dx, dw = vjp(g)
+        jaxpr = str(jax.make_jaxpr(lambda z: ops._conv(z, w, (s, s), pad, None))(x))
+    finally:
+        ops._COMPILE_OPTIONS.reset(token)
+    y_ref, vjp_ref = jax.vjp(ref, x, w)
+    dx_ref, dw_ref = vjp_ref(g)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-12, atol=1e-12)
+    assert dx.dtype == dw.dtype == jnp.float64
+    if s == 1 and p != (k - 1) // 2:  # the SAME form: symmetric (k-1)/2 padding under YNNPACK only
+        same = f"padding=(({(k - 1) // 2}, {(k - 1) // 2}), ({(k - 1) // 2}, {(k - 1) // 2}))"
+        assert (same in jaxpr) == ynn
+
+
+def test_conv_input_gradient_uses_a_materialised_hwio_kernel():
+    """The input gradient convolves with the flipped kernel transposed to HWIO behind a barrier, never with
+    autodiff's reversed "OI" kernel (slow inside lax.map loops on XLA:CPU)."""
+    x = jnp.ones((2, 9, 9, 3), jnp.float32)
+    w = jnp.ones((3, 3, 3, 4), jnp.float32)
+    hlo = jax.jit(jax.grad(lambda z: jnp.sum(ops.conv_general_dilated(z, w, (1, 1), "VALID", dimension_numbers=DN))
+                           )).lower(x).as_text()
+    assert "optimization_barrier" in hlo
+    assert "[0, 1, o, i]" not in hlo and "01oi" not in hlo
+
+
 def test_conv_falls_back_for_other_layouts():
     x = jax.random.normal(jax.random.key(0), (2, 3, 5, 5), jnp.float32)
     w = jax.random.normal(jax.random.key(1), (4, 3, 3, 3), jnp.float32)
