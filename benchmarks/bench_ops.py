@@ -46,7 +46,7 @@ def _time(fn, *args, repeats=2):
 def _pair(f, x):
     y = f(x)
     g = jnp.ones_like(y)
-    return jax.jit(f), jax.jit(lambda x, g: jax.vjp(f, x)[1](g)[0]), g
+    return ops.tuned_jit(f), ops.tuned_jit(lambda x, g: jax.vjp(f, x)[1](g)[0]), g
 
 
 def main(argv=None):

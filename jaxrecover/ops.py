@@ -10,9 +10,12 @@ points, and on XLA:CPU two of the paper's layers have slow lowerings
   2x2 and 1x1 maps) run at a few GFLOP/s, forward and backward; here they are
   one matmul of the concatenated strided input slices of the kernel taps
   (taps that only see zero padding are skipped).
-* Unpadded ("VALID") stride-1 convolutions (LeNet's) are computed with one
-  pixel of zero padding and cropped: the kept outputs are the same sums, and
-  the padded lowering is faster, most of all for float64 gradients.
+* Larger convolutions get a custom VJP: the input gradient is an explicit
+  convolution with the flipped kernel materialised in HWIO order (autodiff's
+  reversed "OI" kernel ran several times slower inside ``lax.map`` loops).
+  Under YNNPACK convolutions (XLA:CPU's default; the float64 path here) both
+  directions are computed "SAME"-padded (explicit pad and/or crop), the
+  padding YNNPACK runs many times faster than others.
 * ``max_pool``'s gradient is a select-and-scatter, many times slower than its
   forward pass on XLA:CPU; here pooling is a ``max`` over the strided window
   slices with a custom VJP that sends each window's gradient to its first
@@ -121,11 +124,12 @@ def _library_form(lhs, rhs, padding, precision, lhs_dilation=(1, 1)):
     convolutions of odd kernels are many times faster than other paddings
     (benchmarks/bench_ops.py): the input is padded explicitly (behind an
     optimization barrier, so XLA does not fold the pad back into the
-    convolution) and/or the extra outputs cropped. Otherwise the plain lax call.
+    convolution) and/or the extra outputs cropped. Not for one input or output
+    channel (LeNet's conv1: slower in that form). Otherwise the plain lax call.
     """
     (kh, kw), (h, w) = rhs.shape[:2], lhs.shape[1:3]
     if (_ynn_convolutions() and tuple(lhs_dilation) == (1, 1) and kh % 2 and kw % 2 and min(h, w) > 1
-            and all(p >= 0 for pair in padding for p in pair)):
+            and min(rhs.shape[2:]) > 1 and all(p >= 0 for pair in padding for p in pair)):
         same = ((kh - 1) // 2, (kw - 1) // 2)
         pre = [(max(a - c, 0), max(b - c, 0)) for (a, b), c in zip(padding, same)]
         crop = [(max(c - a, 0), max(c - b, 0)) for (a, b), c in zip(padding, same)]

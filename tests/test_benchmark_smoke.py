@@ -22,3 +22,11 @@ def test_benchmark_smoke_prints_its_tables():
     assert "| twolayer | float32 |" in out and "| lenet | float32 |" in out
     assert "gradient evals / image" in out and "| lenet | float32 | shared | 8 |" in out
     assert "XLA temp memory" in out
+
+
+def test_batch_benchmark_smoke():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_batch.py"), "--smoke"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| lenet | 8 |" in r.stdout and "minor page faults / call" in r.stdout
+    assert "| lenet | 2 | - (one vmap) |" in r.stdout
