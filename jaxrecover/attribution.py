@@ -400,9 +400,9 @@ def attribute(
     )
 
 
-#: ``chunk_size="auto"``: forward intermediates per chunk and device (bytes). About 16 images x 50 path
-#: points of LeNet or ResNet18, where their IG throughput peaks on the 2-core CPU (docs/PERFORMANCE.md);
-#: the two-layer nets get whole batches, so per-chunk dispatch does not dominate.
+#: ``chunk_size="auto"`` without a micro-batch loop (accelerators, sharded runs, small models): forward
+#: intermediates per chunk and device (bytes), about 16 images x 50 path points of LeNet or ResNet18; the
+#: two-layer nets get whole batches, so per-chunk dispatch does not dominate.
 AUTO_CHUNK_BYTES = 3 * 2**29
 #: ``chunk_size="auto"`` never exceeds this many examples.
 AUTO_CHUNK_MAX = 1024

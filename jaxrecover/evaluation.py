@@ -70,6 +70,11 @@ def _checkpoint_dir(cfg: EvalConfig, model: str) -> Path:
 def _load_or_train(cfg: EvalConfig, model: str, dataset, progress: bool):
     ckpt = _checkpoint_dir(cfg, model)
     if not checkpoint_exists(ckpt):
+        if jax.process_count() > 1:
+            from .checkpoint import CheckpointError
+
+            raise CheckpointError(f"no checkpoint for {model} in {ckpt}; a multi-process evaluation does not train: "
+                                  f"train it first in one process (python train.py --model {model} --out {ckpt})")
         if not cfg.train_missing:
             from .checkpoint import CheckpointError
 
@@ -78,6 +83,15 @@ def _load_or_train(cfg: EvalConfig, model: str, dataset, progress: bool):
         train_and_evaluate(TrainConfig(model=model, dataset=cfg.dataset, epochs=cfg.epochs, seed=cfg.seed,
                                        max_train=cfg.max_train), ckpt, dataset=dataset, progress=progress)
     return load_trained(ckpt)
+
+
+def _agreed(flag: bool) -> bool:
+    """``flag`` as process 0 sees it (multi-process runs must all take the same branch; no-op otherwise)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
 def _run_name(cfg: EvalConfig, model: str, dtype: str, n: int) -> str:
@@ -113,7 +127,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
             variables = cast_variables(variables32, dtype)
             x_all = normalize(ds.test_images[:n], np.dtype(dtype))
             y_all = ds.test_labels[:n]
-            if path.exists():
+            if _agreed(path.exists()):
                 rec = json.loads(path.read_text())
             else:
                 pcfg = ProtocolConfig(experiments=experiments_for(model), steps=cfg.steps, a=cfg.a, mode=cfg.mode)
@@ -148,15 +162,21 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
                     "fig5": _fig5_summary(norms),
                     "distances_sha256": _digest(dists),
                 }
-                atomic_write_text(path, json.dumps(rec, indent=2, sort_keys=True))
-                atomic_save_npz(path.with_suffix(".distances.npz"), compressed=True, **dists)
-                path.with_suffix(".partial.npz").unlink(missing_ok=True)
+                if jax.process_index() == 0:  # multi-process runs: every process holds all distances, one writes
+                    atomic_write_text(path, json.dumps(rec, indent=2, sort_keys=True))
+                    atomic_save_npz(path.with_suffix(".distances.npz"), compressed=True, **dists)
+                    path.with_suffix(".partial.npz").unlink(missing_ok=True)
+                if jax.process_count() > 1:  # each process's resume file (run_protocol's multi-process shares)
+                    Path(f"{path.with_suffix('.partial.npz')}.p{jax.process_index()}of{jax.process_count()}").unlink(
+                        missing_ok=True)
             records.append(rec)
             fig5[(model, dtype)] = rec["fig5"]
             if cfg.figures and not cfg.bn_batch_stats:
                 k4 = min(cfg.fig4_examples, n)
                 fig4[(model, dtype)] = (x_all[:k4], jax.device_get(explain_examples(
                     logit_fn, variables, jnp.asarray(x_all[:k4]), jnp.asarray(y_all[:k4], jnp.int32), cfg.steps, cfg.a)))
+    if jax.process_index() != 0:
+        return records
     if cfg.figures:
         from .figures import figure4, figure5
 

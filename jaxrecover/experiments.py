@@ -228,6 +228,7 @@ def run_protocol(
     shard: bool = True,
     chunk_fn=None,
     tag: str = "",
+    multihost: bool = True,
 ) -> tuple[dict[str, np.ndarray], float]:
     """Run the protocol over ``x[N, ...]`` in chunks, resuming from ``partial_path``.
 
@@ -239,10 +240,22 @@ def run_protocol(
     :func:`protocol_chunk` (the ablations use it; ``tag`` names it in the
     resume fingerprint).
 
+    In a multi-process JAX run (``jax.distributed.initialize``, ``multihost``)
+    every process passes the SAME ``x`` and computes a contiguous share of it
+    on its local devices, resuming from its own ``partial_path`` (suffixed
+    ``.p<i>of<P>``); the shares are all-gathered, so every process returns all
+    N distances. All processes must call it together.
+
     Returns:
-      ``({experiment: distances[N] float64}, seconds spent computing)``.
+      ``({experiment: distances[N] float64}, seconds spent computing)`` (in a
+      multi-process run, the slowest process's seconds).
     """
     from tqdm.auto import tqdm
+
+    if multihost and jax.process_count() > 1:
+        return _run_protocol_multihost(logit_fn, params, x, target, cfg, chunk_size=chunk_size,
+                                       partial_path=partial_path, progress=progress, desc=desc, shard=shard,
+                                       chunk_fn=chunk_fn, tag=tag)
 
     dtype = check_input_dtype(x)
     n = len(x)
@@ -284,6 +297,32 @@ def run_protocol(
             atomic_save_npz(partial_path, fingerprint=fp, done=done, seconds=seconds, **results)
     bar.close()
     return results, seconds
+
+
+def _run_protocol_multihost(logit_fn, params, x, target, cfg, *, partial_path, **kwargs):
+    """:func:`run_protocol` of this process's contiguous share, all-gathered across processes."""
+    from jax.experimental import multihost_utils
+
+    n, count, me = len(x), jax.process_count(), jax.process_index()
+    bounds = [n * i // count for i in range(count + 1)]
+    lo, hi = bounds[me], bounds[me + 1]
+    mine = None if partial_path is None else Path(f"{partial_path}.p{me}of{count}")
+    local, seconds = run_protocol(logit_fn, params, x[lo:hi], target[lo:hi], cfg, partial_path=mine,
+                                  multihost=False, **kwargs)
+    width = max(b - a for a, b in zip(bounds, bounds[1:]))
+
+    def gather(values: np.ndarray) -> np.ndarray:  # float64 bits as uint32 pairs: exact even with x64 off
+        bits = np.ascontiguousarray(values, np.float64).view(np.uint32)
+        out = np.asarray(multihost_utils.process_allgather(bits), np.uint32)
+        return np.ascontiguousarray(out).view(np.float64)  # (processes, len(values))
+
+    results = {}
+    for e in cfg.experiments:
+        padded = np.full(width, np.nan)
+        padded[: hi - lo] = local[e]
+        gathered = gather(padded)
+        results[e] = np.concatenate([gathered[i, : bounds[i + 1] - bounds[i]] for i in range(count)])
+    return results, float(np.max(gather(np.asarray([seconds]))))
 
 
 def summarize_results(results: dict[str, np.ndarray]) -> dict[str, Any]:

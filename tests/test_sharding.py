@@ -92,3 +92,61 @@ def test_two_processes_use_all_devices_and_return_their_own_rows(tmp_path):
     ref = np.asarray(A.attribute(f, v, x, jnp.arange(9) % 10, steps=6, chunk_size=2, shard=False))
     got = np.concatenate([np.load(tmp_path / "ig0.npy"), np.load(tmp_path / "ig1.npy")])
     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14)
+
+
+PROTOCOL_WORKER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import jax
+    pid, port, tmp = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp, numpy as np
+    from jaxrecover import models
+    from jaxrecover.experiments import ProtocolConfig, run_protocol
+    f = models.make_logit_fn("lenet")
+    v = models.init_variables("lenet", jax.random.key(0), jnp.float64)
+    x = np.asarray(jax.random.uniform(jax.random.key(1), (9, 28, 28, 1), jnp.float64))
+    y = np.arange(9) % 10
+    res, seconds = run_protocol(f, v, x, y, ProtocolConfig(steps=4), chunk_size=2, progress=False,
+                                partial_path=tmp / "run.partial.npz")
+    assert Path(f"{tmp / 'run.partial.npz'}.p{pid}of2").exists()   # each process resumes from its own share
+    assert seconds > 0
+    np.savez(tmp / f"res{pid}.npz", **res)
+    print("PROTOCOL-MULTIHOST-OK", pid)
+""")
+
+
+def test_protocol_in_two_processes_gathers_every_share(tmp_path):
+    """run_protocol in a 2-process run: each process computes its share (5 and 4 images), and both return
+    all 9 distances, equal to one process computing them all."""
+    import socket
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxrecover import models
+    from jaxrecover.experiments import ProtocolConfig, run_protocol
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", PROTOCOL_WORKER, str(i), port, str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert "PROTOCOL-MULTIHOST-OK" in out
+    f = models.make_logit_fn("lenet")
+    v = models.init_variables("lenet", jax.random.key(0), jnp.float64)
+    x = np.asarray(jax.random.uniform(jax.random.key(1), (9, 28, 28, 1), jnp.float64))
+    ref, _ = run_protocol(f, v, x, np.arange(9) % 10, ProtocolConfig(steps=4), chunk_size=2, progress=False,
+                          shard=False)
+    for pid in (0, 1):
+        with np.load(tmp_path / f"res{pid}.npz") as got:
+            assert set(got.files) == set(ref)
+            for k in ref:
+                assert got[k].shape == (9,) and got[k].dtype == np.float64
+                np.testing.assert_allclose(got[k], ref[k], rtol=1e-9, atol=1e-12)
