@@ -64,11 +64,25 @@ WORKER = textwrap.dedent("""
 """)
 
 
+def _run_two_processes(script: str, ok: str, out_arg) -> None:
+    """Run ``script`` as processes 0 and 1 of a JAX run (2 CPU devices each, a free local port); both must print ``ok``."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i), port, out_arg(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert ok in out
+
+
 def test_two_processes_use_all_devices_and_return_their_own_rows(tmp_path):
     """A multi-process JAX run (2 processes x 2 CPU devices, gloo collectives): each process gets the
     IG of its own examples, identical to one device computing all of them."""
-    import socket
-
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -76,16 +90,7 @@ def test_two_processes_use_all_devices_and_return_their_own_rows(tmp_path):
     from jaxrecover import attribution as A
     from jaxrecover import models
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(i), port, str(tmp_path / f"ig{i}.npy")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in (0, 1)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-        assert "MULTIHOST-OK" in out
+    _run_two_processes(WORKER, "MULTIHOST-OK", lambda i: str(tmp_path / f"ig{i}.npy"))
     f = models.make_logit_fn("lenet")
     v = models.init_variables("lenet", jax.random.key(0), jnp.float64)
     x = jax.random.normal(jax.random.key(1), (9, 28, 28, 1), jnp.float64)
@@ -120,8 +125,6 @@ PROTOCOL_WORKER = textwrap.dedent("""
 def test_protocol_in_two_processes_gathers_every_share(tmp_path):
     """run_protocol in a 2-process run: each process computes its share (5 and 4 images), and both return
     all 9 distances, equal to one process computing them all."""
-    import socket
-
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -129,16 +132,7 @@ def test_protocol_in_two_processes_gathers_every_share(tmp_path):
     from jaxrecover import models
     from jaxrecover.experiments import ProtocolConfig, run_protocol
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "-c", PROTOCOL_WORKER, str(i), port, str(tmp_path)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in (0, 1)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-        assert "PROTOCOL-MULTIHOST-OK" in out
+    _run_two_processes(PROTOCOL_WORKER, "PROTOCOL-MULTIHOST-OK", lambda i: str(tmp_path))
     f = models.make_logit_fn("lenet")
     v = models.init_variables("lenet", jax.random.key(0), jnp.float64)
     x = np.asarray(jax.random.uniform(jax.random.key(1), (9, 28, 28, 1), jnp.float64))
