@@ -17,9 +17,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxrecover import attribution as A
+from jaxrecover.engine import auto_micro_batch, explain
+from jaxrecover.explainers import IG
 from jaxrecover import ops
-from jaxrecover.models import init_variables, make_logit_fn
+from jaxrecover.models import init_variables, make_model
 
 
 def _best(fn, repeats):
@@ -50,7 +51,7 @@ def main(argv=None):
     print("|---|---|---|---|---|")
     ig_rows = []
     for name in a.models:
-        f = make_logit_fn(name)
+        f = make_model(name)
         v = init_variables(name, jax.random.key(0), jnp.float32)
         grads = ops.tuned_jit(lambda v, pts: jax.vmap(jax.grad(lambda z: f(v, z)[3]))(pts))
         for b in a.points:
@@ -61,8 +62,8 @@ def main(argv=None):
         x = jax.random.uniform(jax.random.key(2), (a.n, 28, 28, 1), jnp.float32)
         y = jnp.arange(a.n) % 10
         for micro in (None, "auto"):
-            t, faults = _best(lambda: A.attribute(f, v, x, y, steps=steps, chunk_size=a.n, micro_batch=micro), a.repeats)
-            shown = A.auto_micro_batch(f, v, x[0], steps) if micro == "auto" else None
+            t, faults = _best(lambda: explain(IG(steps=steps), f, v, x, y, chunk_size=a.n, micro_batch=micro), a.repeats)
+            shown = auto_micro_batch(f, v, x[0], steps) if micro == "auto" else None
             ig_rows.append((name, a.n, shown, a.n / t, faults))
     print("\n| model | chunk (images) | micro-batch (images) | IG expl/s | minor page faults / call |")
     print("|---|---|---|---|---|")

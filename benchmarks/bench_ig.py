@@ -2,7 +2,7 @@
 
 For each model and dtype, on N images with m steps (riemann_right, logit of the label):
 
-1. IG throughput (explanations/s) of ``jaxrecover.attribution.attribute`` and its
+1. IG throughput (explanations/s) of ``jaxrecover.explain(IG(...), ...)`` and its
    ratio to the batched-gradient limit: one jitted call computing the m*N
    gradients of the same path points in a single batch.
 2. Captum's ``IntegratedGradients.attribute(method='riemann_right')`` on a
@@ -35,10 +35,12 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from jaxrecover import attribution as A  # noqa: E402
 from jaxrecover import ops  # noqa: E402
-from jaxrecover.experiments import ProtocolConfig, experiments_for, run_protocol  # noqa: E402
-from jaxrecover.models import MODEL_NAMES, cast_variables, init_variables, make_logit_fn  # noqa: E402
+from jaxrecover.engine import auto_chunk_size, auto_micro_batch, explain  # noqa: E402
+from jaxrecover.engine.batch import _explain_chunk  # noqa: E402
+from jaxrecover.explainers import IG  # noqa: E402
+from jaxrecover.models import MODEL_NAMES, cast_variables, init_variables, make_model  # noqa: E402
+from jaxrecover.protocol import ProtocolConfig, experiments_for, run_protocol  # noqa: E402
 
 
 def _time(fn, repeats):
@@ -116,14 +118,14 @@ def _captum(name, variables, x, y, steps, chunk, repeats, sweep):
 def bench(models, dtypes, n, steps, chunk, repeats, captum, protocol_n, mem_chunks, captum_sweep=()):
     rows, proto_rows, mem_rows = [], [], []
     for name in models:
-        f = make_logit_fn(name)
+        f = make_model(name)
         v32 = init_variables(name, jax.random.key(0), jnp.float32)
         for dt in dtypes:
             v = cast_variables(v32, dt)
             x, y = _inputs(n, np.dtype(dt))
-            micro = A.auto_micro_batch(f, v, x[0], steps)  # attribute's default (a loop on the CPU)
-            examples = (A.auto_chunk_size(f, v, x[0], steps, n, micro_batch=micro) if chunk == "auto" else int(chunk))
-            t_ig = _time(lambda: A.attribute(f, v, x, y, steps=steps, chunk_size=examples), repeats)
+            micro = auto_micro_batch(f, v, x[0], steps)  # attribute's default (a loop on the CPU)
+            examples = (auto_chunk_size(f, v, x[0], steps, n, micro_batch=micro) if chunk == "auto" else int(chunk))
+            t_ig = _time(lambda: explain(IG(steps=steps), f, v, x, y, chunk_size=examples), repeats)
             nodes = jnp.asarray(np.arange(1, steps + 1) / steps, x.dtype)
             pts = (nodes[:, None, None, None, None] * x[None]).reshape((-1,) + x.shape[1:])
             tt = jnp.tile(y, steps)
@@ -136,7 +138,7 @@ def bench(models, dtypes, n, steps, chunk, repeats, captum, protocol_n, mem_chun
                 res = _captum(name, v, x, y, steps, step, repeats, captum_sweep)
                 if res is not None:
                     t_c, t_cbest, best_batch, attr_c, logits_t = res
-                    ours = np.asarray(A.attribute(f, v, x, y, steps=steps, chunk_size=examples))
+                    ours = np.asarray(explain(IG(steps=steps), f, v, x, y, chunk_size=examples))
                     row.update(captum_per_s=n / t_c, ratio_captum=t_c / t_ig, captum_best_per_s=n / t_cbest,
                                captum_best_batch=best_batch, ratio_captum_best=t_cbest / t_ig,
                                max_rel_diff=float(np.abs(ours - attr_c).max() / np.abs(attr_c).max()),
@@ -157,9 +159,8 @@ def bench(models, dtypes, n, steps, chunk, repeats, captum, protocol_n, mem_chun
                 for c in mem_chunks:
                     xs = jnp.zeros((c, 28, 28, 1), x.dtype)
                     for mb in dict.fromkeys([micro, None]):
-                        compiled = A._attribute_chunk.lower(f, v, xs, jnp.zeros(c, jnp.int32), xs, method="ig",
-                                                            steps=steps, rule="riemann_right", output="logit",
-                                                            micro_batch=mb).compile()
+                        compiled = _explain_chunk.lower(IG(steps=steps), f, v, xs, jnp.zeros(c, jnp.int32), xs,
+                                                        output="logit", micro_batch=mb).compile()
                         mem = compiled.memory_analysis()
                         mem_rows.append({"model": name, "dtype": dt, "chunk": c, "micro": mb,
                                          "temp_mib": getattr(mem, "temp_size_in_bytes", float("nan")) / 2**20})

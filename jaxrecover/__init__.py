@@ -1,1 +1,48 @@
-__version__ = "0.1.0"
+"""jaxrecover: recovering Vanilla Gradients from Integrated Gradients answers, in JAX.
+
+The public API, by layer (docs/ARCHITECTURE.md):
+
+* explainers - single-example pure functions and explainer objects: ``VG``, ``IG``, ``RULES``, ...
+* engine     - ``explain(explainer, model, params, x, target)`` runs any explainer over a batch
+* models     - ``make_model(name)`` -> ``Model``: ``model(params, x_one) -> logits``, inference mode
+* attacks    - query plans, ``recover``, ``attack(service, plan, x, target)``, IG service objects
+* protocol   - the paper's Tables 1-4 and Figures 4-5 (``evaluate``)
+* data, training, checkpoint, metrics - the foundation
+"""
+
+__version__ = "0.2.0"
+
+from . import attacks, checkpoint, data, engine, explainers, metrics, models, protocol, training  # noqa: E402
+from .attacks import (IGService, Query, QueryBudgetExceeded, QueryPlan, ServiceWrapper,  # noqa: E402
+                      SimulatedIGService, StepCountRefused, approx_plan, attack, exact_plan, minimal_plan,
+                      nobias_plan, paper_plan, plan_residual, query_inputs, recover, recover_eq2, recover_eq3,
+                      recover_eq4)
+from .data import Dataset, load_dataset, normalize  # noqa: E402
+from .engine import convergence_delta, explain  # noqa: E402
+from .explainers import (IG, OUTPUTS, RULES, VG, Explainer, completeness_delta, integrated_gradients,  # noqa: E402
+                         quadrature, vanilla_gradient)
+from .metrics import cosine_similarity, normalized_distance, relative_error, summarize  # noqa: E402
+from .models import MODEL_NAMES, Model, cast_variables, init_variables, make_model  # noqa: E402
+from .protocol import EvalConfig, ProtocolConfig, evaluate, run_protocol  # noqa: E402
+from .training import TrainConfig, load_trained, train_and_evaluate  # noqa: E402
+
+__all__ = [
+    "__version__",
+    # modules
+    "attacks", "checkpoint", "data", "engine", "explainers", "metrics", "models", "protocol", "training",
+    # explainers and the engine
+    "Explainer", "VG", "IG", "RULES", "OUTPUTS", "quadrature", "vanilla_gradient", "integrated_gradients",
+    "completeness_delta", "explain", "convergence_delta",
+    # models
+    "Model", "MODEL_NAMES", "make_model", "init_variables", "cast_variables",
+    # attacks
+    "Query", "QueryPlan", "exact_plan", "minimal_plan", "paper_plan", "nobias_plan", "approx_plan",
+    "plan_residual", "query_inputs", "recover", "recover_eq2", "recover_eq3", "recover_eq4", "attack",
+    "IGService", "SimulatedIGService", "ServiceWrapper", "QueryBudgetExceeded", "StepCountRefused",
+    # metrics
+    "normalized_distance", "cosine_similarity", "relative_error", "summarize",
+    # data and training
+    "Dataset", "load_dataset", "normalize", "TrainConfig", "train_and_evaluate", "load_trained",
+    # the paper's protocol
+    "ProtocolConfig", "run_protocol", "EvalConfig", "evaluate",
+]

@@ -18,16 +18,17 @@ jax.config.update("jax_enable_x64", True)  # float64 available; float32 paths st
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .attribution import RULES, attribute  # noqa: E402
+from .attacks import SimulatedIGService, attack, minimal_plan, recover_eq2, recover_eq4  # noqa: E402
 from .data import load_dataset, normalize  # noqa: E402
+from .engine import explain  # noqa: E402
+from .explainers import RULES, VG  # noqa: E402
 from .metrics import normalized_distance, summarize  # noqa: E402
-from .models import cast_variables, make_logit_fn  # noqa: E402
-from .recovery import attack, ig_oracle, minimal_plan, recover_eq2, recover_eq4  # noqa: E402
+from .models import cast_variables, make_model  # noqa: E402
 from .training import TrainConfig, train_and_evaluate  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="jaxrecover-demo", description=__doc__)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--n", type=int, default=100, help="test images to attack")
     p.add_argument("--out", default="runs/demo", help="where the demo checkpoints go")
@@ -51,16 +52,16 @@ def main(argv=None) -> int:
         x = jnp.asarray(normalize(ds.test_images[: a.n], np.dtype(dtype)))
         for name, variables in trained.items():
             v = cast_variables(variables, dtype)
-            f = make_logit_fn(name)
-            vg = attribute(f, v, x, y, method="vg")
-            oracle = ig_oracle(f, v, y)
-            ig = oracle(x, m)
+            model = make_model(name)
+            vg = explain(VG(), model, v, x, y)
+            service = SimulatedIGService(model, v, rule="riemann_right", steps=m)
+            ig = service(x, y)
             d = {"VG vs IG (no attack)": normalized_distance(vg.astype(jnp.float64), ig.astype(jnp.float64))}
             if name.endswith("nobias"):
                 rec, _ = recover_eq2(ig, x)
                 d["eq. (2): IG/x"] = normalized_distance(vg.astype(jnp.float64), rec.astype(jnp.float64))
             else:
-                rec, _ = recover_eq4(ig, oracle(((m - 1) / m) * x, m - 1), x, m)
+                rec, _ = recover_eq4(ig, service(((m - 1) / m) * x, y, steps=m - 1), x, m)
                 d["eq. (4): m=50 and 49"] = normalized_distance(vg.astype(jnp.float64), rec.astype(jnp.float64))
             for k, val in d.items():
                 rows.setdefault((name, k), {})[jnp.dtype(dtype).name] = summarize(val)["mean"]
@@ -70,11 +71,11 @@ def main(argv=None) -> int:
     print("\nEvery public IG rule, its cheapest exact plan (step counts free), on twolayer (with bias), float64:")
     x = jnp.asarray(normalize(ds.test_images[: a.n], np.float64))
     v = cast_variables(trained["twolayer"], jnp.float64)
-    f = make_logit_fn("twolayer")
-    vg = attribute(f, v, x, y, method="vg")
+    model = make_model("twolayer")
+    vg = explain(VG(), model, v, x, y)
     for rule in RULES:
         plan = minimal_plan(rule)
-        rec, _ = attack(ig_oracle(f, v, y, rule=rule), plan, x)
+        rec, _ = attack(SimulatedIGService(model, v, rule=rule), plan, x, y)
         dist = summarize(normalized_distance(vg, rec))["max"]
         print(f"  {rule:18s} {len(plan.queries)} quer{'y' if len(plan.queries) == 1 else 'ies'}, {plan.evaluations:2d} gradient evaluation{'' if plan.evaluations == 1 else 's'}, "
               f"max distance {dist:.1e}   {plan}")

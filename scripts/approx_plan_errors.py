@@ -17,7 +17,9 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxrecover import attribution, data, metrics, models, recovery  # noqa: E402
+from jaxrecover import attacks, data, metrics, models  # noqa: E402
+from jaxrecover.engine import explain  # noqa: E402
+from jaxrecover.explainers import RULES, VG  # noqa: E402
 from jaxrecover.training import load_trained  # noqa: E402
 
 
@@ -40,12 +42,12 @@ def main():
     for name in a.models:
         _, v, _ = load_trained(f"{a.checkpoints}/{name}")
         v = models.cast_variables(v, a.dtype)
-        f = models.make_logit_fn(name)
-        vg = attribution.attribute(f, v, x, y, method="vg")
-        for rule in attribution.RULES:
-            plan = (recovery.nobias_plan(rule, a.steps) if name.endswith("nobias")
-                    else recovery.approx_plan(rule, a.steps, a.a))
-            rec, mask = recovery.attack(recovery.ig_oracle(f, v, y, rule=rule), plan, x)
+        f = models.make_model(name)
+        vg = explain(VG(), f, v, x, y)
+        for rule in RULES:
+            plan = (attacks.nobias_plan(rule, a.steps) if name.endswith("nobias")
+                    else attacks.approx_plan(rule, a.steps, a.a))
+            rec, mask = attacks.attack(attacks.SimulatedIGService(f, v, rule=rule), plan, x, y)
             d = np.asarray(metrics.normalized_distance(vg, rec, mask))
             cols.setdefault(rule, []).append(f"{plan.name}: {d.mean():.2e} ({d.max():.2e})")
     for rule, cells in cols.items():

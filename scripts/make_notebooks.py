@@ -7,43 +7,51 @@ from pathlib import Path
 
 import nbformat as nbf
 
-EXPLORE = [
-    ("md", """# Exploring jaxrecover: explain a digit, recover its VG from IG answers
-
-Loads a trained checkpoint (`checkpoints/<MODEL>`, written by `python train.py --model <MODEL> --out checkpoints/<MODEL>`).
-Without one it trains a small model for a few seconds, so the notebook also runs on a fresh machine (CI does that)."""),
-    ("code", """import os
+#: The first code cell of both notebooks: the repository's checkpoint, or a tiny one in a temporary folder.
+SETUP = """import os, tempfile
+from pathlib import Path
 import jax
 jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp
 import numpy as np
 import matplotlib.pyplot as plt
-from jaxrecover import data, models, attribution, recovery, metrics
+import jaxrecover as jr
 from jaxrecover.checkpoint import checkpoint_exists
-from jaxrecover.training import TrainConfig, load_trained, train_and_evaluate
 
-MODEL = os.environ.get("JAXRECOVER_NB_MODEL", "lenet")
-CKPT = f"checkpoints/{MODEL}"
-ds = data.load_dataset("mnist")
-if not checkpoint_exists(CKPT):
-    CKPT = "runs/notebook_" + MODEL
-    train_and_evaluate(TrainConfig(model=MODEL, epochs=1, max_train=1024), CKPT, dataset=ds, progress=False)
-name, variables, meta = load_trained(CKPT)
-print(name, "test accuracy", meta["test_accuracy"], "epochs", meta["epochs"])"""),
-    ("code", """logit_fn = models.make_logit_fn(name)
-v64 = models.cast_variables(variables, jnp.float64)
+MODEL = {model}
+ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "pyproject.toml").exists())  # the repository
+CKPT = ROOT / "checkpoints" / MODEL
+ds = jr.load_dataset("mnist")
+if not checkpoint_exists(CKPT):  # nothing trained yet: a tiny model in a temporary folder, never in the tree
+    CKPT = Path(tempfile.mkdtemp(prefix="jaxrecover-notebook-")) / MODEL
+    jr.train_and_evaluate(jr.TrainConfig(model=MODEL, epochs=1, max_train={max_train}), CKPT, dataset=ds,
+                          progress=False)
+name, variables, meta = jr.load_trained(CKPT)
+print(name, "from", CKPT, "test accuracy", meta["test_accuracy"], "epochs", meta["epochs"])"""
+
+EXPLORE = [
+    ("md", """# Exploring jaxrecover: explain a digit, recover its VG from IG answers
+
+Loads a trained checkpoint from the repository's `checkpoints/<MODEL>` (written by
+`python train.py --model <MODEL> --out checkpoints/<MODEL>`). Without one it trains a small model for a few
+seconds in a temporary folder, so the notebook also runs on a fresh machine (CI does that) and writes nothing
+into the repository."""),
+    ("code", SETUP.format(model='os.environ.get("JAXRECOVER_NB_MODEL", "lenet")', max_train=1024)),
+    ("code", """model = jr.make_model(name)
+v64 = jr.cast_variables(variables, jnp.float64)
 i = 0
-x = jnp.asarray(data.normalize(ds.test_images[i:i + 1], np.float64))
+x = jnp.asarray(jr.normalize(ds.test_images[i:i + 1], np.float64))
 y = jnp.asarray(ds.test_labels[i:i + 1])
-vg = attribution.attribute(logit_fn, v64, x, y, method="vg")
-ig = attribution.attribute(logit_fn, v64, x, y, method="ig", steps=50)
-oracle = recovery.ig_oracle(logit_fn, v64, y)
-plan = recovery.paper_plan(50) if not name.endswith("nobias") else recovery.nobias_plan("riemann_right", 50)
-rec, mask = recovery.attack(oracle, plan, x)
+vg = jr.explain(jr.VG(), model, v64, x, y)
+ig = jr.explain(jr.IG(steps=50), model, v64, x, y)
+service = jr.SimulatedIGService(model, v64, rule="riemann_right", steps=50)   # a simulated IG service
+plan = jr.paper_plan(50) if not name.endswith("nobias") else jr.nobias_plan("riemann_right", 50)
+rec, mask = jr.attack(service, plan, x, y)
+print(service)
 print(plan)
-print("distance(VG, IG)        =", float(metrics.normalized_distance(vg, ig)[0]))
-print("distance(VG, recovered) =", float(metrics.normalized_distance(vg, rec)[0]))
-assert float(metrics.normalized_distance(vg, rec)[0]) < 1e-6"""),
+print("distance(VG, IG)        =", float(jr.normalized_distance(vg, ig)[0]))
+print("distance(VG, recovered) =", float(jr.normalized_distance(vg, rec)[0]))
+assert float(jr.normalized_distance(vg, rec)[0]) < 1e-6"""),
     ("code", """fig, axes = plt.subplots(1, 4, figsize=(10, 2.8))
 for ax, (title, img) in zip(axes, [("input", x[0]), ("VG", vg[0]), ("IG (m=50)", ig[0]), ("recovered VG", rec[0])]):
     img = np.asarray(img)[..., 0]
@@ -55,10 +63,10 @@ plt.show()"""),
     ("md", """## Every public quadrature rule
 
 The cheapest exact plan of each rule (docs/RECOVERY.md), asked of a simulated service using that rule."""),
-    ("code", """for rule in attribution.RULES:
-    p = recovery.minimal_plan(rule)
-    r, _ = recovery.attack(recovery.ig_oracle(logit_fn, v64, y, rule=rule), p, x)
-    print(f"{rule:18s} {p.evaluations:2d} evaluations  distance {float(metrics.normalized_distance(vg, r)[0]):.1e}")"""),
+    ("code", """for rule in jr.RULES:
+    p = jr.minimal_plan(rule)
+    r, _ = jr.attack(jr.SimulatedIGService(model, v64, rule=rule), p, x, y)
+    print(f"{rule:18s} {p.evaluations:2d} evaluations  distance {float(jr.normalized_distance(vg, r)[0]):.1e}")"""),
 ]
 
 PRECISION = [
@@ -67,37 +75,21 @@ PRECISION = [
 The paper found that eq. (4) fails on ResNet18 in float32 (mean distance 1.198) and blamed cancellation:
 the gradient at x is tiny next to the others on the IG path (its Figure 5). This notebook measures both
 precisions on the same images and plots Figure 5. Uses `checkpoints/resnet18` when present; otherwise a
-briefly trained one (CI), so its numbers are then only a smoke test."""),
-    ("code", """import os
-import jax
-jax.config.update("jax_enable_x64", True)
-import jax.numpy as jnp
-import numpy as np
-import matplotlib.pyplot as plt
-from jaxrecover import data, models
-from jaxrecover.checkpoint import checkpoint_exists
-from jaxrecover.experiments import ProtocolConfig, path_gradient_norms, run_protocol
-from jaxrecover.metrics import summarize
-from jaxrecover.training import TrainConfig, load_trained, train_and_evaluate
-
+briefly trained one in a temporary folder (CI), so its numbers are then only a smoke test."""),
+    ("code", SETUP.format(model='"resnet18"', max_train=256) + """
+from jaxrecover.protocol import path_gradient_norms
 N = int(os.environ.get("JAXRECOVER_NB_N", "8"))
-CKPT = "checkpoints/resnet18"
-ds = data.load_dataset("mnist")
-if not checkpoint_exists(CKPT):
-    CKPT = "runs/notebook_resnet18"
-    train_and_evaluate(TrainConfig(model="resnet18", epochs=1, max_train=256), CKPT, dataset=ds, progress=False)
-name, variables, meta = load_trained(CKPT)
-f = models.make_logit_fn(name)
-print(name, "test accuracy", meta["test_accuracy"])"""),
+f = jr.make_model(name)"""),
     ("code", """rows = {}
 norms = {}
 for dtype in (np.float32, np.float64):
-    v = models.cast_variables(variables, dtype)
-    x = data.normalize(ds.test_images[:N], dtype)
+    v = jr.cast_variables(variables, dtype)
+    x = jr.normalize(ds.test_images[:N], dtype)
     y = ds.test_labels[:N]
-    d, secs = run_protocol(f, v, x, y, ProtocolConfig(experiments=("table1", "B", "C")), chunk_size=4, progress=False)
-    rows[np.dtype(dtype).name] = {k: summarize(val)["mean"] for k, val in d.items()}
-    norms[np.dtype(dtype).name] = np.asarray(path_gradient_norms(f, v, jnp.asarray(x), jnp.asarray(y), 50))
+    d, secs = jr.run_protocol(f, v, x, y, jr.ProtocolConfig(experiments=("table1", "B", "C")), chunk_size=4,
+                              progress=False)
+    rows[np.dtype(dtype).name] = {k: jr.summarize(val)["mean"] for k, val in d.items()}
+    norms[np.dtype(dtype).name] = path_gradient_norms(f, v, x, y, 50)
 for dt, r in rows.items():
     print(dt, {k: f"{val:.3e}" for k, val in r.items()})
 assert rows["float64"]["B"] <= rows["float32"]["B"]"""),

@@ -6,7 +6,7 @@ Usage: python scripts/make_results_doc.py [--main results/mnist] [--ablation res
 import argparse
 from pathlib import Path
 
-from jaxrecover.evaluation import load_results, markdown_report
+from jaxrecover.protocol import load_results, markdown_report
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,8 +2,9 @@
 
 x64 is switched on once for the whole session (STYLE.md: one process-wide
 setting); float32 code paths must therefore state their dtypes, which is what
-the tests check. Tests that need x64 off use ``with jax.enable_x64(False):``,
-which restores the setting on exit.
+the tests check: dtype promotion is "strict" (mixing float32 and float64, or a
+float with an int array, is an error) and rank promotion raises. Tests that
+need x64 off use ``with jax.enable_x64(False):``, which restores the setting on exit.
 """
 
 import os
@@ -16,6 +17,7 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
 def _dense_net(key, sizes, bias, dtype):

@@ -44,7 +44,7 @@ def test_shapes_and_param_counts(built):
     x = jnp.zeros((3, 28, 28, 1), jnp.float32)
     logits = models.make_batched_logit_fn(name)(variables, x)
     assert logits.shape == (3, 10) and logits.dtype == jnp.float32
-    one = models.make_logit_fn(name)(variables, x[0])
+    one = models.make_model(name)(variables, x[0])
     assert one.shape == (10,)
     np.testing.assert_allclose(one, logits[0], rtol=1e-5, atol=1e-5)
 
@@ -65,7 +65,7 @@ def test_nobias_variants_have_no_bias(built):
 def test_nobias_models_are_positively_homogeneous(name):
     variables = models.init_variables(name, jax.random.key(0), jnp.float32)
     x = jax.random.normal(jax.random.key(1), (28, 28, 1), jnp.float32)
-    f = models.make_logit_fn(name)
+    f = models.make_model(name)
     np.testing.assert_allclose(f(variables, 2.5 * x), 2.5 * f(variables, x), rtol=1e-4, atol=1e-4)
 
 
@@ -73,9 +73,9 @@ def test_float64_cast(built):
     name, variables = built
     v64 = models.cast_variables(variables, jnp.float64)
     assert models.tree_dtypes(v64) == {jnp.dtype(jnp.float64)}
-    out = models.make_logit_fn(name)(v64, jnp.ones((28, 28, 1), jnp.float64))
+    out = models.make_model(name)(v64, jnp.ones((28, 28, 1), jnp.float64))
     assert out.dtype == jnp.float64
-    grad = jax.grad(lambda x: models.make_logit_fn(name)(v64, x)[3])(jnp.ones((28, 28, 1), jnp.float64))
+    grad = jax.grad(lambda x: models.make_model(name)(v64, x)[3])(jnp.ones((28, 28, 1), jnp.float64))
     assert grad.dtype == jnp.float64
 
 
@@ -90,7 +90,7 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="unknown model 'vgg'.*twolayer"):
         models.get_model("vgg")
     variables = models.init_variables("twolayer", jax.random.key(0))
-    f = models.make_logit_fn("twolayer")
+    f = models.make_model("twolayer")
     with pytest.raises(ValueError, match=r"\(28, 28, 1\)"):
         f(variables, jnp.zeros((28, 28), jnp.float32))
     with pytest.raises(TypeError, match="dtype"):
@@ -126,7 +126,7 @@ def test_stem_is_affine_and_body_after_stem_is_the_model(built):
     name, variables = built
     with jax.enable_x64(True):
         v = models.cast_variables(variables, jnp.float64)
-        logit_fn = models.make_logit_fn(name)
+        logit_fn = models.make_model(name)
         stem, body = logit_fn.affine_stem
         x, z = (jax.random.uniform(jax.random.key(k), (28, 28, 1), jnp.float64) for k in (1, 2))
         np.testing.assert_allclose(body(v, stem(v, x)), logit_fn(v, x), rtol=1e-12, atol=1e-12)
@@ -135,3 +135,34 @@ def test_stem_is_affine_and_body_after_stem_is_the_model(built):
         np.testing.assert_allclose(stem(v, a * x + (1 - a) * z), a * stem(v, x) + (1 - a) * stem(v, z),
                                    rtol=1e-12, atol=1e-12)
         assert stem(v, x).dtype == jnp.float64
+
+
+def test_unknown_part_is_an_error_not_the_full_model():
+    module = models.get_model("twolayer")
+    variables = models.init_variables(module, jax.random.key(0))
+    x = jnp.zeros((1, 28, 28, 1), jnp.float32)
+    with pytest.raises(ValueError, match="unknown model part 'trunk'"):
+        module.apply(variables, x, part="trunk")
+    assert module.apply(variables, x, part="stem").shape == (1, 100)
+
+
+def test_model_interface_is_cached_and_exposes_kernels_and_activations():
+    assert models.make_model("lenet") is models.make_model("lenet")  # one object: jit compiles once
+    m = models.make_model("lenet")
+    v = models.init_variables("lenet", jax.random.key(0))
+    k = m.kernels(v)
+    assert {name: a.shape for name, a in k.items()} == {"Conv_0": (3, 3, 1, 32), "Conv_1": (3, 3, 32, 64),
+                                                      "Dense_0": (9216, 128), "Dense_1": (128, 10)}
+    x = jax.random.normal(jax.random.key(1), (28, 28, 1), jnp.float32)
+    acts = m.activations(v, x)
+    assert acts["Conv_0"].shape == (26, 26, 32) and acts["Dense_0"].shape == (128,)
+    np.testing.assert_allclose(acts["logits"], m(v, x), rtol=1e-6)
+    # the first Dense layer's output is its kernel applied to the pooled conv features (pre-activation)
+    h = jax.nn.relu(acts["Conv_1"])
+    pooled = h.reshape(12, 2, 12, 2, 64).max(axis=(1, 3)).reshape(-1)
+    np.testing.assert_allclose(acts["Dense_0"], pooled @ k["Dense_0"] + v["params"]["Dense_0"]["bias"],
+                               rtol=1e-4, atol=1e-4)
+    plain = models.as_model(lambda p, z: z.sum(keepdims=True))
+    with pytest.raises(NotImplementedError, match="plain function"):
+        plain.kernels(v)
+    assert models.as_model(m) is m

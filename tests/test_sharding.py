@@ -14,14 +14,16 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_enable_x64", True)
     assert len(jax.devices()) == 2, jax.devices()
-    from jaxrecover import attribution as A, models
-    from jaxrecover.experiments import ProtocolConfig, run_protocol
-    f = models.make_logit_fn("lenet")
+    from jaxrecover import models
+    from jaxrecover.engine import data_parallel, explain
+    from jaxrecover.explainers import IG
+    from jaxrecover.protocol import ProtocolConfig, run_protocol
+    f = models.make_model("lenet")
     v = models.init_variables("lenet", jax.random.key(0), jnp.float64)
     x = jax.random.normal(jax.random.key(1), (7, 28, 28, 1), jnp.float64)
     t = jnp.arange(7) % 10
-    one = A.attribute(f, v, x, t, steps=6, chunk_size=3, shard=False)
-    two = A.attribute(f, v, x, t, steps=6, chunk_size=3, shard=True)
+    one = explain(IG(steps=6), f, v, x, t, chunk_size=3, shard=False)
+    two = explain(IG(steps=6), f, v, x, t, chunk_size=3, shard=True)
     assert two.shape == one.shape and two.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(two), np.asarray(one), rtol=1e-12, atol=1e-14)
     cfg = ProtocolConfig(steps=6)
@@ -30,7 +32,7 @@ SCRIPT = textwrap.dedent("""
     for k in r1:
         np.testing.assert_allclose(r2[k], r1[k], rtol=1e-9, atol=1e-14)
     # the chunk really was split across both devices
-    chunk = jax.device_put(x[:4], A.data_parallel()[0])
+    chunk = jax.device_put(x[:4], data_parallel()[0])
     assert len(chunk.sharding.device_set) == 2
     print("SHARDING-OK")
 """)
@@ -50,14 +52,16 @@ WORKER = textwrap.dedent("""
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp, numpy as np
-    from jaxrecover import attribution as A, models
+    from jaxrecover import models
+    from jaxrecover.engine import data_parallel, explain
+    from jaxrecover.explainers import IG
     assert jax.process_count() == 2 and len(jax.devices()) == 4 and len(jax.local_devices()) == 2
-    f = models.make_logit_fn("lenet")
+    f = models.make_model("lenet")
     v = models.init_variables("lenet", jax.random.key(0), jnp.float64)   # the same weights in both processes
     x = jax.random.normal(jax.random.key(1), (9, 28, 28, 1), jnp.float64)
     t = jnp.arange(9) % 10
     mine = slice(0, 5) if pid == 0 else slice(5, 9)   # unequal shares: 5 and 4 examples
-    ig = A.attribute(f, v, x[mine], t[mine], steps=6, chunk_size=2)
+    ig = explain(IG(steps=6), f, v, x[mine], t[mine], chunk_size=2)
     assert ig.shape == (mine.stop - mine.start, 28, 28, 1) and ig.dtype == jnp.float64
     np.save(out, np.asarray(ig))
     print("MULTIHOST-OK", pid)
@@ -87,14 +91,15 @@ def test_two_processes_use_all_devices_and_return_their_own_rows(tmp_path):
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxrecover import attribution as A
+    from jaxrecover.engine import explain
+    from jaxrecover.explainers import IG
     from jaxrecover import models
 
     _run_two_processes(WORKER, "MULTIHOST-OK", lambda i: str(tmp_path / f"ig{i}.npy"))
-    f = models.make_logit_fn("lenet")
+    f = models.make_model("lenet")
     v = models.init_variables("lenet", jax.random.key(0), jnp.float64)
     x = jax.random.normal(jax.random.key(1), (9, 28, 28, 1), jnp.float64)
-    ref = np.asarray(A.attribute(f, v, x, jnp.arange(9) % 10, steps=6, chunk_size=2, shard=False))
+    ref = np.asarray(explain(IG(steps=6), f, v, x, jnp.arange(9) % 10, chunk_size=2, shard=False))
     got = np.concatenate([np.load(tmp_path / "ig0.npy"), np.load(tmp_path / "ig1.npy")])
     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14)
 
@@ -108,8 +113,8 @@ PROTOCOL_WORKER = textwrap.dedent("""
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp, numpy as np
     from jaxrecover import models
-    from jaxrecover.experiments import ProtocolConfig, run_protocol
-    f = models.make_logit_fn("lenet")
+    from jaxrecover.protocol import ProtocolConfig, run_protocol
+    f = models.make_model("lenet")
     v = models.init_variables("lenet", jax.random.key(0), jnp.float64)
     x = np.asarray(jax.random.uniform(jax.random.key(1), (9, 28, 28, 1), jnp.float64))
     y = np.arange(9) % 10
@@ -130,10 +135,10 @@ def test_protocol_in_two_processes_gathers_every_share(tmp_path):
     import numpy as np
 
     from jaxrecover import models
-    from jaxrecover.experiments import ProtocolConfig, run_protocol
+    from jaxrecover.protocol import ProtocolConfig, run_protocol
 
     _run_two_processes(PROTOCOL_WORKER, "PROTOCOL-MULTIHOST-OK", lambda i: str(tmp_path))
-    f = models.make_logit_fn("lenet")
+    f = models.make_model("lenet")
     v = models.init_variables("lenet", jax.random.key(0), jnp.float64)
     x = np.asarray(jax.random.uniform(jax.random.key(1), (9, 28, 28, 1), jnp.float64))
     ref, _ = run_protocol(f, v, x, np.arange(9) % 10, ProtocolConfig(steps=4), chunk_size=2, progress=False,

@@ -1,0 +1,187 @@
+"""IG services as objects: what an attacker queries, and what defences wrap.
+
+A service answers Integrated Gradients for a batch, ``service(x, target,
+steps=None) -> IG[N, ...]``, and declares what an attacker may know or infer:
+its quadrature ``rule``, its step policy (``steps`` is the default, and with
+``fixed_steps`` the only step count it accepts), its ``baseline``, ``dtype``,
+explained ``output`` and ``arithmetic``. It counts ``queries`` (one per
+example answered) and ``evaluations`` (gradient evaluations spent), and
+refuses to answer past an optional query ``budget``.
+
+:class:`SimulatedIGService` is this library's own IG run by the batch engine.
+:class:`ServiceWrapper` is the base of objects that wrap a service (defences,
+logging) and stay services themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..engine import check_input_dtype, explain
+from ..explainers import IG, OUTPUTS, get_rule, num_evaluations, quadrature
+from ..models import as_model
+
+__all__ = ["IGService", "SimulatedIGService", "ServiceWrapper", "QueryBudgetExceeded", "StepCountRefused"]
+
+
+class QueryBudgetExceeded(RuntimeError):
+    """A service refused a request that would exceed its query budget (nothing was answered)."""
+
+
+class StepCountRefused(ValueError):
+    """A service with a fixed step count was asked for another one."""
+
+
+class IGService:
+    """Base of IG services (see the module docstring). Subclasses implement :meth:`_answer`."""
+
+    def __init__(self, *, rule: str = "riemann_right", steps: int = 50, fixed_steps: bool = False, baseline=None,
+                 dtype=jnp.float32, output: str = "logit", budget: int | None = None,
+                 arithmetic: dict[str, str] | None = None):
+        get_rule(rule)
+        quadrature(rule, steps)  # validates the default step count
+        if output not in OUTPUTS:
+            raise ValueError(f"unknown output {output!r}; choose one of: {', '.join(OUTPUTS)}")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, np.integer))
+                                   or budget < 0):
+            raise ValueError(f"budget must be a non-negative int or None, got {budget!r}")
+        self.rule = rule
+        self.steps = int(steps)
+        self.fixed_steps = bool(fixed_steps)
+        self.dtype = jnp.dtype(dtype)
+        self.baseline = None if baseline is None else jnp.asarray(baseline, self.dtype)
+        self.output = output
+        self.budget = budget
+        self.arithmetic = dict(arithmetic or {})
+        self.queries = 0
+        self.evaluations = 0
+
+    # ------------------------------------------------------------------ declared properties
+    def describe(self) -> dict[str, Any]:
+        """What the service declares: rule, step policy, baseline, dtype, output, arithmetic, budget."""
+        return {"service": type(self).__name__, "rule": self.rule, "steps": self.steps,
+                "fixed_steps": self.fixed_steps,
+                "baseline": "zeros" if self.baseline is None else f"array{tuple(self.baseline.shape)}",
+                "dtype": self.dtype.name, "output": self.output, "arithmetic": dict(self.arithmetic),
+                "budget": self.budget, "queries": self.queries, "evaluations": self.evaluations}
+
+    @property
+    def remaining(self) -> int | None:
+        """Queries left before the budget runs out (None: no budget)."""
+        return None if self.budget is None else self.budget - self.queries
+
+    def check_steps(self, steps_list, what: str = "request") -> None:
+        """A clear error when the step counts are refused (fixed step count) or invalid for the rule."""
+        for s in steps_list:
+            if self.fixed_steps and s != self.steps:
+                raise StepCountRefused(
+                    f"{what} asks for {s} steps but this service fixes the step count at {self.steps}; "
+                    f"use a plan that keeps m = {self.steps} (e.g. approx_plan({self.rule!r}, {self.steps}))")
+            quadrature(self.rule, s)
+
+    def reset_counters(self) -> None:
+        """Zero ``queries`` and ``evaluations`` (a new client)."""
+        self.queries = 0
+        self.evaluations = 0
+
+    # ------------------------------------------------------------------ answering
+    def __call__(self, x, target, *, steps: int | None = None) -> jax.Array:
+        """IG answers ``[N, ...]`` for inputs ``x[N, ...]`` and classes ``target[N]``.
+
+        Raises:
+          StepCountRefused: ``steps`` differs from a fixed step count.
+          QueryBudgetExceeded: the batch would exceed the budget (nothing is answered or counted).
+          TypeError: ``x`` is not in the service's dtype.
+        """
+        steps = self.steps if steps is None else steps
+        self.check_steps([steps])
+        x = jnp.asarray(x)
+        if check_input_dtype(x) != self.dtype:
+            raise TypeError(f"this service answers {self.dtype} inputs, got {x.dtype}; cast x")
+        n = int(x.shape[0]) if x.ndim else 0
+        if self.budget is not None and self.queries + n > self.budget:
+            raise QueryBudgetExceeded(
+                f"query budget exhausted: {self.queries} of {self.budget} queries used, this request needs {n}; "
+                "nothing was answered (results so far stay valid)")
+        answers = self._answer(x, target, int(steps))
+        self.queries += n
+        self.evaluations += n * num_evaluations(self.rule, int(steps))
+        return answers
+
+    def _answer(self, x: jax.Array, target, steps: int) -> jax.Array:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        d = self.describe()
+        return f"{d.pop('service')}({', '.join(f'{k}={v!r}' for k, v in d.items() if k != 'arithmetic')})"
+
+
+def _float_dtype(params) -> jnp.dtype:
+    for leaf in jax.tree.leaves(params):
+        if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+            return jnp.asarray(leaf).dtype
+    raise ValueError("the service's params have no floating-point leaves")
+
+
+class SimulatedIGService(IGService):
+    """This library's own IG as a service: :class:`jaxrecover.explainers.IG` run by the batch engine.
+
+    Args:
+      model: a :class:`jaxrecover.models.Model` or ``logit_fn(params, x_one)``.
+      params: the model's variables; their float dtype is the service's dtype.
+      rule, steps, fixed_steps, baseline, output, budget: see :class:`IGService`.
+      chunk_size: passed to :func:`jaxrecover.engine.explain`.
+      factor_stem: IG's affine-stem factorisation (same values up to round-off).
+    """
+
+    def __init__(self, model, params, *, rule: str = "riemann_right", steps: int = 50, fixed_steps: bool = False,
+                 baseline=None, output: str = "logit", budget: int | None = None,
+                 chunk_size: int | str | None = "auto", factor_stem: bool = True):
+        dtype = _float_dtype(params)
+        super().__init__(rule=rule, steps=steps, fixed_steps=fixed_steps, baseline=baseline, dtype=dtype,
+                         output=output, budget=budget,
+                         arithmetic={"nodes": f"float64, rounded once to {dtype.name}",
+                                     "weights": f"float64, rounded once to {dtype.name}",
+                                     "accumulation": dtype.name})
+        self.model = as_model(model)
+        self.params = params
+        self.chunk_size = chunk_size
+        self.factor_stem = bool(factor_stem)
+
+    def _answer(self, x, target, steps):
+        return explain(IG(steps=steps, rule=self.rule, factor_stem=self.factor_stem), self.model, self.params, x,
+                       target, baseline=self.baseline, output=self.output, chunk_size=self.chunk_size)
+
+
+class ServiceWrapper(IGService):
+    """A service that wraps another (defences, logging); by default it answers as the inner one does.
+
+    Declared properties and counters are the inner service's unless a
+    subclass overrides them; ``__call__`` delegates to the inner service.
+    """
+
+    def __init__(self, inner: IGService):
+        if not isinstance(inner, IGService):
+            raise TypeError(f"ServiceWrapper wraps an IGService, got {type(inner).__name__}")
+        self.__dict__["inner"] = inner
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["inner"], name)
+
+    def __setattr__(self, name, value):
+        if name in ("queries", "evaluations") and name not in self.__dict__:
+            setattr(self.inner, name, value)
+        else:
+            self.__dict__[name] = value
+
+    def describe(self) -> dict[str, Any]:
+        d = self.inner.describe()
+        d["wrapped_by"] = [type(self).__name__] + d.get("wrapped_by", [])
+        return d
+
+    def __call__(self, x, target, *, steps: int | None = None):
+        return self.inner(x, target, steps=steps)

@@ -1,0 +1,166 @@
+"""Command-line entry points: ``jaxrecover-train``, ``jaxrecover-evaluate``, ``jaxrecover-demo``.
+
+``train.py`` and ``evaluate.py`` at the repository root call the same functions.
+Each parses its arguments, calls one library function, and turns the library's
+clear errors into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["train_main", "evaluate_main", "demo_main"]
+
+TRAIN_DOC = """Train one of the paper's models (jaxrecover.training.train_and_evaluate).
+
+Example:
+    python train.py --model lenet_nobias --dataset mnist --epochs 15 --seed 0 --out checkpoints/lenet_nobias
+"""
+
+EVALUATE_DOC = """Reproduce the paper's Tables 1-4 and Figures 4-5 (jaxrecover.protocol.evaluate).
+
+Examples:
+    python evaluate.py                                   # all five models, whole test split, float32 and float64
+    python evaluate.py --models lenet resnet18 --n 200 --dtype float64
+    python evaluate.py --dataset fashion_mnist --out results/fashion_mnist
+    python evaluate.py --report-only --out results/mnist  # rebuild report.md from the JSON files
+"""
+
+
+def _train_parser():
+    from .data import DATASETS
+    from .models import MODEL_NAMES
+    from .training import DEFAULT_EPOCHS
+
+    p = argparse.ArgumentParser(prog="jaxrecover-train", description=TRAIN_DOC,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help=f"one of: {', '.join(MODEL_NAMES)}")
+    p.add_argument("--dataset", default="mnist", help=f"one of: {', '.join(DATASETS)} (default: mnist)")
+    p.add_argument("--epochs", type=int, default=None, help=f"default per model: {DEFAULT_EPOCHS}")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (Adam, cosine decay)")
+    p.add_argument("--no-augment", action="store_true", help="turn off random 2-pixel shifts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-train", type=int, default=None, help="use only the first k training images")
+    p.add_argument("--out", required=True, help="checkpoint directory (resumed when it holds a checkpoint)")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if --out has a checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def train_main(argv=None) -> int:
+    """``jaxrecover-train`` / ``python train.py``."""
+    a = _train_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .models import MODEL_NAMES
+    from .training import TrainConfig, train_and_evaluate
+
+    if a.model not in MODEL_NAMES:
+        print(f"error: unknown model {a.model!r}; choose one of: {', '.join(MODEL_NAMES)}", file=sys.stderr)
+        return 2
+    try:
+        cfg = TrainConfig(model=a.model, dataset=a.dataset, epochs=a.epochs, batch_size=a.batch_size,
+                          learning_rate=a.lr, augment=not a.no_augment, seed=a.seed, max_train=a.max_train)
+        result = train_and_evaluate(cfg, a.out, resume=not a.no_resume, progress=not a.quiet)
+    except (DataError, CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last completed epoch's checkpoint is kept; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    m = result["metadata"]
+    print(f"{m['model']} on {m['dataset']} ({m['split']}): test accuracy {100 * m['test_accuracy']:.2f}% "
+          f"after {m['epochs']} epochs, checkpoint in {a.out}")
+    return 0
+
+
+def _evaluate_parser():
+    from .models import MODEL_NAMES
+
+    p = argparse.ArgumentParser(prog="jaxrecover-evaluate", description=EVALUATE_DOC,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODEL_NAMES), help=f"any of: {' '.join(MODEL_NAMES)}")
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--dtype", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
+    p.add_argument("--n", type=int, default=None, help="first N test images (default: all)")
+    p.add_argument("--steps", type=int, default=50, help="m, the IG step count (paper: 50)")
+    p.add_argument("--a", type=float, default=0.98, help="a of Experiment C, in (0, 1) (paper: 0.98)")
+    p.add_argument("--mode", choices=["faithful", "shared"], default="faithful")
+    p.add_argument("--seed", type=int, default=0, help="training seed of checkpoints trained here")
+    p.add_argument("--checkpoints", default="checkpoints", help="directory with one checkpoint per model")
+    p.add_argument("--no-train", action="store_true", help="fail instead of training a missing checkpoint")
+    p.add_argument("--epochs", type=int, default=None, help="epochs for models trained because missing")
+    p.add_argument("--max-train", type=int, default=None, help="training images for models trained here")
+    p.add_argument("--chunk-size", type=int, default=16)
+    p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--bn-batch-stats", action="store_true",
+                   help="ablation (resnet18): BatchNorm on batch statistics, as a PyTorch model left in train() mode")
+    p.add_argument("--out", default=None, help="results directory (default: results/<dataset>)")
+    p.add_argument("--report-only", action="store_true", help="only rebuild report.md from the JSON in --out")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-process run: jax.distributed.initialize() (JAX's cluster auto-detection, e.g. SLURM or "
+                        "Open MPI, or the three options below); each process computes a share of the images, "
+                        "process 0 writes the results. Checkpoints must exist.")
+    p.add_argument("--coordinator", default=None, help="with --distributed: host:port of process 0")
+    p.add_argument("--num-processes", type=int, default=None, help="with --distributed")
+    p.add_argument("--process-id", type=int, default=None, help="with --distributed")
+    return p
+
+
+def evaluate_main(argv=None) -> int:
+    """``jaxrecover-evaluate`` / ``python evaluate.py``."""
+    a = _evaluate_parser().parse_args(argv)
+    import jax
+
+    if a.distributed:
+        try:
+            jax.distributed.initialize(coordinator_address=a.coordinator, num_processes=a.num_processes,
+                                       process_id=a.process_id)
+        except (ValueError, RuntimeError) as e:
+            print(f"error: --distributed could not start ({str(e).splitlines()[0]}); give --coordinator HOST:PORT "
+                  "--num-processes P --process-id I, or run under a cluster JAX detects (SLURM, Open MPI)",
+                  file=sys.stderr)
+            return 2
+    # float64 runs need x64 before any array exists; float32 runs state their dtypes
+    # explicitly, and the metric is then computed in float64 for both.
+    jax.config.update("jax_enable_x64", True)
+    from pathlib import Path
+
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .fileio import atomic_write_text
+    from .protocol import EvalConfig, evaluate, load_results, markdown_report
+
+    out = a.out or f"results/{a.dataset.replace(':', '_').replace('/', '_')}"
+    try:
+        if a.report_only:
+            text = markdown_report(load_results(out))
+            atomic_write_text(Path(out) / "report.md", text)
+            print(text)
+            return 0
+        cfg = EvalConfig(models=tuple(a.models), dataset=a.dataset, dtypes=tuple(a.dtype), n=a.n, steps=a.steps,
+                         a=a.a, mode=a.mode, seed=a.seed, checkpoints=a.checkpoints, out=out,
+                         train_missing=not a.no_train, epochs=a.epochs, max_train=a.max_train,
+                         chunk_size=a.chunk_size, figures=not a.no_figures, bn_batch_stats=a.bn_batch_stats,
+                         command="python evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+        evaluate(cfg, progress=not a.quiet)
+    except (DataError, CheckpointError, ValueError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished chunks are saved; rerun the same command to resume", file=sys.stderr)
+        return 130
+    if jax.process_index() == 0:
+        print((Path(out) / "report.md").read_text())
+    return 0
+
+
+def demo_main(argv=None) -> int:
+    """``jaxrecover-demo`` / ``python -m jaxrecover.demo``."""
+    from .demo import main
+
+    return main(argv)

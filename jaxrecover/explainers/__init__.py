@@ -1,0 +1,14 @@
+"""Explainers: single-example pure functions and the objects the batch engine runs."""
+
+from .gradients import (OUTPUTS, completeness_delta, integrate, integrated_gradients,
+                        integrated_gradients_affine_stem, path_gradients, path_points, select_output,
+                        vanilla_gradient)
+from .methods import IG, VG, Explainer, explainer_dataclass
+from .quadrature import RULES, QuadratureRule, get_rule, num_evaluations, quadrature
+
+__all__ = [
+    "RULES", "QuadratureRule", "get_rule", "quadrature", "num_evaluations",
+    "OUTPUTS", "select_output", "vanilla_gradient", "path_points", "path_gradients", "integrate",
+    "integrated_gradients", "integrated_gradients_affine_stem", "completeness_delta",
+    "Explainer", "VG", "IG", "explainer_dataclass",
+]

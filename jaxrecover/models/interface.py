@@ -1,0 +1,235 @@
+"""The one model interface: :class:`Model`, a pure ``logits = model(params, x)`` for ONE example.
+
+>>> import jax, jax.numpy as jnp
+>>> from jaxrecover import models
+>>> model = models.make_model("twolayer")                # inference mode, fixed once
+>>> params = models.init_variables("twolayer", jax.random.key(0))
+>>> model(params, jnp.zeros((28, 28, 1), jnp.float32)).shape
+(10,)
+
+Everything downstream (explainers, engine, attacks, protocol) sees only a
+``Model`` or a bare function ``logit_fn(params, x_one) -> logits``
+(:func:`as_model` wraps one). A ``Model`` also carries what round-2 methods
+need: the affine first layer (``affine_stem``: IG computes it once per example),
+the kernels of every layer and the activations of one forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import weakref
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .nets import INPUT_SHAPE, get_model
+
+__all__ = ["Model", "StemSplit", "make_model", "as_model", "make_batched_logit_fn", "init_variables",
+           "cast_variables", "check_float_dtype", "param_count", "tree_dtypes"]
+
+Variables = Any
+
+
+class StemSplit(NamedTuple):
+    """``model(v, x) == body(v, stem(v, x))`` for ONE example, with ``stem`` affine in ``x``."""
+
+    stem: Callable[[Variables, jax.Array], jax.Array]
+    body: Callable[[Variables, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+    """A model as pure functions of ``(params, one example)``, in inference mode.
+
+    Hashable by identity, so it can be a static ``jax.jit`` argument: build it
+    once (:func:`make_model` caches one per name) and reuse it, or every new
+    object compiles anew.
+
+    Attributes:
+      logit_fn: ``(params, x[*input_shape]) -> logits[C]``.
+      name: the model's name.
+      affine_stem: the split into an affine first layer and the rest, or None.
+      module: the Flax module behind it (None for a plain function); needed by
+        :meth:`kernels` and :meth:`activations`.
+      input_shape: the shape of one example, or None when unknown.
+    """
+
+    logit_fn: Callable[[Variables, jax.Array], jax.Array]
+    name: str = "custom"
+    affine_stem: StemSplit | None = None
+    module: nn.Module | None = None
+    input_shape: tuple[int, ...] | None = None
+
+    def __call__(self, params: Variables, x: jax.Array) -> jax.Array:
+        return self.logit_fn(params, x)
+
+    def _need_module(self, what: str) -> nn.Module:
+        if self.module is None:
+            raise NotImplementedError(f"{what} needs a Flax model (make_model); {self.name!r} is a plain function")
+        return self.module
+
+    def kernels(self, params: Variables) -> dict[str, jax.Array]:
+        """Every layer's kernel by layer path (``"Conv_0"``, ``"BasicBlock_0/Conv_0"``, ...)."""
+        self._need_module("kernels()")
+        out = {}
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params["params"])[0]:
+            keys = [getattr(k, "key", str(k)) for k in path]
+            if keys[-1] == "kernel":
+                out["/".join(keys[:-1])] = leaf
+        return out
+
+    def activations(self, params: Variables, x: jax.Array) -> dict[str, jax.Array]:
+        """The output of every layer for ONE example ``x``, by layer path (inference mode).
+
+        Layer outputs are pre-activation (a Dense/Conv output includes its bias;
+        ReLU is not a layer). ``"logits"`` is the model's output.
+        """
+        module = self._need_module("activations()")
+        _check_input(params, x, batched=False)
+        logits, state = module.apply(params, x[None], train=False, capture_intermediates=True,
+                                     mutable=["intermediates"])
+        out = {}
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]:
+            keys = [k.key for k in path if hasattr(k, "key") and k.key != "__call__"]
+            if keys:  # the top-level module's own output is "logits" below
+                out["/".join(keys)] = leaf[0]
+        out["logits"] = logits[0]
+        return out
+
+
+def _check_input(variables, x, batched: bool):
+    want = (None, *INPUT_SHAPE) if batched else INPUT_SHAPE
+    shape = tuple(x.shape)
+    if len(shape) != len(want) or any(w is not None and s != w for s, w in zip(shape, want)):
+        form = "(N, 28, 28, 1)" if batched else "(28, 28, 1)"
+        raise ValueError(f"expected input of shape {form} (NHWC), got {shape}; "
+                         "normalise uint8 images with jaxrecover.data.normalize")
+    pdtype = jax.tree.leaves(variables["params"])[0].dtype
+    if x.dtype != pdtype:
+        raise TypeError(f"input dtype {x.dtype} differs from the parameters' {pdtype}; "
+                        f"cast the input (x.astype({pdtype})) or the variables (cast_variables)")
+
+
+@functools.lru_cache(maxsize=None)
+def _model_by_name(name: str) -> Model:
+    return _build(get_model(name), name)
+
+
+def _build(module: nn.Module, name: str) -> Model:
+    def logit_fn(variables, x):
+        _check_input(variables, x, batched=False)
+        return module.apply(variables, x[None], train=False)[0]
+
+    def stem(variables, x):
+        _check_input(variables, x, batched=False)
+        return module.apply(variables, x[None], train=False, part="stem")[0]
+
+    def body(variables, h):
+        return module.apply(variables, h[None], train=False, part="body")[0]
+
+    return Model(logit_fn, name=name, affine_stem=StemSplit(stem, body), module=module, input_shape=INPUT_SHAPE)
+
+
+def make_model(model: nn.Module | str) -> Model:
+    """The :class:`Model` of a built-in model (by name, cached: the same object each time) or a Flax module.
+
+    Inference mode is fixed here (BatchNorm on its running statistics); there
+    is no ``train()``/``eval()`` toggle anywhere downstream. A module must take
+    ``(x, train=..., part=...)`` like :mod:`jaxrecover.models.nets`.
+    """
+    if isinstance(model, str):
+        return _model_by_name(model)
+    if isinstance(model, nn.Module):
+        return _build(model, type(model).__name__)
+    raise TypeError(f"make_model takes a model name or a Flax module, got {type(model).__name__}")
+
+
+_WRAPPED: "weakref.WeakKeyDictionary[Callable, Model]" = weakref.WeakKeyDictionary()
+
+
+def as_model(model: Model | Callable) -> Model:
+    """``model`` itself, or a plain ``logit_fn(params, x_one)`` wrapped as a :class:`Model` (once per function)."""
+    if isinstance(model, Model):
+        return model
+    if not callable(model):
+        raise TypeError(f"expected a jaxrecover Model or a function logit_fn(params, x), got {type(model).__name__}")
+    try:
+        return _WRAPPED[model]
+    except (KeyError, TypeError):
+        wrapped = Model(model, name=getattr(model, "__name__", "custom"))
+        try:
+            _WRAPPED[model] = wrapped
+        except TypeError:  # not weak-referenceable: no caching (compiles per wrapper)
+            pass
+        return wrapped
+
+
+def make_batched_logit_fn(model: nn.Module | str) -> Callable[[Variables, jax.Array], jax.Array]:
+    """``logit_fn(variables, x[N, 28, 28, 1]) -> logits[N, 10]`` in inference mode (training and accuracy)."""
+    if isinstance(model, str):
+        model = get_model(model)
+
+    def logit_fn(variables, x):
+        _check_input(variables, x, batched=True)
+        return model.apply(variables, x, train=False)
+
+    return logit_fn
+
+
+def init_variables(model: nn.Module | str, key: jax.Array, dtype=jnp.float32) -> Variables:
+    """Initialise ``{'params': ..., ['batch_stats': ...]}`` in ``dtype``."""
+    if isinstance(model, str):
+        model = get_model(model)
+    variables = model.init(key, jnp.zeros((1, *INPUT_SHAPE), jnp.float32), train=False)
+    return cast_variables(dict(variables), dtype)
+
+
+def check_float_dtype(dtype) -> jnp.dtype:
+    """Validate a float dtype request; float64 needs ``jax_enable_x64``."""
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}") from None
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise RuntimeError(
+            "float64 was requested but jax_enable_x64 is off, so JAX would silently compute in float32. "
+            "Enable it first: jax.config.update('jax_enable_x64', True) at start-up, "
+            "the environment variable JAX_ENABLE_X64=1, or `with jax.enable_x64(True):`."
+        )
+    return dtype
+
+
+def cast_variables(variables: Variables, dtype) -> Variables:
+    """Cast every floating leaf (params and BatchNorm statistics) to ``dtype``.
+
+    Raises:
+      RuntimeError: float64 requested while ``jax_enable_x64`` is off.
+    """
+    dtype = check_float_dtype(dtype)
+
+    def cast(a):
+        a = jnp.asarray(a)
+        return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    out = jax.tree.map(cast, variables)
+    bad = {d for d in tree_dtypes(out) if jnp.issubdtype(d, jnp.floating) and d != dtype}
+    if bad:
+        raise AssertionError(f"cast_variables left leaves in {bad}")
+    return out
+
+
+def tree_dtypes(tree) -> set:
+    """The set of dtypes of a pytree's leaves."""
+    return {jnp.asarray(leaf).dtype for leaf in jax.tree.leaves(tree)}
+
+
+def param_count(variables: Variables) -> int:
+    """Number of trainable parameters (the ``params`` collection)."""
+    return int(sum(np.prod(np.shape(a)) for a in jax.tree.leaves(variables["params"])))

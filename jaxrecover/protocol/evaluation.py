@@ -1,0 +1,224 @@
+"""``evaluate(config)``: the paper's Tables 1-4 and Figures 4-5 for trained models.
+
+For each model and dtype it loads (or trains) a checkpoint, runs the protocol
+of :mod:`jaxrecover.experiments` on the first N test images, and writes
+
+* ``OUT/<model>_<dtype>_<mode>_n<N>_m<m>.json`` - one file per run;
+* ``OUT/fig4_<dtype>.png`` and ``OUT/fig5_<dtype>.png`` - the figures;
+* ``OUT/report.md`` - the tables, ours beside the paper's, built from the JSON.
+
+Runs resume: distances are saved after every chunk to a ``.partial.npz``
+beside the JSON. A run whose JSON exists is reused only when it was computed
+from the same weights (SHA-256 of the variables), data and settings; otherwise
+it is recomputed and replaced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import __version__
+from ..checkpoint import CheckpointError, checkpoint_exists
+from ..data import load_dataset, normalize
+from ..engine import agreed
+from ..fileio import atomic_save_npz, atomic_write_text
+from ..models import MODEL_NAMES, cast_variables, check_float_dtype, get_model, make_model
+from ..training import TrainConfig, load_trained, train_and_evaluate
+from .ablation import batchstats_protocol_chunk, make_batchstats_logit_fn
+from .experiments import (PAPER, RULE, ProtocolConfig, experiments_for, explain_examples, machine_info,
+                          path_gradient_norms, run_protocol, summarize_results, weights_digest)
+from .report import load_results, markdown_report
+
+__all__ = ["EvalConfig", "evaluate"]
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """What ``evaluate`` runs. ``n=None`` is the whole test split."""
+
+    models: tuple[str, ...] = MODEL_NAMES
+    dataset: str = "mnist"
+    dtypes: tuple[str, ...] = ("float32", "float64")
+    n: int | None = None
+    steps: int = 50
+    a: float = 0.98
+    mode: str = "faithful"
+    seed: int = 0
+    checkpoints: str = "checkpoints"
+    out: str = "results"
+    train_missing: bool = True
+    epochs: int | None = None  # for models trained because their checkpoint is missing
+    max_train: int | None = None
+    chunk_size: int = 16
+    figures: bool = True
+    fig4_examples: int = 2
+    fig5_n: int = 100
+    bn_batch_stats: bool = False  # ablation: BatchNorm on batch statistics (models with BatchNorm only)
+    command: str = ""
+
+
+def _checkpoint_dir(cfg: EvalConfig, model: str) -> Path:
+    suffix = "" if cfg.dataset == "mnist" else "_" + cfg.dataset.replace(":", "_").replace("/", "_")
+    return Path(cfg.checkpoints) / f"{model}{suffix}"
+
+
+def _load_or_train(cfg: EvalConfig, model: str, dataset, progress: bool):
+    ckpt = _checkpoint_dir(cfg, model)
+    if not checkpoint_exists(ckpt):
+        if jax.process_count() > 1:
+            raise CheckpointError(f"no checkpoint for {model} in {ckpt}; a multi-process evaluation does not train: "
+                                  f"train it first in one process (python train.py --model {model} --out {ckpt})")
+        if not cfg.train_missing:
+            raise CheckpointError(f"no checkpoint for {model} in {ckpt}; train it (python train.py --model {model} "
+                                  f"--out {ckpt}) or drop --no-train")
+        train_and_evaluate(TrainConfig(model=model, dataset=cfg.dataset, epochs=cfg.epochs, seed=cfg.seed,
+                                       max_train=cfg.max_train), ckpt, dataset=dataset, progress=progress)
+    return load_trained(ckpt)
+
+
+def _run_name(cfg: EvalConfig, model: str, dtype: str, n: int) -> str:
+    return f"{model}_{dtype}_{cfg.mode}_n{n}_m{cfg.steps}" + ("_bnbatch" if cfg.bn_batch_stats else "")
+
+
+def _settings(cfg: EvalConfig, model: str, dtype: str, ds, n: int, variables, x, y) -> dict[str, Any]:
+    """Everything that changes a run's numbers: a stored result is reused only when all of it is equal."""
+    data = hashlib.sha256(np.ascontiguousarray(x).tobytes() + np.asarray(y, np.int64).tobytes()).hexdigest()
+    return {"model": model, "dataset": ds.name, "split": ds.split, "n": n, "dtype": dtype, "mode": cfg.mode,
+            "steps": cfg.steps, "a": cfg.a, "rule": RULE, "output": "logit", "bn_batch_stats": cfg.bn_batch_stats,
+            "weights_sha256": weights_digest(variables), "inputs_sha256": data}
+
+
+def _stored(path: Path, settings: dict) -> dict | None:
+    """The stored result at ``path`` if it was computed with exactly ``settings`` (else None: recompute)."""
+    if not path.exists():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return rec if rec.get("settings") == settings else None
+
+
+def evaluate(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
+    """Run every (model, dtype) of ``cfg``; returns the result records (also written as JSON)."""
+    for m in cfg.models:
+        get_model(m)
+        ProtocolConfig(experiments=experiments_for(m), mode=cfg.mode, steps=cfg.steps, a=cfg.a)  # validates
+    for d in cfg.dtypes:
+        check_float_dtype(d)
+    if cfg.n is not None and (isinstance(cfg.n, bool) or not isinstance(cfg.n, int) or cfg.n < 1):
+        raise ValueError(f"n must be a positive number of test images (or None for all), got {cfg.n!r}")
+    if cfg.bn_batch_stats:
+        no_bn = [m for m in cfg.models if m != "resnet18"]
+        if no_bn:
+            raise ValueError(f"--bn-batch-stats is an ablation for models with BatchNorm (resnet18), not {no_bn}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = load_dataset(cfg.dataset)
+    if len(ds.test_images) == 0:
+        raise ValueError(f"dataset {ds.name} has no test images")
+    n = len(ds.test_images) if cfg.n is None else min(cfg.n, len(ds.test_images))
+    records, fig4, fig5 = [], {}, {}
+    for model_name in cfg.models:
+        name, variables32, meta = _load_or_train(cfg, model_name, ds, progress)
+        model = make_model(model_name)
+        pcfg = ProtocolConfig(experiments=experiments_for(model_name), steps=cfg.steps, a=cfg.a, mode=cfg.mode)
+        chunk_fn, mode = None, cfg.mode
+        if cfg.bn_batch_stats:
+            bs_fn = make_batchstats_logit_fn(get_model(model_name))
+            chunk_fn = functools.partial(_batchstats_distances, bs_fn, steps=cfg.steps, a=cfg.a)
+            mode = "bn-batch-stats"
+        for dtype in cfg.dtypes:
+            path = out / (_run_name(cfg, model_name, dtype, n) + ".json")
+            variables = cast_variables(variables32, dtype)
+            x_all = normalize(ds.test_images[:n], np.dtype(dtype))
+            y_all = ds.test_labels[:n]
+            settings = _settings(cfg, model_name, dtype, ds, n, variables, x_all, y_all)
+            rec = _stored(path, settings)
+            if not agreed(rec is not None):
+                t0 = time.time()
+                dists, seconds = run_protocol(model, variables, x_all, y_all, pcfg, chunk_size=cfg.chunk_size,
+                                              partial_path=path.with_suffix(".partial.npz"), progress=progress,
+                                              desc=f"{model_name} {dtype}", chunk_fn=chunk_fn, tag=mode)
+                k5 = min(cfg.fig5_n, n)
+                if cfg.bn_batch_stats:  # gradient norms of the batch-coupled points, as the ablation sees them
+                    norms = np.asarray(batchstats_protocol_chunk(
+                        make_batchstats_logit_fn(get_model(model_name)), variables, jnp.asarray(x_all[:k5]),
+                        jnp.asarray(y_all[:k5], jnp.int32), cfg.steps, cfg.a)[1], np.float64)
+                else:
+                    norms = np.asarray(path_gradient_norms(model, variables, x_all[:k5], y_all[:k5], cfg.steps),
+                                       np.float64)
+                rec = {
+                    "model": model_name, "dataset": ds.name, "split": ds.split, "n": n, "dtype": dtype,
+                    "mode": mode, "steps": cfg.steps, "a": cfg.a, "seed": cfg.seed, "rule": RULE,
+                    "output": "logit of the true label", "baseline": "zeros",
+                    "metric_dtype": "float64" if jax.config.jax_enable_x64 else dtype,
+                    "version": __version__, "checkpoint": str(_checkpoint_dir(cfg, model_name)),
+                    "test_accuracy": meta["test_accuracy"], "train_epochs": meta["epochs"],
+                    "gradient_evaluations_per_image": pcfg.evaluations_per_image,
+                    "batchnorm": ("batch statistics (ablation: m path points of one image form one batch, "
+                                  f"VG over chunks of {cfg.chunk_size} test images)") if cfg.bn_batch_stats
+                                 else "inference (running statistics)",
+                    "wall_seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "elapsed_seconds_this_session": round(time.time() - t0, 2),
+                    "machine": machine_info(), "command": cfg.command,
+                    "results": summarize_results(dists),
+                    "paper": {e: PAPER[e].get(model_name) for e in pcfg.experiments},
+                    "fig5": _fig5_summary(norms),
+                    "distances_sha256": _digest(dists),
+                    "settings": settings,
+                }
+                if jax.process_index() == 0:  # multi-process runs: every process holds all distances, one writes
+                    atomic_save_npz(path.with_suffix(".distances.npz"), compressed=True, **dists)
+                    atomic_write_text(path, json.dumps(rec, indent=2, sort_keys=True))
+                    path.with_suffix(".partial.npz").unlink(missing_ok=True)
+                if jax.process_count() > 1:  # each process's resume file (run_protocol's multi-process shares)
+                    Path(f"{path.with_suffix('.partial.npz')}.p{jax.process_index()}of{jax.process_count()}").unlink(
+                        missing_ok=True)
+            records.append(rec)
+            fig5[(model_name, dtype)] = rec["fig5"]
+            if cfg.figures and not cfg.bn_batch_stats:
+                k4 = min(cfg.fig4_examples, n)
+                fig4[(model_name, dtype)] = (x_all[:k4], jax.device_get(explain_examples(
+                    model, variables, x_all[:k4], y_all[:k4], pcfg)))
+    if jax.process_index() != 0:
+        return records
+    if cfg.figures:
+        from .figures import figure4, figure5
+
+        for dtype in cfg.dtypes:
+            figure4({k[0]: v for k, v in fig4.items() if k[1] == dtype}, out / f"fig4_{dtype}.png", dtype,
+                    cfg.steps, cfg.a)
+            figure5({k[0]: v for k, v in fig5.items() if k[1] == dtype}, out / f"fig5_{dtype}.png", dtype)
+    atomic_write_text(out / "report.md", markdown_report(load_results(out)))
+    return records
+
+
+def _batchstats_distances(bs_fn, params, xs, ts, *, steps, a):
+    return batchstats_protocol_chunk(bs_fn, params, xs, ts, steps, a)[0]
+
+
+def _digest(dists):
+    h = hashlib.sha256()
+    for k in sorted(dists):
+        h.update(np.asarray(dists[k], np.float64).tobytes())
+    return h.hexdigest()
+
+
+def _fig5_summary(norms: np.ndarray) -> dict:
+    """Median and quartiles of ||grad f(i/m x)|| over images, and the end-to-peak ratio."""
+    q25, med, q75 = np.quantile(norms, [0.25, 0.5, 0.75], axis=0)
+    ratio = norms[:, -1] / norms.max(axis=1)
+    return {"i": list(range(1, norms.shape[1] + 1)), "median": med.tolist(), "q25": q25.tolist(),
+            "q75": q75.tolist(), "n_images": int(norms.shape[0]),
+            "end_over_max_median": float(np.median(ratio)), "end_over_max_min": float(ratio.min())}
