@@ -5,13 +5,20 @@ Layout of a checkpoint directory ``DIR``::
     DIR/checkpoint/state/        Orbax StandardCheckpointer tree (variables, opt_state, step, epoch)
     DIR/checkpoint/metadata.json model, dataset, split, seed, epochs, test accuracy, version, ...
 
-A save writes ``DIR/checkpoint.tmp-*`` completely and then swaps it in with
-renames, so an interrupted save leaves the previous checkpoint intact and never
-a half-written one.
+A save writes ``DIR/checkpoint.tmp-*`` completely (``metadata.json`` last, so a
+temporary folder with metadata is complete) and then swaps it in with two
+renames. A kill at any point leaves the old or the new checkpoint: between the
+two renames ``DIR/checkpoint`` is briefly missing, and the next access restores
+it from the complete new one (or the old one) and removes leftovers.
+
+The metadata holds a SHA-256 of the saved state (:func:`tree_sha256`), checked
+on every load: a flipped bit is an error naming the file, never silently
+damaged weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,7 +29,8 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_metadata", "checkpoint_exists"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_metadata", "checkpoint_exists",
+           "tree_sha256"]
 
 REQUIRED_METADATA = ("model", "dataset", "split", "seed", "epochs", "test_accuracy", "version")
 
@@ -31,8 +39,36 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt."""
 
 
+def tree_sha256(tree) -> str:
+    """SHA-256 of a pytree: its structure and every leaf's dtype, shape and bytes."""
+    h = hashlib.sha256(str(jax.tree.structure(tree)).encode())
+    for leaf in jax.tree.leaves(tree):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def _ckpt(path: str | os.PathLike) -> Path:
-    return Path(path).expanduser().absolute() / "checkpoint"
+    root = Path(path).expanduser().absolute()
+    _repair(root)
+    return root / "checkpoint"
+
+
+def _repair(root: Path) -> None:
+    """Finish or undo a save that was killed between its renames, and remove leftovers of killed saves."""
+    if not root.is_dir():
+        return
+    final = root / "checkpoint"
+    tmps = sorted(root.glob("checkpoint.tmp-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    olds = sorted(root.glob("checkpoint.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    if not final.exists():
+        complete = [p for p in tmps + olds if (p / "metadata.json").exists() and (p / "state").is_dir()]
+        if complete:  # the newest complete new one, else the old one
+            os.replace(complete[0], final)
+    for p in tmps + olds:
+        if p.exists():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def checkpoint_exists(path: str | os.PathLike) -> bool:
@@ -52,15 +88,20 @@ def save_checkpoint(path: str | os.PathLike, state: Any, metadata: dict) -> Path
     if missing:
         raise ValueError(f"checkpoint metadata lacks {missing}")
     root = Path(path).expanduser().absolute()
+    if root.exists() and not root.is_dir():
+        raise CheckpointError(f"checkpoint path {root} is a file, not a directory; choose another --out")
     root.mkdir(parents=True, exist_ok=True)
     final = _ckpt(root)
     tmp = root / f"checkpoint.tmp-{uuid.uuid4().hex[:8]}"
+    state = jax.device_get(state)
+    metadata = {**metadata, "state_sha256": tree_sha256(state)}
     try:
         tmp.mkdir()
         ckptr = _checkpointer()
-        ckptr.save(tmp / "state", jax.device_get(state))
+        ckptr.save(tmp / "state", state)
         ckptr.wait_until_finished()
         ckptr.close()
+        # metadata last: a temporary folder holding it is complete (see _repair)
         (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True, default=_json_default))
         old = root / f"checkpoint.old-{uuid.uuid4().hex[:8]}"
         if final.exists():
@@ -89,7 +130,9 @@ def load_metadata(path: str | os.PathLike) -> dict:
                               f"'python train.py --model NAME --out {path}'")
     try:
         metadata = json.loads(meta.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        if not isinstance(metadata, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"checkpoint metadata {meta} is corrupt ({e}); retrain or restore it") from e
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
@@ -113,9 +156,18 @@ def load_checkpoint(path: str | os.PathLike, target: Any) -> tuple[Any, dict]:
         ckptr = _checkpointer()
         state = ckptr.restore(state_dir, abstract)
         ckptr.close()
-    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
         raise CheckpointError(
             f"checkpoint state in {state_dir} could not be restored ({type(e).__name__}: {str(e)[:300]}); "
             "it is corrupt or belongs to another model; retrain it"
         ) from e
+    want = metadata.get("state_sha256")
+    if want is None:  # written before jaxrecover 0.2: usable, but say that it is unchecked
+        import warnings
+
+        warnings.warn(f"checkpoint {state_dir.parent} predates state checksums (jaxrecover < 0.2): its integrity "
+                      "is not checked; retrain it to add one", RuntimeWarning, stacklevel=2)
+    elif tree_sha256(state) != want:
+        raise CheckpointError(f"checkpoint state in {state_dir} does not match its SHA-256 (a damaged file); "
+                              "retrain it or restore it from a backup")
     return state, metadata

@@ -64,7 +64,7 @@ def train_main(argv=None) -> int:
         cfg = TrainConfig(model=a.model, dataset=a.dataset, epochs=a.epochs, batch_size=a.batch_size,
                           learning_rate=a.lr, augment=not a.no_augment, seed=a.seed, max_train=a.max_train)
         result = train_and_evaluate(cfg, a.out, resume=not a.no_resume, progress=not a.quiet)
-    except (DataError, CheckpointError, ValueError, OSError) as e:
+    except (DataError, CheckpointError, ValueError, FloatingPointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -121,6 +121,14 @@ class Dataset:
                 raise DataError(f"{part}_images must be uint8 (N, H, W), got {images.dtype} {images.shape}")
             if labels.dtype != np.int32 or labels.shape != images.shape[:1]:
                 raise DataError(f"{part}_labels must be int32 ({images.shape[0]},), got {labels.dtype} {labels.shape}")
+            if images.shape[1:] != (28, 28):
+                raise DataError(f"{self.name}: {part} images are {images.shape[1]}x{images.shape[2]}, but the models "
+                                "take 28x28 grayscale images; resize them first")
+            if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise DataError(f"{self.name}: {part} labels range from {labels.min()} to {labels.max()}, outside "
+                                f"0..{self.num_classes - 1}; fix the label file")
+        if len(self.test_images) == 0:
+            raise DataError(f"{self.name} has no test images; evaluation and accuracy need some")
 
 
 def cache_dir() -> Path:

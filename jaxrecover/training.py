@@ -7,6 +7,7 @@ CLI over it. Training resumes from ``workdir`` when a checkpoint is there.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,22 @@ class TrainConfig:
     seed: int = 0
     max_train: int | None = None  # use only the first k training images (tests, demos)
     max_test: int | None = None
+
+    def __post_init__(self):
+        def positive_int(name, value, allow_none=False):
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        positive_int("epochs", self.epochs, allow_none=True)
+        positive_int("batch_size", self.batch_size)
+        positive_int("max_train", self.max_train, allow_none=True)
+        positive_int("max_test", self.max_test, allow_none=True)
+        if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning rate must be a positive finite number, got {self.learning_rate!r}")
+        if not (np.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a non-negative finite number, got {self.weight_decay!r}")
 
     def resolved_epochs(self) -> int:
         return DEFAULT_EPOCHS.get(self.model, 10) if self.epochs is None else int(self.epochs)
@@ -79,9 +96,12 @@ def make_train_step(model, optimizer, augment: bool, fill: float):
         params = variables["params"]
         other = {k: v for k, v in variables.items() if k != "params"}
         (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, other, x, y)
-        upd, opt_state = optimizer.update(grads, opt_state, params)
+        # optax mixes its int32 step count with Python floats (bias correction, schedule): its own arithmetic
+        # needs standard promotion, even where callers (the tests) make everything else "strict"
+        with jax.numpy_dtype_promotion("standard"):
+            upd, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, upd)
-        acc = jnp.mean(jnp.argmax(logits, -1) == y)
+        acc = jnp.mean(jnp.argmax(logits, -1).astype(y.dtype) == y)
         return {"params": params, **other, **updates}, opt_state, loss, acc
 
     return step
@@ -93,7 +113,7 @@ def accuracy(model, variables, images: np.ndarray, labels: np.ndarray, batch_siz
     correct = 0
     for i in range(0, len(images), batch_size):
         logits = logit_fn(variables, jnp.asarray(images[i : i + batch_size]))
-        correct += int(jnp.sum(jnp.argmax(logits, -1) == jnp.asarray(labels[i : i + batch_size])))
+        correct += int(np.sum(np.asarray(jnp.argmax(logits, -1)) == np.asarray(labels[i : i + batch_size])))
     return correct / max(1, len(images))
 
 
@@ -134,14 +154,19 @@ def train_and_evaluate(
     bs = min(config.batch_size, len(xtr))
     steps_per_epoch = len(xtr) // bs
     epochs = config.resolved_epochs()
+    if len(xtr) == 0 or len(xte) == 0:
+        raise ValueError(f"dataset {ds.name} has {len(xtr)} training and {len(xte)} test images; both must be > 0")
+    _check_writable(Path(workdir))
     model, optimizer, state = _initial_state(config, steps_per_epoch)
     elapsed = 0.0
     if resume and checkpoint_exists(workdir):
         meta = load_metadata(workdir)
-        for key, want in (("model", config.model), ("dataset", ds.name), ("split", ds.split)):
-            if meta[key] != want:
-                raise CheckpointError(f"checkpoint in {workdir} is for {key}={meta[key]!r}, not {want!r}; "
-                                      "use another --out or --no-resume")
+        current = _metadata(config, ds, 0, 0.0, len(xtr), len(xte), 0.0, 0.0)
+        for key in RESUME_KEYS:
+            if key in meta and meta[key] != current[key]:
+                raise CheckpointError(f"checkpoint in {workdir} was trained with {key}={meta[key]!r}, not "
+                                      f"{current[key]!r}; resume with the same settings, or use another --out or "
+                                      "--no-resume")
         state, meta = load_checkpoint(workdir, state)
         elapsed = float(meta.get("train_seconds", 0.0))
     fill = float(normalize(np.zeros((1, 1), np.uint8))[0, 0, 0])
@@ -165,9 +190,13 @@ def train_and_evaluate(
             accs.append(acc)
             if i % 10 == 0 or i == steps_per_epoch - 1:
                 bar.set_postfix(loss=f"{float(loss):.4f}", acc=f"{float(acc):.3f}")
+        train_loss = float(jnp.mean(jnp.stack(losses)))
+        if not np.isfinite(train_loss) or not all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(variables)):
+            raise FloatingPointError(
+                f"{config.model} epoch {epoch + 1}: the loss or the weights became NaN/inf (learning rate "
+                f"{config.learning_rate}); nothing of this epoch was saved; lower --lr")
         test_acc = accuracy(model, variables, xte, yte)
         elapsed += time.perf_counter() - t0
-        train_loss = float(jnp.mean(jnp.stack(losses)))
         if progress:
             tqdm.write(f"{config.model} epoch {epoch + 1}/{epochs}: loss {train_loss:.4f} "
                        f"train acc {float(jnp.mean(jnp.stack(accs))):.4f} test acc {test_acc:.4f}")
@@ -178,6 +207,24 @@ def train_and_evaluate(
         meta = load_checkpoint(workdir, state)[1] if checkpoint_exists(workdir) else _metadata(
             config, ds, start_epoch, test_acc, len(xtr), len(xte), elapsed, float("nan"))
     return {"model": model, "variables": variables, "metadata": meta}
+
+
+#: Settings a resumed run must share with the checkpoint (else its provenance would be wrong).
+RESUME_KEYS = ("model", "dataset", "split", "seed", "batch_size", "learning_rate", "weight_decay", "augment",
+               "max_train", "max_test")
+
+
+def _check_writable(workdir: Path) -> None:
+    """Fail before any training when the checkpoint folder cannot be written."""
+    if workdir.exists() and not workdir.is_dir():
+        raise CheckpointError(f"--out {workdir} is a file, not a directory; choose another path")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoints to {workdir} ({e.strerror}); choose a writable --out") from e
 
 
 def _metadata(config, ds, epochs_done, test_acc, n_train, n_test, seconds, train_loss) -> dict:
@@ -203,9 +250,17 @@ def _metadata(config, ds, epochs_done, test_acc, n_train, n_test, seconds, train
     }
 
 
-def load_trained(workdir: str | Path) -> tuple[str, Any, dict]:
-    """``(model_name, float32 variables, metadata)`` of a checkpoint written by :func:`train_and_evaluate`."""
+def load_trained(workdir: str | Path, model: str | None = None) -> tuple[str, Any, dict]:
+    """``(model_name, float32 variables, metadata)`` of a checkpoint written by :func:`train_and_evaluate`.
+
+    Args:
+      workdir: the checkpoint directory.
+      model: the model expected there; another model's checkpoint is an error.
+    """
     meta = load_metadata(workdir)
+    if model is not None and meta["model"] != model:
+        raise CheckpointError(f"checkpoint {workdir} holds a {meta['model']!r} model, not {model!r}; "
+                              f"point to the {model} checkpoint (python train.py --model {model} --out DIR)")
     cfg = TrainConfig(model=meta["model"], learning_rate=meta.get("learning_rate", 1e-3),
                       weight_decay=meta.get("weight_decay", 0.0))
     try:

@@ -3,12 +3,12 @@
 from .ablation import batchstats_protocol_chunk, make_batchstats_logit_fn
 from .evaluation import EvalConfig, evaluate
 from .experiments import (EXPERIMENTS, PAPER, RULE, ProtocolConfig, experiments_for, explain_examples,
-                          path_gradient_norms, protocol_chunk, protocol_one, run_protocol, weights_digest)
+                          path_gradient_norms, protocol_chunk, protocol_one, run_protocol)
 from .report import load_results, markdown_report
 
 __all__ = [
     "EXPERIMENTS", "PAPER", "RULE", "ProtocolConfig", "experiments_for", "protocol_one", "protocol_chunk",
-    "run_protocol", "path_gradient_norms", "explain_examples", "weights_digest",
+    "run_protocol", "path_gradient_norms", "explain_examples"
     "make_batchstats_logit_fn", "batchstats_protocol_chunk",
     "EvalConfig", "evaluate", "load_results", "markdown_report",
 ]

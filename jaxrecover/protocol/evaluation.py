@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import __version__
-from ..checkpoint import CheckpointError, checkpoint_exists
+from ..checkpoint import CheckpointError, checkpoint_exists, tree_sha256
 from ..data import load_dataset, normalize
 from ..engine import agreed
 from ..fileio import atomic_save_npz, atomic_write_text
@@ -36,7 +36,7 @@ from ..models import MODEL_NAMES, cast_variables, check_float_dtype, get_model, 
 from ..training import TrainConfig, load_trained, train_and_evaluate
 from .ablation import batchstats_protocol_chunk, make_batchstats_logit_fn
 from .experiments import (PAPER, RULE, ProtocolConfig, experiments_for, explain_examples, machine_info,
-                          path_gradient_norms, run_protocol, summarize_results, weights_digest)
+                          path_gradient_norms, run_protocol, summarize_results)
 from .report import load_results, markdown_report
 
 __all__ = ["EvalConfig", "evaluate"]
@@ -83,7 +83,7 @@ def _load_or_train(cfg: EvalConfig, model: str, dataset, progress: bool):
                                   f"--out {ckpt}) or drop --no-train")
         train_and_evaluate(TrainConfig(model=model, dataset=cfg.dataset, epochs=cfg.epochs, seed=cfg.seed,
                                        max_train=cfg.max_train), ckpt, dataset=dataset, progress=progress)
-    return load_trained(ckpt)
+    return load_trained(ckpt, model=model)
 
 
 def _run_name(cfg: EvalConfig, model: str, dtype: str, n: int) -> str:
@@ -95,7 +95,7 @@ def _settings(cfg: EvalConfig, model: str, dtype: str, ds, n: int, variables, x,
     data = hashlib.sha256(np.ascontiguousarray(x).tobytes() + np.asarray(y, np.int64).tobytes()).hexdigest()
     return {"model": model, "dataset": ds.name, "split": ds.split, "n": n, "dtype": dtype, "mode": cfg.mode,
             "steps": cfg.steps, "a": cfg.a, "rule": RULE, "output": "logit", "bn_batch_stats": cfg.bn_batch_stats,
-            "weights_sha256": weights_digest(variables), "inputs_sha256": data}
+            "weights_sha256": tree_sha256(variables), "inputs_sha256": data}
 
 
 def _stored(path: Path, settings: dict) -> dict | None:

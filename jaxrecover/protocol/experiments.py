@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import ops
+from ..checkpoint import tree_sha256
 from ..attacks import (QueryPlan, approx_plan, nobias_plan, paper_plan, query_input, recover_eq2, recover_eq3,
                        recover_eq4)
 from ..engine import (allgather_float64, auto_micro_batch, check_input_dtype, chunk_length, data_parallel,
@@ -61,7 +62,6 @@ __all__ = [
     "run_protocol",
     "path_gradient_norms",
     "explain_examples",
-    "weights_digest",
     "machine_info",
     "summarize_results",
 ]
@@ -253,16 +253,6 @@ def path_gradient_norms(model, params, x, target, steps: int = 50, output: str =
 # --------------------------------------------------------------------------- running, resuming
 
 
-def weights_digest(params) -> str:
-    """SHA-256 of a variable tree: its structure, every leaf's dtype, shape and bytes."""
-    h = hashlib.sha256(str(jax.tree.structure(params)).encode())
-    for leaf in jax.tree.leaves(params):
-        a = np.ascontiguousarray(np.asarray(leaf))
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
 def machine_info() -> dict:
     dev = jax.devices()[0]
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -335,7 +325,7 @@ def run_protocol(
 
     dtype = check_input_dtype(x)
     n = len(x)
-    fp = hashlib.sha256(weights_digest(params).encode() + np.ascontiguousarray(x).tobytes()
+    fp = hashlib.sha256(tree_sha256(params).encode() + np.ascontiguousarray(x).tobytes()
                         + np.asarray(target, np.int64).tobytes() + repr(cfg).encode() + tag.encode()).hexdigest()
     done, seconds, results = 0, 0.0, {e: np.full(n, np.nan) for e in cfg.experiments}
     if partial_path is not None and partial_path.exists():
