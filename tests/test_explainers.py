@@ -10,13 +10,11 @@ from conftest import make_net
 from jaxrecover import explainers as E
 
 
-@pytest.mark.parametrize("rule", list(E.RULES))
-def test_rule_table_matches_reference_definitions(rule):
-    n = 7
-    nodes, w = E.quadrature(rule, n)
-    assert nodes.dtype == np.float64 and w.dtype == np.float64
+def _defined(n):
+    """Every rule's nodes and weights for n steps, written from REFERENCES.md (not from the library's table)."""
     i = np.arange(1, n + 1)
-    expected = {
+    t, v = np.polynomial.legendre.leggauss(n)
+    return {
         "riemann_right": (i / n, np.full(n, 1 / n)),
         "riemann_left": ((i - 1) / n, np.full(n, 1 / n)),
         "riemann_middle": ((2 * i - 1) / (2 * n), np.full(n, 1 / n)),
@@ -24,10 +22,16 @@ def test_rule_table_matches_reference_definitions(rule):
         "trapezoid": ((i - 1) / (n - 1), np.r_[0.5, np.ones(n - 2), 0.5] / (n - 1)),
         "saliency": (np.linspace(0, 1, n), np.full(n, 1 / n)),
         "ig_original": (np.arange(n + 1) / n, np.r_[0.5, np.ones(n - 1), 0.5] / n),
+        "gausslegendre": ((1 + t) / 2, v / 2),
     }
-    if rule == "gausslegendre":
-        t, v = np.polynomial.legendre.leggauss(n)
-        expected[rule] = ((1 + t) / 2, v / 2)
+
+
+@pytest.mark.parametrize("rule", list(E.RULES))
+def test_rule_table_matches_reference_definitions(rule):
+    n = 7
+    nodes, w = E.quadrature(rule, n)
+    assert nodes.dtype == np.float64 and w.dtype == np.float64
+    expected = _defined(n)
     np.testing.assert_allclose(nodes, expected[rule][0], rtol=0, atol=1e-15)
     np.testing.assert_allclose(w, expected[rule][1], rtol=0, atol=1e-15)
     total = (n - 1) / n if rule == "riemann_trapezoid" else 1.0
@@ -117,26 +121,14 @@ def test_ig_of_a_linear_function_is_exact_times_weight_sum(rule, n, xv, bv):
 @pytest.mark.parametrize("rule", list(E.RULES))
 def test_ig_of_a_quadratic_against_its_closed_form(rule):
     """f(z) = 0.5 z^T S z: grad f(b + a(x-b)) = S b + a S (x - b), so IG = (x-b) * (W0 S b + W1 S (x-b))
-    with W0 = sum w_i and W1 = sum w_i a_i computed here from each rule's DEFINITION (not the library's table)."""
+    with W0 = sum w_i and W1 = sum w_i a_i computed here from each rule's DEFINITION (not the library's table);
+    Gauss-Legendre is exact for this degree-1 integrand, so its W0, W1 are those of the integral too."""
     n = 6
     rng = np.random.default_rng(11)
     s_mat = rng.normal(size=(4, 4))
     s_mat = s_mat + s_mat.T
     x, b = rng.normal(size=4), rng.normal(size=4)
-    i = np.arange(1, n + 1)
-    definitions = {
-        "riemann_right": (i / n, np.full(n, 1 / n)),
-        "riemann_left": ((i - 1) / n, np.full(n, 1 / n)),
-        "riemann_middle": ((2 * i - 1) / (2 * n), np.full(n, 1 / n)),
-        "riemann_trapezoid": ((i - 1) / (n - 1), np.r_[0.5, np.ones(n - 2), 0.5] / n),
-        "trapezoid": ((i - 1) / (n - 1), np.r_[0.5, np.ones(n - 2), 0.5] / (n - 1)),
-        "saliency": ((i - 1) / (n - 1), np.full(n, 1 / n)),
-        "ig_original": (np.arange(n + 1) / n, np.r_[0.5, np.ones(n - 1), 0.5] / n),
-        "gausslegendre": (None, None),
-    }
-    a, w = definitions[rule]
-    if rule == "gausslegendre":  # exact for polynomials of degree <= 2n - 1: W0 = 1, W1 = 1/2
-        a, w = np.array([0.5]), np.array([1.0])
+    a, w = _defined(n)[rule]
     expected = (x - b) * (w.sum() * (s_mat @ b) + (w * a).sum() * (s_mat @ (x - b)))
     f = lambda z: 0.5 * z @ jnp.asarray(s_mat) @ z  # noqa: E731
     ig = E.integrated_gradients(f, jnp.asarray(x), jnp.asarray(b), steps=n, rule=rule)
