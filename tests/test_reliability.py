@@ -174,3 +174,19 @@ def test_11_figure5_norms_are_chunked_and_equal():
     chunked = path_gradient_norms(models.make_model("twolayer"), v, x, y, 6, chunk_size=2)
     assert one.shape == (5, 6) and one.dtype == np.float64
     np.testing.assert_allclose(chunked, one, rtol=1e-13)
+
+
+def test_9_figures_show_every_run_written_into_one_out(tmp_path):
+    """Models evaluated one after the other into one --out: Figure 4 keeps the first model's rows."""
+    from PIL import Image
+
+    common = dict(dtypes=("float64",), n=4, steps=4, checkpoints=str(tmp_path / "ckpt"), out=str(tmp_path / "out"),
+                  epochs=1, max_train=128, chunk_size=4, fig5_n=4)
+    evaluate(EvalConfig(models=("twolayer_nobias",), **common), progress=False)
+    with Image.open(tmp_path / "out" / "fig4_float64.png") as im:
+        one_row = im.height  # twolayer_nobias: one row (experiment A)
+    evaluate(EvalConfig(models=("twolayer",), **common), progress=False)
+    with Image.open(tmp_path / "out" / "fig4_float64.png") as im:
+        assert im.height > 2.5 * one_row  # + twolayer's rows B and C: three rows in all
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| twolayer_nobias | mnist (4) | float64 |" in report and "| twolayer | mnist (4) | float64 |" in report

@@ -66,12 +66,21 @@ def check_targets(target, n: int, num_classes: int | None) -> jax.Array:
     return jnp.asarray(t.astype(np.int32))
 
 
+_NUM_CLASSES: dict = {}
+
+
 def _num_classes(model: Model, params, x_one) -> int | None:
-    try:
-        out = jax.eval_shape(model, params, x_one)
-    except Exception:  # noqa: BLE001 - the real call raises the model's own clear error later
-        return None
-    return int(out.shape[0]) if len(out.shape) == 1 else None
+    """The model's number of outputs (traced once per model, parameter shapes and input shape)."""
+    key = (model, jax.tree.structure(params), tuple((tuple(np.shape(a)), str(np.result_type(a)))
+                                                    for a in jax.tree.leaves(params)),
+           tuple(x_one.shape), str(x_one.dtype))
+    if key not in _NUM_CLASSES:
+        try:
+            out = jax.eval_shape(model, params, x_one)
+        except Exception:  # noqa: BLE001 - the real call raises the model's own clear error later
+            return None
+        _NUM_CLASSES[key] = int(out.shape[0]) if len(out.shape) == 1 else None
+    return _NUM_CLASSES[key]
 
 
 @ops.tuned_jit(static_argnames=("model", "output", "micro_batch"))

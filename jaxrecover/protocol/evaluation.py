@@ -4,7 +4,8 @@ For each model and dtype it loads (or trains) a checkpoint, runs the protocol
 of :mod:`jaxrecover.experiments` on the first N test images, and writes
 
 * ``OUT/<model>_<dtype>_<mode>_n<N>_m<m>.json`` - one file per run;
-* ``OUT/fig4_<dtype>.png`` and ``OUT/fig5_<dtype>.png`` - the figures;
+* ``OUT/<model>_<dtype>_<mode>_n<N>_m<m>.fig4.npz`` - the Figure 4 arrays of that run;
+* ``OUT/fig4_<dtype>.png`` and ``OUT/fig5_<dtype>.png`` - the figures, of every run in ``OUT``;
 * ``OUT/report.md`` - the tables, ours beside the paper's, built from the JSON.
 
 Runs resume: distances are saved after every chunk to a ``.partial.npz``
@@ -128,7 +129,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
     if len(ds.test_images) == 0:
         raise ValueError(f"dataset {ds.name} has no test images")
     n = len(ds.test_images) if cfg.n is None else min(cfg.n, len(ds.test_images))
-    records, fig4, fig5 = [], {}, {}
+    records = []
     for model_name in cfg.models:
         name, variables32, meta = _load_or_train(cfg, model_name, ds, progress)
         model = make_model(model_name)
@@ -186,22 +187,48 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
                     Path(f"{path.with_suffix('.partial.npz')}.p{jax.process_index()}of{jax.process_count()}").unlink(
                         missing_ok=True)
             records.append(rec)
-            fig5[(model_name, dtype)] = rec["fig5"]
             if cfg.figures and not cfg.bn_batch_stats:
                 k4 = min(cfg.fig4_examples, n)
-                fig4[(model_name, dtype)] = (x_all[:k4], jax.device_get(explain_examples(
-                    model, variables, x_all[:k4], y_all[:k4], pcfg)))
+                examples = jax.device_get(explain_examples(model, variables, x_all[:k4], y_all[:k4], pcfg))
+                if jax.process_index() == 0:  # beside the run's JSON: figures show every run in --out
+                    atomic_save_npz(path.with_suffix(".fig4.npz"), compressed=True, x=x_all[:k4],
+                                    **{k: np.asarray(v) for k, v in examples.items()})
     if jax.process_index() != 0:
         return records
-    if cfg.figures:
-        from .figures import figure4, figure5
-
-        for dtype in cfg.dtypes:
-            figure4({k[0]: v for k, v in fig4.items() if k[1] == dtype}, out / f"fig4_{dtype}.png", dtype,
-                    cfg.steps, cfg.a)
-            figure5({k[0]: v for k, v in fig5.items() if k[1] == dtype}, out / f"fig5_{dtype}.png", dtype)
+    if cfg.figures and not cfg.bn_batch_stats:
+        _draw_figures(out, cfg.steps, cfg.a)
     atomic_write_text(out / "report.md", markdown_report(load_results(out)))
     return records
+
+
+def _draw_figures(out: Path, steps: int, a: float) -> None:
+    """Figures 4 and 5 of EVERY run in ``out`` with this m and a (several evaluate calls may share ``out``).
+
+    Per model and dtype the run with the most images is shown.
+    """
+    from .figures import figure4, figure5
+
+    runs = {}
+    for fig_path in out.glob("*.fig4.npz"):
+        json_path = out / (fig_path.name.removesuffix(".fig4.npz") + ".json")
+        try:
+            rec = json.loads(json_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue  # a figure file without its result: not shown
+        if rec.get("steps") != steps or rec.get("a") != a or rec.get("mode") == "bn-batch-stats":
+            continue
+        key = (rec["model"], rec["dtype"])
+        if key not in runs or rec["n"] > runs[key][0]["n"]:
+            runs[key] = (rec, fig_path)
+    order = {m: i for i, m in enumerate(MODEL_NAMES)}
+    for dtype in sorted({d for _, d in runs}):
+        keys = sorted((k for k in runs if k[1] == dtype), key=lambda k: order.get(k[0], 99))
+        per_model = {}
+        for k in keys:
+            with np.load(runs[k][1]) as z:
+                per_model[k[0]] = (z["x"], {name: z[name] for name in z.files if name != "x"})
+        figure4(per_model, out / f"fig4_{dtype}.png", dtype, steps, a)
+        figure5({k[0]: runs[k][0]["fig5"] for k in keys}, out / f"fig5_{dtype}.png", dtype)
 
 
 def _batchstats_distances(bs_fn, params, xs, ts, *, steps, a):
