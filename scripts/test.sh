@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
 export PYTHONUNBUFFERED=1
-exec .venv/bin/python -m pytest -q tests notebooks --nbmake --nbmake-timeout=600 "$@"
+exec .venv/bin/python -m pytest -q tests notebooks --nbmake --nbmake-timeout=600 --durations=25 "$@"

@@ -71,7 +71,7 @@ _NUM_CLASSES: dict = {}
 
 def _num_classes(model: Model, params, x_one) -> int | None:
     """The model's number of outputs (traced once per model, parameter shapes and input shape)."""
-    key = (model, jax.tree.structure(params), tuple((tuple(np.shape(a)), str(np.result_type(a)))
+    key = (model, jax.tree.structure(params), tuple((tuple(np.shape(a)), str(getattr(a, "dtype", type(a))))
                                                     for a in jax.tree.leaves(params)),
            tuple(x_one.shape), str(x_one.dtype))
     if key not in _NUM_CLASSES:
