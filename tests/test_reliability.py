@@ -1,7 +1,6 @@
 """Bad inputs and faults (issue 11, docs/RELIABILITY.md): each is a clear error or a repaired state, never a
 silently wrong number. Points 5-7 and 11 are covered in test_engine.py / test_attacks.py / test_protocol.py."""
 
-import json
 import os
 import signal
 import subprocess

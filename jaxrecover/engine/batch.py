@@ -21,7 +21,7 @@ from .. import ops
 from ..explainers import OUTPUTS, Explainer, completeness_delta, select_output
 from ..models import Model, as_model
 from .devices import data_parallel, local_rows, max_over_processes, place, spans_processes
-from .sizing import auto_chunk_size, auto_micro_batch
+from .sizing import auto_chunk_size, auto_micro_batch, shape_key
 
 __all__ = ["explain", "convergence_delta", "map_chunks", "chunk_length", "pad_chunk", "vmap_in_micro_batches",
            "check_input_dtype", "check_targets", "check_finite"]
@@ -71,9 +71,7 @@ _NUM_CLASSES: dict = {}
 
 def _num_classes(model: Model, params, x_one) -> int | None:
     """The model's number of outputs (traced once per model, parameter shapes and input shape)."""
-    key = (model, jax.tree.structure(params), tuple((tuple(np.shape(a)), str(getattr(a, "dtype", type(a))))
-                                                    for a in jax.tree.leaves(params)),
-           tuple(x_one.shape), str(x_one.dtype))
+    key = shape_key(model, params, x_one)
     if key not in _NUM_CLASSES:
         try:
             out = jax.eval_shape(model, params, x_one)

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["AUTO_CHUNK_BYTES", "AUTO_CHUNK_MAX", "AUTO_LOOP_CHUNK", "AUTO_LOOP_BYTES", "AUTO_LOOP_WEIGHT_RATIO",
-           "forward_bytes", "auto_chunk_size", "auto_micro_batch"]
+           "shape_key", "forward_bytes", "auto_chunk_size",
+           "auto_micro_batch"]
 
 #: ``chunk_size="auto"`` without a micro-batch loop (accelerators, sharded runs, small models): forward
 #: intermediates per chunk and device (bytes), about 16 images x 50 path points of LeNet or ResNet18; the
@@ -23,6 +24,12 @@ AUTO_LOOP_BYTES = 2**25
 AUTO_LOOP_WEIGHT_RATIO = 8
 
 _FORWARD_BYTES: dict = {}
+
+
+def shape_key(model, params, x_one) -> tuple:
+    """A cache key for facts that depend only on the model, the parameters' shapes and dtypes, and the input's."""
+    shapes = tuple((tuple(np.shape(a)), str(getattr(a, "dtype", type(a)))) for a in jax.tree.leaves(params))
+    return (model, jax.tree.structure(params), shapes, tuple(x_one.shape), str(x_one.dtype))
 
 
 def forward_bytes(model, params, x_one) -> int:
@@ -44,8 +51,7 @@ def forward_bytes(model, params, x_one) -> int:
                     size += total(getattr(inner, "jaxpr", inner))
         return size
 
-    shapes = tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(params))
-    key = (model, jax.tree.structure(params), shapes, tuple(x_one.shape), str(x_one.dtype))
+    key = shape_key(model, params, x_one)
     if key not in _FORWARD_BYTES:
         batched = jax.vmap(model, in_axes=(None, 0))
         one, two = (total(jax.make_jaxpr(batched)(params, jnp.stack([x_one] * k)).jaxpr) for k in (1, 2))
