@@ -220,3 +220,189 @@ def plan_residual(plan: QueryPlan) -> float:
     if not any(abs(t - 1.0) <= 1e-9 for t, _ in plan_measure(plan)):
         res = max(res, 1.0)
     return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Service-aware plans: exact on the nodes and weights a service ACTUALLY uses
+# ---------------------------------------------------------------------------------------------------------------
+
+#: Two points of a plan count as one when they agree to this many float64 ulps (the round-off of the query input
+#: ``b + c (x - b)`` itself); float32-rounded nodes that should coincide are ~1e8 ulps apart and are rejected.
+COINCIDENCE_ULPS = 16
+
+
+def _same_point(t1: float, t2: float, eps: float = float(np.finfo(np.float64).eps)) -> bool:
+    return abs(t1 - t2) <= COINCIDENCE_ULPS * eps * max(abs(t1), abs(t2), 1e-300)
+
+
+def realise_plan(plan: QueryPlan, quad, name: str | None = None, dtype=np.float64) -> QueryPlan | None:
+    """``plan`` re-solved on the nodes and weights ``quad(steps) -> (nodes, weights)`` a service really uses.
+
+    Keeps the plan's queries and step counts; moves each query's scale so that
+    the points the ideal plan makes coincide still coincide on the actual
+    nodes (to :data:`COINCIDENCE_ULPS`), then solves the coefficients from the
+    actual weights by least squares. Returns None when the actual nodes cannot
+    keep the ideal coincidences with one scale per query (e.g. Captum's float32
+    ``linspace`` for most step counts) or the solve leaves a residual.
+    ``dtype``: points count as one within :data:`COINCIDENCE_ULPS` ulps of
+    this dtype (float32 for a float32 service, whose query inputs are rounded
+    to float32 anyway).
+    """
+    eps = float(np.finfo(dtype).eps)
+    same = functools.partial(_same_point, eps=eps)
+    qs = plan.queries
+    ideal = [np.asarray(quadrature(plan.rule, q.steps)[0]) * q.scale for q in qs]
+    actual = [np.asarray(quad(q.steps)[0], np.float64) for q in qs]
+    weights = [np.asarray(quad(q.steps)[1], np.float64) for q in qs]
+    # which ideal points coincide (between queries), and where t = 1 sits
+    edges = []
+    anchor = None
+    for q in range(len(qs)):
+        for j, t in enumerate(ideal[q]):
+            if anchor is None and abs(t - 1.0) <= 1e-12 and actual[q][j] != 0:
+                anchor = (q, j)
+            for r in range(q + 1, len(qs)):
+                for k, u in enumerate(ideal[r]):
+                    if abs(t - u) <= 1e-12 * max(1.0, abs(t)) and t != 0:
+                        edges.append((q, j, r, k))
+    if anchor is None:
+        return None
+    scale = [None] * len(qs)
+    scale[anchor[0]] = 1.0 / actual[anchor[0]][anchor[1]]
+    changed = True
+    while changed:  # propagate scales along coincidences (a spanning forest suffices)
+        changed = False
+        for q, j, r, k in edges:
+            for a, i, b, l in ((q, j, r, k), (r, k, q, j)):
+                if scale[a] is not None and scale[b] is None and actual[b][l] != 0:
+                    scale[b] = scale[a] * actual[a][i] / actual[b][l]
+                    changed = True
+    if any(s is None for s in scale):
+        return None
+    pts = [scale[q] * actual[q] for q in range(len(qs))]
+    for q, j, r, k in edges:
+        if not same(pts[q][j], pts[r][k]):
+            return None
+    # group the actual points and solve sum_q lam_q w_q(t) = [t == 1] at every distinct point
+    flat = sorted((float(t), q, float(w)) for q in range(len(qs)) for t, w in zip(pts[q], weights[q]))
+    groups: list[list] = []
+    for t, q, w in flat:
+        if groups and same(groups[-1][0], t):
+            groups[-1][1].append((q, w))
+        else:
+            groups.append([t, [(q, w)]])
+    a_mat = np.zeros((len(groups), len(qs)))
+    rhs = np.zeros(len(groups))
+    for g, (t, members) in enumerate(groups):
+        for q, w in members:
+            a_mat[g, q] += w
+        rhs[g] = 1.0 if same(t, 1.0) else 0.0
+    lam, *_ = np.linalg.lstsq(a_mat, rhs, rcond=None)
+    if np.max(np.abs(a_mat @ lam - rhs)) > 1e-12:
+        return None
+    queries = tuple(Query(float(s), q.steps) for s, q in zip(scale, qs))
+    return QueryPlan(plan.rule, queries, tuple(float(v) for v in lam), True, name or f"{plan.name}@service",
+                     "the service's actual nodes and weights")
+
+
+def actual_measure(plan: QueryPlan, quad) -> list[tuple[float, float]]:
+    """:func:`plan_measure` on the service's actual nodes and weights ``quad(steps)`` (no tolerance
+    beyond :data:`COINCIDENCE_ULPS`): what the plan really combines."""
+    flat = []
+    for q, lam in zip(plan.queries, plan.coeffs):
+        nodes, weights = quad(q.steps)
+        flat += [(float(q.scale * t), float(lam * w)) for t, w in zip(nodes, weights)]
+    flat.sort()
+    out: list[tuple[float, float]] = []
+    for t, w in flat:
+        if out and _same_point(out[-1][0], t):
+            out[-1] = (out[-1][0], out[-1][1] + w)
+        else:
+            out.append((t, w))
+    return out
+
+
+def actual_residual(plan: QueryPlan, quad) -> float:
+    """``max_t |combined weight(t) - [t == 1]|`` on the actual nodes and weights; also counts split points."""
+    meas = actual_measure(plan, quad)
+    res = max((abs(w - (1.0 if _same_point(t, 1.0) else 0.0)) for t, w in meas), default=1.0)
+    return res if any(_same_point(t, 1.0) for t, _ in meas) else max(res, 1.0)
+
+
+def telescoping_plan(rule: str, quad=None, tau: float = 1e-6) -> QueryPlan:
+    """Exact up to the baseline's neighbourhood, on any rule whose 2-step table has exact nodes.
+
+    With two positive nodes ``a < b`` (weights ``w_a, w_b``; a node at 0 with
+    weight ``w_0`` sees the gradient at the baseline), queries at scales
+    ``c_i = (a/b)^i / b`` give ``T_i = w_0 g_b + w_a g(s_{i+1}) + w_b g(s_i)``
+    with ``s_i = (a/b)^i``; unrolled, ``g(1)`` is a finite signed sum of them
+    plus ``g`` at ``s_k <= tau``. That last term is read from one more query
+    whose points all lie below ``tau``: right when no linear-region boundary
+    crosses the ray within ``t < tau`` of the baseline (and the gradient at the
+    baseline equals the one just beside it). Used where one scale per query
+    cannot keep an exact plan's coincidences on the service's nodes (Captum's
+    ``riemann_middle``: float32 ``linspace`` nodes for every odd step count).
+    """
+    get_rule(rule)
+    quad = quad or (lambda n: quadrature(rule, n))
+    n = max(2, RULES[rule].min_steps)
+    nodes, weights = (np.asarray(v, np.float64) for v in quad(n))
+    pos = nodes > 0
+    if pos.sum() != 2:
+        raise ValueError(f"telescoping_plan needs two positive nodes at {n} steps, {rule} has {int(pos.sum())}")
+    (a, b), (w_a, w_b) = nodes[pos], weights[pos]
+    w_0 = float(weights[~pos].sum())
+    total = float(weights.sum())
+    rho, k = -w_a / w_b, int(np.ceil(np.log(tau) / np.log(a / b)))
+    queries = [Query(float((a / b) ** i / b), n) for i in range(k + 1)]
+    coeffs = [rho ** i / w_b for i in range(k)]
+    coeffs.append((rho ** k - (w_0 / w_b) * sum(rho ** i for i in range(k))) / total)
+    return QueryPlan(rule, tuple(queries), tuple(float(c) for c in coeffs), False, f"telescoping-{k + 1}q",
+                     f"no linear-region boundary on the ray within t < {tau:.2g} of the baseline")
+
+
+def service_plan(service, max_steps: int = 64) -> QueryPlan:
+    """The cheapest plan that is exact on ``service``'s ACTUAL nodes and weights (:meth:`IGService.quadrature`).
+
+    Tries :func:`exact_plan` for every first step count up to ``max_steps``,
+    re-solved on the service's nodes by :func:`realise_plan`, and returns the
+    one with the fewest gradient evaluations whose points coincide to float64
+    round-off; for a float32 service, next the cheapest whose points coincide
+    to float32 round-off (its query inputs are float32 anyway); and only when
+    no exact plan survives the service's rounding, the :func:`telescoping_plan`.
+
+    Raises:
+      ValueError: the service fixes its step count (use :func:`jaxrecover.attacks.recover_fixed_steps`),
+        or no plan survives its arithmetic.
+    """
+    if getattr(service, "fixed_steps", False):
+        raise ValueError(f"{type(service).__name__} fixes the step count at {service.steps}: no query plan can "
+                         "change m; use jaxrecover.attacks.recover_fixed_steps (or auto_attack)")
+    rule = service.rule
+    tiers = [np.float64] + ([np.float32] if np.dtype(service.dtype) == np.float32 else [])
+    for dtype in tiers:
+        best = None
+        for m in range(1, max_steps + 1):
+            try:
+                ideal = exact_plan(rule, m)
+            except ValueError:
+                continue
+            if any(q.steps < RULES[rule].min_steps for q in ideal.queries):
+                continue
+            plan = realise_plan(ideal, service.quadrature, name=f"{ideal.name}@service", dtype=dtype)
+            if plan is not None and (best is None or plan.evaluations < best.evaluations):
+                best = plan
+            if rule == "gausslegendre":
+                break
+        if best is not None:
+            return best
+    try:
+        return telescoping_plan(rule, service.quadrature)
+    except ValueError as e:
+        raise ValueError(f"no plan is exact on the nodes and weights of {type(service).__name__} ({rule}): {e}") \
+            from None
+
+
+def best_plan(service) -> QueryPlan:
+    """The library's choice of plan against ``service``: :func:`service_plan` (see there)."""
+    return service_plan(service)

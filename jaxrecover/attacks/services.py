@@ -15,6 +15,7 @@ logging) and stay services themselves.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..engine import check_input_dtype, explain
-from ..explainers import IG, OUTPUTS, get_rule, num_evaluations, quadrature
+from ..explainers import IG, OUTPUTS, get_rule, num_evaluations, quadrature, select_output
 from ..models import as_model
 
 __all__ = ["IGService", "SimulatedIGService", "ServiceWrapper", "QueryBudgetExceeded", "StepCountRefused"]
@@ -82,6 +83,23 @@ class IGService:
                     f"{what} asks for {s} steps but this service fixes the step count at {self.steps}; "
                     f"use a plan that keeps m = {self.steps} (e.g. approx_plan({self.rule!r}, {self.steps}))")
             quadrature(self.rule, s)
+
+    def quadrature(self, steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The nodes and weights this service ACTUALLY multiplies with, as exact float64 values.
+
+        The rule's ideal nodes and weights rounded where the service rounds
+        them (here: to the service's dtype, as :func:`jaxrecover.explainers.path_points`
+        and :func:`jaxrecover.explainers.integrate` do). Service-aware plans
+        (:func:`jaxrecover.attacks.service_plan`) are built on these values.
+        """
+        steps = self.steps if steps is None else int(steps)
+        nodes, weights = quadrature(self.rule, steps)
+        return (nodes.astype(self.dtype).astype(np.float64), weights.astype(self.dtype).astype(np.float64))
+
+    def outputs(self, x, target) -> tuple[jax.Array, jax.Array]:
+        """``(f(x), f(baseline))`` of the explained output, as deployed services report them
+        (Vertex AI's ``instanceOutputValue`` and ``baselineOutputValue``). Costs no query."""
+        raise NotImplementedError(f"{type(self).__name__} does not report output values")
 
     def reset_counters(self) -> None:
         """Zero ``queries`` and ``evaluations`` (a new client)."""
@@ -152,9 +170,21 @@ class SimulatedIGService(IGService):
         self.chunk_size = chunk_size
         self.factor_stem = bool(factor_stem)
 
+    def outputs(self, x, target):
+        x = jnp.asarray(x, self.dtype)
+        b = jnp.zeros_like(x) if self.baseline is None else jnp.broadcast_to(self.baseline, x.shape)
+        f = _output_fn(self.model, self.output)
+        t = jnp.asarray(target)
+        return f(self.params, x, t), f(self.params, b, t)
+
     def _answer(self, x, target, steps):
         return explain(IG(steps=steps, rule=self.rule, factor_stem=self.factor_stem), self.model, self.params, x,
                        target, baseline=self.baseline, output=self.output, chunk_size=self.chunk_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _output_fn(model, output):
+    return jax.jit(jax.vmap(lambda params, x, t: select_output(model(params, x), t, output), in_axes=(None, 0, 0)))
 
 
 class ServiceWrapper(IGService):
@@ -185,3 +215,9 @@ class ServiceWrapper(IGService):
 
     def __call__(self, x, target, *, steps: int | None = None):
         return self.inner(x, target, steps=steps)
+
+    def quadrature(self, steps=None):
+        return self.inner.quadrature(steps)
+
+    def outputs(self, x, target):
+        return self.inner.outputs(x, target)

@@ -1,22 +1,30 @@
 """PyTorch twins of jaxrecover's five models, loaded with the SAME weights.
 
-Only the benchmark uses this (``pip install -e '.[bench]'``). Layouts: Flax is
-NHWC with (in, out) Dense kernels and HWIO conv kernels; PyTorch is NCHW with
-(out, in) and OIHW. A flattening Dense after convolutions sees (h, w, c) in
-Flax and (c, h, w) in PyTorch, so its rows are permuted.
+Needs the optional ``services`` extra (``pip install 'jaxrecover[services]'``):
+the Captum service (:class:`jaxrecover.attacks.CaptumIGService`) and the
+benchmark run Captum on these twins. Layouts: Flax is NHWC with (in, out) Dense
+kernels and HWIO conv kernels; PyTorch is NCHW with (out, in) and OIHW. A
+flattening Dense after convolutions sees (h, w, c) in Flax and (c, h, w) in
+PyTorch, so its rows are permuted. ResNet18's BatchNorm layers are in
+inference mode (``.eval()``: running statistics), as in :func:`jaxrecover.models.make_model`.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torch import nn
 
-__all__ = ["torch_twin", "to_nchw", "from_nchw"]
+try:
+    import torch
+    from torch import nn
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("jaxrecover.models.torch_twins needs PyTorch: pip install 'jaxrecover[services]' "
+                      "(or bash scripts/setup.sh services)") from e
+
+__all__ = ["torch_twin", "torch_dtype", "to_nchw", "from_nchw"]
 
 
 def _t(a, dtype):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(a))).to(dtype)
+    return torch.from_numpy(np.array(a, copy=True)).to(dtype)
 
 
 def _dense(layer: nn.Linear, p, dtype, rows_hwc=None):
@@ -96,8 +104,27 @@ class ResNet18(nn.Module):
         return self.fc(x)
 
 
-def torch_twin(name: str, variables, dtype=torch.float32) -> nn.Module:
-    """A PyTorch module computing the same logits as ``jaxrecover.models.get_model(name)``."""
+def torch_dtype(dtype) -> "torch.dtype":
+    """The torch dtype of a numpy/JAX float dtype (float32 or float64)."""
+    name = np.dtype(dtype).name
+    if name not in ("float32", "float64"):
+        raise ValueError(f"torch twins run in float32 or float64, got {name}")
+    return getattr(torch, name)
+
+
+def torch_twin(name: str, variables, dtype=None) -> nn.Module:
+    """A PyTorch module computing the same logits as ``jaxrecover.models.get_model(name)``.
+
+    Args:
+      name: one of :data:`jaxrecover.models.MODEL_NAMES`.
+      variables: the Flax variables (``params``, and ``batch_stats`` for resnet18).
+      dtype: torch dtype of the twin; default the float dtype of ``variables``.
+    """
+    if dtype is None:
+        leaves = [np.asarray(v) for v in _leaves(variables)]
+        dtype = torch_dtype(next(a.dtype for a in leaves if np.issubdtype(a.dtype, np.floating)))
+    elif not isinstance(dtype, torch.dtype):
+        dtype = torch_dtype(dtype)
     p = variables["params"]
     bias = not name.endswith("nobias")
     if name.startswith("twolayer"):
@@ -128,6 +155,14 @@ def torch_twin(name: str, variables, dtype=torch.float32) -> nn.Module:
     else:
         raise ValueError(f"no torch twin for {name!r}")
     return m.to(dtype).eval()
+
+
+def _leaves(tree):
+    if isinstance(tree, dict) or hasattr(tree, "items"):
+        for v in tree.values():
+            yield from _leaves(v)
+    else:
+        yield tree
 
 
 def to_nchw(x_nhwc) -> np.ndarray:
