@@ -1,13 +1,20 @@
-"""Attacks on IG services: query plans, recovery of the Vanilla Gradient, and service objects."""
+"""Attacks on IG services: query plans, recovery of the Vanilla Gradient, and service objects.
 
-from .plans import (Query, QueryPlan, approx_plan, exact_plan, minimal_plan, nobias_plan, paper_plan, plan_measure,
-                    plan_residual)
+Real services (Captum, PAIR saliency) live in :mod:`jaxrecover.attacks.external` and need the
+``services`` extra; import them from there.
+"""
+
+from .fixed_steps import FixedStepsReport, recover_fixed_steps
+from .identify import Identification, identify_service, infer_baseline
+from .plans import (Query, QueryPlan, actual_residual, approx_plan, best_plan, exact_plan, minimal_plan, nobias_plan,
+                    paper_plan, plan_measure, plan_residual, realise_plan, service_plan, telescoping_plan)
 from .recovery import attack, query_input, query_inputs, recover, recover_eq2, recover_eq3, recover_eq4
 from .services import IGService, QueryBudgetExceeded, ServiceWrapper, SimulatedIGService, StepCountRefused
 
 __all__ = [
     "Query", "QueryPlan", "exact_plan", "minimal_plan", "nobias_plan", "approx_plan", "paper_plan",
-    "plan_residual", "plan_measure",
+    "plan_residual", "plan_measure", "realise_plan", "actual_residual", "telescoping_plan", "service_plan",
+    "best_plan", "recover_fixed_steps", "FixedStepsReport", "identify_service", "infer_baseline", "Identification",
     "query_input", "query_inputs", "recover", "recover_eq2", "recover_eq3", "recover_eq4", "attack",
     "IGService", "SimulatedIGService", "ServiceWrapper", "QueryBudgetExceeded", "StepCountRefused",
 ]

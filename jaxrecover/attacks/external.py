@@ -98,7 +98,7 @@ class CaptumIGService(IGService):
         return logits
 
     def _tensor(self, a):
-        return self._torch.from_numpy(self._tt.to_nchw(np.asarray(a))).to(self._tdtype)
+        return self._torch.from_numpy(np.array(self._tt.to_nchw(np.asarray(a)))).to(self._tdtype)
 
     def quadrature(self, steps=None):
         from captum.attr._utils.approximation_methods import approximation_parameters

@@ -1,0 +1,215 @@
+"""Service identification: infer a service's baseline, step policy, rule and step count from its answers.
+
+An attacker facing an undocumented IG service learns what the plans need
+from a handful of answers (the queries each step costs are counted):
+
+* **baseline** (5 queries): the answer ``A(x) = (x - b) T(x)`` with ``T``
+  piecewise constant in ``x`` for a piecewise-linear net, so ``x`` and
+  ``x + eps`` give ``T = (A(x + eps) - A(x)) / eps`` and ``b = x - A(x) / T``
+  wherever ``T != 0`` (checked with a second ``eps``).
+* **step policy** (1 query): ask for another step count; a refusal means it is fixed.
+* **rule, free step count**: the first breakpoint ``t_1`` of the ray makes the
+  answers with ``n`` steps jump at scale ``c = t_1 / a_top(n)`` by
+  ``w_top(n) Delta``; located for n = 2, 3, 4 (bisection), only the right
+  rule's table makes ``c a_top(n)`` and ``jump / w_top(n)`` the same for all n.
+* **rule and m, fixed step count**: the first breakpoint of the ray makes a
+  jump in the answers at ``s_1`` (top node) and echoes at ``s_1 a_top / a_j``
+  with sizes in the ratio ``w_j / w_top``: the nearest echo's position and
+  size ratio match one (rule, m) of the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..explainers import RULES, quadrature
+from .services import StepCountRefused
+
+__all__ = ["Identification", "identify_service", "infer_baseline"]
+
+
+@dataclasses.dataclass
+class Identification:
+    """What :func:`identify_service` inferred and what it cost.
+
+    Attributes:
+      rule: the inferred rule (None if no candidate fits).
+      steps: the inferred step count (the fixed one, or None for a free service).
+      fixed_steps: whether the service refuses other step counts.
+      baseline: the inferred baseline (array, shape of one example), max error of its check.
+      dtype: the answers' dtype.
+      queries: {step: queries spent}.
+      evidence: {candidate: mismatch} (smaller is better).
+    """
+
+    rule: str | None
+    steps: int | None
+    fixed_steps: bool
+    baseline: np.ndarray | None
+    baseline_check: float
+    dtype: str
+    queries: dict
+    evidence: dict
+
+
+def _answers(service, xs, target, steps=None):
+    xs = jnp.asarray(np.stack(xs), service.dtype)
+    return np.asarray(service(xs, jnp.full((xs.shape[0],), target), steps=steps), np.float64)
+
+
+def infer_baseline(service, x, target, eps: float | None = None):
+    """The baseline per coordinate from answers at ``x`` and ``x + eps``, polished by one answer at the
+    estimate itself (it is ``(b_est - b) T``): ``(b, check, queries)``.
+
+    ``check`` is the max disagreement with a third answer at ``x + eps / 2``
+    (0 up to round-off when no path point crossed a region boundary);
+    coordinates with ``T = 0`` get NaN.
+    """
+    x = np.asarray(x, np.float64)
+    eps = eps if eps is not None else (1e-6 if np.dtype(service.dtype) == np.float64 else 1e-2)
+    a0, a1, a2 = _answers(service, [x, x + eps, x + eps / 2], target)
+    t1, t2 = (a1 - a0) / eps, (a2 - a0) / (eps / 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        b = np.where(t1 != 0, x - a0 / t1, np.nan)
+        b2 = np.where(t2 != 0, x - a0 / t2, np.nan)
+    check = float(np.nanmax(np.abs(b - b2))) if np.isfinite(b).any() else float("inf")
+    # polish: the answer AT the estimate is (b_est - b) T near the baseline; T there from a point just beside it
+    b_est = np.where(np.isfinite(b), b, x)
+    step = 1e-5 * (x - b_est)
+    a_b, a_c = _answers(service, [b_est, b_est + step], target)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_c = np.where(step != 0, a_c / np.where(step != 0, step, 1), 0.0)
+        fix = np.where(t_c != 0, a_b / np.where(t_c != 0, t_c, 1), 0.0)
+    return np.where(np.isfinite(b), b_est - fix, np.nan), check, 5
+
+
+def _first_jumps(service, x, b, target, count: int = 2, resolution: float = 1e-9, steps=None):
+    """Positions (scale c) and answer jumps (flattened) of the first ``count`` jumps of ``T(c)`` on the ray."""
+    d = x - b
+    spent = 0
+
+    def t_at(cs):
+        nonlocal spent
+        cs = np.atleast_1d(cs)
+        ans = _answers(service, [b + c * d for c in cs], target, steps=steps)
+        spent += len(cs)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return [np.where(d != 0, a / np.where(d != 0, c * d, 1), 0.0).ravel() for a, c in zip(ans, cs)]
+
+    jumps = []
+    lo = 1e-4
+    (t_lo,) = t_at([lo])
+    scale = np.max(np.abs(t_lo)) + 1e-300
+    tol = np.sqrt(np.finfo(np.dtype(service.dtype)).eps) * scale
+    while len(jumps) < count:
+        hi = lo * 1.25  # gallop to the next change
+        while True:
+            (t_hi,) = t_at([hi])
+            if np.max(np.abs(t_hi - t_lo)) > tol:
+                break
+            lo, t_lo, hi = hi, t_hi, min(hi * 2, 1e3)
+            if lo >= 1e3:
+                return jumps, spent
+        while hi - lo > resolution * hi:
+            mid = 0.5 * (lo + hi)
+            (t_mid,) = t_at([mid])
+            if np.max(np.abs(t_mid - t_lo)) > tol:
+                hi, t_hi = mid, t_mid
+            else:
+                lo, t_lo = mid, t_mid
+        jumps.append((hi, t_hi - t_lo))
+        lo, t_lo = hi, t_hi
+    return jumps, spent
+
+
+def identify_service(service, x, target, *, max_steps: int = 256, candidates=None) -> Identification:
+    """Infer the baseline, step policy, rule and step count of ``service`` from answers about one example.
+
+    Uses only answers (``service(x, target, steps=...)``), not what the
+    service declares. ``x``: one example (no batch axis) in the service's dtype.
+    ``candidates``: baselines to try besides zeros and the constant ``x.min()``
+    (the estimate snaps to one whose own answer is exactly 0; otherwise the
+    per-coordinate estimate is used, good to about 1e-9).
+    """
+    x = np.asarray(x, np.float64)
+    spent: dict[str, int] = {}
+    q0 = service.queries
+    b, check, _ = infer_baseline(service, x, target)
+    b_use = np.where(np.isfinite(b), b, 0.0)
+    # snap to a candidate whose own answer is exactly 0 (x = b answers 0 everywhere, one query each)
+    cands = [np.zeros_like(x), np.full_like(x, x.min())] + [np.asarray(c, np.float64) for c in (candidates or [])]
+    for cand in cands:
+        cand = np.broadcast_to(cand, x.shape)
+        if np.nanmax(np.abs(cand - b_use)) > 1e-6:
+            continue
+        if np.max(np.abs(_answers(service, [cand], target))) == 0.0:
+            b_use = np.array(cand)
+            break
+    spent["baseline"] = service.queries - q0
+    q0 = service.queries
+    try:
+        _answers(service, [x], target, steps=int(service.steps) + 7)
+        fixed = False
+    except StepCountRefused:
+        fixed = True
+    spent["step policy"] = service.queries - q0
+    evidence: dict[str, float] = {}
+    rule = steps = None
+    if not fixed:
+        q0 = service.queries
+        # the first breakpoint t1 of the ray, seen at n = 2, 3, 4 steps: at c = t1 / a_top(n) with an answer jump
+        # w_top(n) * Delta; the right rule makes c * a_top and jump / w_top the same for every n
+        seen = {n: _first_jumps(service, x, b_use, target, count=1, steps=n)[0] for n in (2, 3, 4)}
+        if all(seen.values()):
+            best = np.inf
+            for cand, r in RULES.items():
+                if r.min_steps > 2:
+                    continue
+                t1, dl = [], []
+                for n, ((c, jump),) in seen.items():
+                    nodes, weights = quadrature(cand, n)
+                    top = int(np.argmax(nodes))
+                    t1.append(c * nodes[top])
+                    dl.append(jump / weights[top])
+                mis = float(np.ptp(t1) / np.mean(t1)
+                            + max(np.max(np.abs(v - dl[0])) for v in dl) / (np.max(np.abs(dl[0])) + 1e-300))
+                evidence[cand] = mis
+                if mis < best:
+                    best, rule = mis, cand
+        spent["rule"] = service.queries - q0
+    else:
+        q0 = service.queries
+        jumps, _ = _first_jumps(service, x, b_use, target, count=6)
+        spent["rule and m"] = service.queries - q0
+        echo = None
+        if jumps:
+            c1, j1 = jumps[0]
+            for c2, j2 in jumps[1:]:  # the first later jump parallel to the first: its echo
+                cos = float(np.dot(j1, j2) / (np.linalg.norm(j1) * np.linalg.norm(j2) + 1e-300))
+                if abs(cos) > 1 - 1e-6:
+                    echo = (c2, j2)
+                    break
+        if echo is not None:
+            c2, j2 = echo
+            ratio = c1 / c2
+            k = np.argmax(np.abs(j1))
+            wratio = j2[k] / j1[k]
+            best = np.inf
+            for cand in RULES:
+                for m in range(RULES[cand].min_steps, max_steps + 1):
+                    nodes, weights = quadrature(cand, m)
+                    pos = np.flatnonzero(nodes > 0)
+                    if pos.size < 2:
+                        continue
+                    order = pos[np.argsort(nodes[pos])]
+                    r = nodes[order[-2]] / nodes[order[-1]]
+                    wr = weights[order[-2]] / weights[order[-1]]
+                    mis = abs(r - ratio) + abs(wr - wratio)
+                    if mis < best:
+                        best, rule, steps = mis, cand, m
+                    evidence[f"{cand}/{m}"] = mis
+            evidence = dict(sorted(evidence.items(), key=lambda kv: kv[1])[:5])
+    return Identification(rule, steps, fixed, b_use, check, np.dtype(service.dtype).name, spent, evidence)

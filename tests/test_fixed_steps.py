@@ -1,0 +1,60 @@
+"""Exact recovery when the service fixes its step count, and service identification (no extra needed)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxrecover as jr
+from conftest import make_net
+from jaxrecover import attacks as R
+
+
+def _rel(a, b):
+    return float(jnp.nanmax(jnp.abs(a - b)) / jnp.nanmax(jnp.abs(b)))
+
+
+# ----------------------------------------------------------------------------------------- fixed step count
+@pytest.mark.parametrize("kind,rule", [("dense2", "riemann_right"), ("dense2", "gausslegendre"),
+                                       ("conv", "riemann_right"), ("dense4", "riemann_trapezoid")])
+def test_fixed_step_recovery_is_exact(kind, rule):
+    logit_fn, p, shape = make_net(kind, jax.random.key(5), bias=True)
+    x = jax.random.normal(jax.random.key(6), (3, *shape), jnp.float64)
+    t = jnp.array([0, 1, 2])
+    b = 0.1 * jax.random.normal(jax.random.key(7), shape, jnp.float64)
+    svc = jr.SimulatedIGService(logit_fn, p, rule=rule, steps=50, fixed_steps=True, baseline=b)
+    vg, mask, rep = R.recover_fixed_steps(svc, x, t)
+    truth = jr.explain(jr.VG(), logit_fn, p, x, t)
+    assert vg.dtype == jnp.float64 and bool(mask.all())
+    assert _rel(vg, truth) <= 1e-9, rep
+    assert sum(rep.breakpoints) > 0 and max(rep.final_residual) <= 1e-9
+    assert svc.queries == sum(rep.queries)
+    # eq. (3) on the same service is far off
+    rec3, _ = R.attack(svc, R.approx_plan(rule, 50), x, t)
+    assert _rel(rec3, truth) > 1e-4
+
+
+def test_fixed_step_recovery_respects_the_budget():
+    logit_fn, p, shape = make_net("dense2", jax.random.key(5), bias=True)
+    x = jax.random.normal(jax.random.key(6), (1, *shape), jnp.float64)
+    svc = jr.SimulatedIGService(logit_fn, p, steps=50, fixed_steps=True, budget=20)
+    with pytest.raises(R.QueryBudgetExceeded):
+        R.recover_fixed_steps(svc, x, jnp.array([0]))
+    assert svc.queries <= 20
+
+
+# ----------------------------------------------------------------------------------------- identification
+@pytest.mark.parametrize("rule,steps,fixed", [("riemann_middle", 50, False), ("gausslegendre", 50, False),
+                                              ("riemann_right", 50, True)])
+def test_identification_finds_baseline_rule_and_policy(rule, steps, fixed):
+    logit_fn, p, shape = make_net("dense2", jax.random.key(5), bias=True)
+    x = np.asarray(jax.random.normal(jax.random.key(6), shape, jnp.float64))
+    base = np.full(shape, -0.5)
+    svc = jr.SimulatedIGService(logit_fn, p, rule=rule, steps=steps, fixed_steps=fixed, baseline=base)
+    idn = R.identify_service(svc, x, 1, candidates=[base])
+    assert idn.fixed_steps == fixed
+    assert np.array_equal(idn.baseline, base)
+    assert idn.rule == rule, idn.evidence
+    if fixed:
+        assert idn.steps == steps
+    assert sum(idn.queries.values()) == svc.queries

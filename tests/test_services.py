@@ -1,0 +1,128 @@
+"""Real IG services (Captum, PAIR saliency), service-aware plans, fixed-step recovery and identification."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxrecover as jr
+from conftest import make_net
+from jaxrecover import attacks as R
+from jaxrecover.explainers import integrate, path_gradients, select_output
+
+
+def _rel(a, b):
+    return float(jnp.nanmax(jnp.abs(a - b)) / jnp.nanmax(jnp.abs(b)))
+
+
+def _biased(variables, dtype, scale=0.05, seed=3):
+    """Trained-like weights: init plus noise, so biases are non-zero and the net is not homogeneous."""
+    keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(variables))))
+    return jax.tree.map(lambda a: (a + scale * jax.random.normal(next(keys), a.shape, a.dtype)).astype(dtype),
+                        variables)
+
+
+@pytest.fixture(scope="module")
+def twolayer64():
+    v = _biased(jr.init_variables("twolayer", jax.random.key(0), dtype=jnp.float64), jnp.float64)
+    x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1), jnp.float64, -0.5, 2.0)
+    t = jnp.array([3, 1, 4, 1])
+    return jr.make_model("twolayer"), v, x, t
+
+
+# ----------------------------------------------------------------------------------------- Captum conformance
+captum = pytest.importorskip("captum", reason="the 'services' extra (captum) is not installed")
+from jaxrecover.attacks.external import CAPTUM_RULES, CaptumIGService, SaliencyIGService  # noqa: E402
+
+
+@pytest.mark.parametrize("name", jr.MODEL_NAMES)
+def test_torch_twin_logits_equal_ours(name):
+    v = _biased(jr.init_variables(name, jax.random.key(0), dtype=jnp.float64), jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (2, 28, 28, 1), jnp.float64)
+    ours = np.asarray(jax.vmap(lambda xi: jr.make_model(name)(v, xi))(x))
+    theirs = CaptumIGService(name, v).logits(np.asarray(x))
+    assert theirs.dtype == np.float64
+    assert np.max(np.abs(ours - theirs)) <= 1e-12 * np.max(np.abs(ours))
+
+
+@pytest.mark.parametrize("rule", list(CAPTUM_RULES))
+@pytest.mark.parametrize("output", ["logit", "prob"])
+def test_captum_answers_are_the_declared_quadrature(twolayer64, rule, output):
+    """Captum's answer = (x - b) sum_j w_j grad f(b + a_j (x - b)) with the nodes/weights it declares."""
+    model, v, x, t = twolayer64
+    b = jnp.full_like(x, -0.25)
+    svc = CaptumIGService("twolayer", v, rule=rule, steps=7, baseline=b[0], output=output)
+    ans = svc(x, t)
+    assert ans.dtype == jnp.float64 and ans.shape == x.shape
+    nodes, weights = svc.quadrature(7)
+    for i in range(x.shape[0]):
+        f = lambda z, i=i: select_output(model(v, z), t[i], output)  # noqa: E731
+        ref = (x[i] - b[i]) * integrate(weights, path_gradients(f, x[i], b[i], nodes))
+        assert _rel(ans[i], ref) <= 1e-12
+    # and its nodes are NOT the ideal ones (float32 linspace / float32 weights), except where exact
+    ideal_nodes, ideal_weights = jr.quadrature(rule, 7)
+    assert np.max(np.abs(nodes - ideal_nodes)) + np.max(np.abs(weights - ideal_weights)) > 0
+
+
+@pytest.mark.parametrize("rule", list(CAPTUM_RULES))
+def test_service_aware_plan_recovers_vg_from_captum_float64(twolayer64, rule):
+    model, v, x, t = twolayer64
+    svc = CaptumIGService("twolayer", v, rule=rule)
+    vg = jr.explain(jr.VG(), model, v, x, t)
+    plan = R.best_plan(svc)
+    rec, mask = R.attack(svc, plan, x, t)
+    assert rec.dtype == jnp.float64
+    assert _rel(rec, vg) <= 1e-12, (plan, _rel(rec, vg))
+    naive = R.exact_plan(rule, 50)
+    if rule != "gausslegendre":  # the ideal plan on Captum's float32 nodes/weights does not cancel
+        assert R.actual_residual(naive, svc.quadrature) > 1e-9
+    assert R.actual_residual(plan, svc.quadrature) <= 1e-12 or plan.name.startswith("telescoping")
+
+
+def test_captum_service_float32_and_softmax(twolayer64):
+    model, v, x, t = twolayer64
+    v32, x32 = jr.cast_variables(v, jnp.float32), x.astype(jnp.float32)
+    svc = CaptumIGService("twolayer", v32, rule="gausslegendre", output="prob")
+    rec, _ = R.attack(svc, R.best_plan(svc), x32, t)
+    assert rec.dtype == jnp.float32
+    vg = jr.explain(jr.VG(), model, v, x, t, output="prob")
+    assert _rel(rec.astype(jnp.float64), vg) <= 1e-5
+
+
+def test_pair_saliency_service(twolayer64):
+    pytest.importorskip("saliency")
+    model, v, x, t = twolayer64
+    svc = SaliencyIGService(model, v, steps=9)
+    ours = jr.SimulatedIGService(model, v, rule="saliency", steps=9)(x, t)
+    ans = svc(x, t)
+    assert ans.dtype == jnp.float64
+    assert 0 < _rel(ans, ours) <= 1e-6  # PAIR accumulates in float32 whatever the input dtype
+    rec, _ = R.attack(svc, R.best_plan(svc), x, t)
+    vg = jr.explain(jr.VG(), model, v, x, t)
+    assert _rel(rec, vg) <= 1e-6
+
+
+def test_services_report_outputs(twolayer64):
+    model, v, x, t = twolayer64
+    for svc in (jr.SimulatedIGService(model, v), CaptumIGService("twolayer", v)):
+        fx, fb = svc.outputs(x, t)
+        ref = jax.vmap(lambda xi, ti: model(v, xi)[ti])(x, t)
+        assert _rel(fx, ref) <= 1e-12 and fb.shape == (4,)
+
+
+# ----------------------------------------------------------------------------------------- plans on actual nodes
+def test_realised_plan_is_exact_on_captum_nodes_and_counts_evaluations():
+    v = jr.init_variables("twolayer", jax.random.key(0), dtype=jnp.float64)
+    svc = CaptumIGService("twolayer", v, rule="riemann_right")
+    plan = R.service_plan(svc)
+    assert plan.exact and plan.evaluations == 5
+    assert R.actual_residual(plan, svc.quadrature) <= 1e-15
+    assert R.plans.realise_plan(R.exact_plan("riemann_right", 50), svc.quadrature) is None  # float32 linspace
+
+
+def test_service_plan_refuses_fixed_step_services(twolayer64):
+    model, v, x, t = twolayer64
+    with pytest.raises(ValueError, match="recover_fixed_steps"):
+        R.service_plan(jr.SimulatedIGService(model, v, steps=50, fixed_steps=True))
+
+
