@@ -14,9 +14,9 @@ __version__ = "0.2.0"
 
 from . import attacks, checkpoint, data, engine, explainers, metrics, models, protocol, training  # noqa: E402
 from .attacks import (IGService, Query, QueryBudgetExceeded, QueryPlan, ServiceWrapper,  # noqa: E402
-                      SimulatedIGService, StepCountRefused, approx_plan, attack, exact_plan, minimal_plan,
-                      nobias_plan, paper_plan, plan_residual, query_inputs, recover, recover_eq2, recover_eq3,
-                      recover_eq4)
+                      SimulatedIGService, StepCountRefused, approx_plan, attack, best_plan, exact_plan,
+                      identify_service, minimal_plan, nobias_plan, paper_plan, plan_residual, query_inputs, recover,
+                      recover_eq2, recover_eq3, recover_eq4, recover_fixed_steps, service_plan)
 from .data import Dataset, load_dataset, normalize  # noqa: E402
 from .engine import convergence_delta, explain  # noqa: E402
 from .explainers import (IG, OUTPUTS, RULES, VG, Explainer, completeness_delta, integrated_gradients,  # noqa: E402
@@ -39,6 +39,7 @@ __all__ = [
     "Query", "QueryPlan", "exact_plan", "minimal_plan", "paper_plan", "nobias_plan", "approx_plan",
     "plan_residual", "query_inputs", "recover", "recover_eq2", "recover_eq3", "recover_eq4", "attack",
     "IGService", "SimulatedIGService", "ServiceWrapper", "QueryBudgetExceeded", "StepCountRefused",
+    "service_plan", "best_plan", "recover_fixed_steps", "identify_service",
     # metrics
     "normalized_distance", "cosine_similarity", "relative_error", "summarize",
     # data and training
