@@ -77,6 +77,7 @@ def main():
                 svc = jr.SimulatedIGService(jr.make_model(name), v, rule=rule, steps=50, fixed_steps=True)
                 common = {"model": name, "dtype": "float64", "baseline": "zero", "N": args.n_fixed}
                 rows.append(row("ours, m fixed", svc, R.approx_plan(rule, 50), x, t, vg, common))
+                print(rows[-1], flush=True)
                 svc.reset_counters()
                 t0 = time.time()
                 rec, mask, rep = R.recover_fixed_steps(svc, x, t, progress=True)
