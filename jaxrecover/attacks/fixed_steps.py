@@ -98,24 +98,26 @@ class _Ray:
         with np.errstate(divide="ignore", invalid="ignore"):
             return list(np.where(dq != 0, ans / np.where(dq != 0, dq, 1), 0.0))
 
-    def ambiguous(self, s: float) -> bool:
-        """Whether some echo ``s r_j`` falls inside a bracket (its side of the jump unknown)."""
-        if not self.lo.size:
-            return False
+    def _inside(self, s: float):
+        """For each echo ``s r_j``: the bracket it falls strictly inside (its side of the jump unknown), or -1."""
         pts = s * self.ratios
         i = np.searchsorted(self.lo, pts, side="left") - 1
-        ok = i >= 0
-        return bool(np.any(ok & (pts <= self.hi[np.clip(i, 0, None)]) & (pts > self.lo[np.clip(i, 0, None)])))
+        ic = np.clip(i, 0, None)
+        bad = (i >= 0) & (pts > self.lo[ic]) & (pts <= self.hi[ic])
+        return np.where(bad, i, -1)
+
+    def ambiguous(self, s: float) -> bool:
+        """Whether some echo ``s r_j`` falls inside a bracket."""
+        return bool(self.lo.size) and bool(np.any(self._inside(s) >= 0))
 
     def clear(self, s: float, floor: float) -> float:
         """``s`` or the nearest point below it (above ``floor``) whose echoes are unambiguous."""
         for _ in range(64):
             if not self.ambiguous(s):
                 return s
-            pts = s * self.ratios
-            i = np.searchsorted(self.lo, pts, side="left") - 1
-            bad = (i >= 0) & (pts > self.lo[np.clip(i, 0, None)]) & (pts <= self.hi[np.clip(i, 0, None)])
-            s = float(np.min(self.lo[i[bad]] / self.ratios[bad]))
+            inside = self._inside(s)
+            bad = inside >= 0
+            s = float(np.min(self.lo[inside[bad]] / self.ratios[bad]))
             if s <= floor:
                 break
         return s
