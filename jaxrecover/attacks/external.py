@@ -117,7 +117,7 @@ class CaptumIGService(IGService):
 
     def outputs(self, x, target):
         x = np.asarray(x, self.dtype)
-        t = self._torch.as_tensor(np.asarray(target)).long().reshape(-1, 1)
+        t = self._torch.as_tensor(np.array(target)).long().reshape(-1, 1)
         with self._torch.no_grad():
             fx = self._forward(self._tensor(x)).gather(1, t)[:, 0].numpy()
             fb = self._forward(self._tensor(_baseline_array(self.baseline, x))).gather(1, t)[:, 0].numpy()
@@ -126,7 +126,7 @@ class CaptumIGService(IGService):
     def _answer(self, x, target, steps):
         xn = np.asarray(x)
         attr = self._ig.attribute(self._tensor(xn), baselines=self._tensor(_baseline_array(self.baseline, xn)),
-                                  target=self._torch.as_tensor(np.asarray(target)).long(), n_steps=steps,
+                                  target=self._torch.as_tensor(np.array(target)).long(), n_steps=steps,
                                   method=CAPTUM_RULES[self.rule], internal_batch_size=self.internal_batch_size)
         return jnp.asarray(self._tt.from_nchw(attr.detach().numpy()), self.dtype)
 
