@@ -16,10 +16,11 @@ from . import attacks, checkpoint, data, engine, explainers, metrics, models, pr
 from .attacks import (IGService, Query, QueryBudgetExceeded, QueryPlan, ServiceWrapper,  # noqa: E402
                       SimulatedIGService, StepCountRefused, approx_plan, attack, best_plan, exact_plan,
                       identify_service, minimal_plan, nobias_plan, paper_plan, plan_residual, query_inputs, recover,
-                      recover_eq2, recover_eq3, recover_eq4, recover_fixed_steps, service_plan)
+                      recover_eq2, recover_eq3, recover_eq4, recover_fixed_steps, recover_from_outputs,
+                      recover_input_baseline, service_plan)
 from .data import Dataset, load_dataset, normalize  # noqa: E402
 from .engine import convergence_delta, explain  # noqa: E402
-from .explainers import (IG, OUTPUTS, RULES, VG, Explainer, completeness_delta, integrated_gradients,  # noqa: E402
+from .explainers import (IG, OUTPUTS, RULES, VG, BlurBaseline, Explainer, completeness_delta, integrated_gradients,  # noqa: E402
                          quadrature, vanilla_gradient)
 from .metrics import cosine_similarity, normalized_distance, relative_error, summarize  # noqa: E402
 from .models import MODEL_NAMES, Model, cast_variables, init_variables, make_model  # noqa: E402
@@ -31,7 +32,7 @@ __all__ = [
     # modules
     "attacks", "checkpoint", "data", "engine", "explainers", "metrics", "models", "protocol", "training",
     # explainers and the engine
-    "Explainer", "VG", "IG", "RULES", "OUTPUTS", "quadrature", "vanilla_gradient", "integrated_gradients",
+    "Explainer", "VG", "IG", "BlurBaseline", "RULES", "OUTPUTS", "quadrature", "vanilla_gradient", "integrated_gradients",
     "completeness_delta", "explain", "convergence_delta",
     # models
     "Model", "MODEL_NAMES", "make_model", "init_variables", "cast_variables",
@@ -39,7 +40,8 @@ __all__ = [
     "Query", "QueryPlan", "exact_plan", "minimal_plan", "paper_plan", "nobias_plan", "approx_plan",
     "plan_residual", "query_inputs", "recover", "recover_eq2", "recover_eq3", "recover_eq4", "attack",
     "IGService", "SimulatedIGService", "ServiceWrapper", "QueryBudgetExceeded", "StepCountRefused",
-    "service_plan", "best_plan", "recover_fixed_steps", "identify_service",
+    "service_plan", "best_plan", "recover_fixed_steps", "identify_service", "recover_from_outputs",
+    "recover_input_baseline",
     # metrics
     "normalized_distance", "cosine_similarity", "relative_error", "summarize",
     # data and training

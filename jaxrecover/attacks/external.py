@@ -49,10 +49,6 @@ def require_extra(module: str):
                           "pip install 'jaxrecover[services]' (or bash scripts/setup.sh services)") from e
 
 
-def _baseline_array(baseline, x):
-    return np.zeros_like(x) if baseline is None else np.broadcast_to(np.asarray(baseline, x.dtype), x.shape)
-
-
 class CaptumIGService(IGService):
     """Captum's ``IntegratedGradients`` on a PyTorch twin of a jaxrecover model, with the same weights.
 
@@ -120,12 +116,12 @@ class CaptumIGService(IGService):
         t = self._torch.as_tensor(np.array(target)).long().reshape(-1, 1)
         with self._torch.no_grad():
             fx = self._forward(self._tensor(x)).gather(1, t)[:, 0].numpy()
-            fb = self._forward(self._tensor(_baseline_array(self.baseline, x))).gather(1, t)[:, 0].numpy()
+            fb = self._forward(self._tensor(self.baseline_for(x))).gather(1, t)[:, 0].numpy()
         return jnp.asarray(fx, self.dtype), jnp.asarray(fb, self.dtype)
 
     def _answer(self, x, target, steps):
         xn = np.asarray(x)
-        attr = self._ig.attribute(self._tensor(xn), baselines=self._tensor(_baseline_array(self.baseline, xn)),
+        attr = self._ig.attribute(self._tensor(xn), baselines=self._tensor(self.baseline_for(xn)),
                                   target=self._torch.as_tensor(np.array(target)).long(), n_steps=steps,
                                   method=CAPTUM_RULES[self.rule], internal_batch_size=self.internal_batch_size)
         return jnp.asarray(self._tt.from_nchw(attr.detach().numpy()), self.dtype)
@@ -170,14 +166,14 @@ class SaliencyIGService(IGService):
 
     def outputs(self, x, target):
         x = jnp.asarray(x, self.dtype)
-        b = jnp.asarray(_baseline_array(self.baseline, np.asarray(x)))
+        b = self.baseline_for(x)
         f = jax.vmap(lambda xi, t: select_output(self.model(self.params, xi), t, self.output))
         t = jnp.asarray(target)
         return f(x, t), f(b, t)
 
     def _answer(self, x, target, steps):
         xn = np.asarray(x)
-        bn = _baseline_array(self.baseline, xn)
+        bn = np.asarray(self.baseline_for(xn))
         key = self._core.base.INPUT_OUTPUT_GRADIENTS
         out = np.empty(xn.shape, np.float64)
         for i in range(xn.shape[0]):

@@ -186,7 +186,8 @@ def recover_fixed_steps(service, x, target, *, s0: float = 1e-4, resolution: flo
         float64, 1e-5 float32).
       tol: a residual change below ``tol * max|T|`` counts as no jump (default
         sqrt of the dtype's eps).
-      progress: a progress bar over the examples.
+      progress: a progress bar over the examples, and one per example over the sweep of the ray
+        (log scale from ``s0`` to 1; conv nets have thousands of jumps on a ray, minutes per example).
 
     Returns:
       ``(vg, mask, report)``: the recovered gradients (NaN where ``x == b``),
@@ -202,8 +203,7 @@ def recover_fixed_steps(service, x, target, *, s0: float = 1e-4, resolution: flo
     resolution = resolution if resolution is not None else (1e-8 if eps < 1e-10 else 1e-5)
     rel_tol = tol if tol is not None else float(np.sqrt(eps))
     nodes, weights = (np.asarray(v, np.float64) for v in service.quadrature(service.steps))
-    b_all = (np.zeros_like(x) if service.baseline is None
-             else np.broadcast_to(np.asarray(service.baseline, x.dtype), x.shape))
+    b_all = np.asarray(service.fixed_baseline(x))
     out = np.empty(x.shape, np.float64)
     rep = FixedStepsReport([], [], [], [], [], "")
     for i in tqdm(range(x.shape[0]), disable=not progress, desc="fixed-m recovery", unit="example"):
@@ -223,7 +223,11 @@ def recover_fixed_steps(service, x, target, *, s0: float = 1e-4, resolution: flo
         c0 = t_start
         p, r_p, waves = s_start, np.zeros_like(ray.d), 0
         stride = 1
+        sweep = tqdm(total=1000, disable=not progress, desc=f"example {i}: sweep of the ray", leave=False,
+                     bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
         while p < 1.0:
+            sweep.update(int(1000 * np.log(p / s_start) / np.log(1 / s_start)) - sweep.n)
+            sweep.set_postfix(t=f"{p:.3g}", jumps=len(ray.deltas), queries=ray.queries, refresh=False)
             if stride > 1:  # gallop: no jump at all in (p, q_far] leaves the residual at 0 there
                 q_far = min(1.0, p / ray.r2 ** stride)
                 q_far = ray.clear(q_far, p) if q_far < 1.0 else q_far
@@ -245,6 +249,7 @@ def recover_fixed_steps(service, x, target, *, s0: float = 1e-4, resolution: flo
                 ray.add(groups)
             stride = 1 if groups else 2
             p, r_p, waves = q, t_q - c0 - ray.expected_jumps(q), waves + 1
+        sweep.close()
         g0 = c0 / ray.total_w
         g1 = g0 + (np.sum(ray.deltas, axis=0) if ray.deltas else 0.0)
         out[i] = np.where(ray.mask, g1, np.nan)

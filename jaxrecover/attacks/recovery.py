@@ -117,6 +117,6 @@ def attack(service, plan: QueryPlan, x, target):
     x = jnp.asarray(x)
     if x.dtype != service.dtype:
         raise TypeError(f"x is {x.dtype} but the service answers in {service.dtype}; cast x")
-    b = None if service.baseline is None else jnp.broadcast_to(jnp.asarray(service.baseline, x.dtype), x.shape)
+    b = None if service.baseline is None else service.fixed_baseline(x)
     answers = [service(xq, target, steps=q.steps) for xq, q in zip(query_inputs(plan, x, b), plan.queries)]
     return recover(plan, answers, x, b)

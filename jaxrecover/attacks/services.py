@@ -24,6 +24,7 @@ import numpy as np
 
 from ..engine import check_input_dtype, explain
 from ..explainers import IG, OUTPUTS, get_rule, num_evaluations, quadrature, select_output
+from ..explainers.baselines import is_input_dependent
 from ..models import as_model
 
 __all__ = ["IGService", "SimulatedIGService", "ServiceWrapper", "QueryBudgetExceeded", "StepCountRefused"]
@@ -54,7 +55,8 @@ class IGService:
         self.steps = int(steps)
         self.fixed_steps = bool(fixed_steps)
         self.dtype = jnp.dtype(dtype)
-        self.baseline = None if baseline is None else jnp.asarray(baseline, self.dtype)
+        self.baseline = (baseline if baseline is None or is_input_dependent(baseline)
+                         else jnp.asarray(baseline, self.dtype))
         self.output = output
         self.budget = budget
         self.arithmetic = dict(arithmetic or {})
@@ -66,7 +68,8 @@ class IGService:
         """What the service declares: rule, step policy, baseline, dtype, output, arithmetic, budget."""
         return {"service": type(self).__name__, "rule": self.rule, "steps": self.steps,
                 "fixed_steps": self.fixed_steps,
-                "baseline": "zeros" if self.baseline is None else f"array{tuple(self.baseline.shape)}",
+                "baseline": ("zeros" if self.baseline is None else str(self.baseline)
+                             if is_input_dependent(self.baseline) else f"array{tuple(self.baseline.shape)}"),
                 "dtype": self.dtype.name, "output": self.output, "arithmetic": dict(self.arithmetic),
                 "budget": self.budget, "queries": self.queries, "evaluations": self.evaluations}
 
@@ -95,6 +98,32 @@ class IGService:
         steps = self.steps if steps is None else int(steps)
         nodes, weights = quadrature(self.rule, steps)
         return (nodes.astype(self.dtype).astype(np.float64), weights.astype(self.dtype).astype(np.float64))
+
+    def baseline_for(self, x) -> jax.Array:
+        """The baselines ``[N, ...]`` this service integrates from for the inputs ``x[N, ...]`` (its dtype)."""
+        x = jnp.asarray(x, self.dtype)
+        if self.baseline is None:
+            return jnp.zeros_like(x)
+        if is_input_dependent(self.baseline):
+            b = jnp.asarray(self.baseline(x), self.dtype)
+            if b.shape != x.shape:
+                raise ValueError(f"the baseline function {self.baseline} returned {tuple(b.shape)} for inputs "
+                                 f"{tuple(x.shape)}; it must return one baseline per input")
+            return b
+        return jnp.broadcast_to(self.baseline, x.shape)
+
+    def fixed_baseline(self, x) -> jax.Array:
+        """:meth:`baseline_for`, for attacks that move along the ray from a FIXED baseline.
+
+        Raises:
+          ValueError: the baseline depends on the input (e.g. the blurred input): queries off the ray
+            get other baselines, so ray plans do not apply.
+        """
+        if is_input_dependent(self.baseline):
+            raise ValueError(f"this service's baseline depends on the input ({self.baseline}): ray plans and "
+                             "fixed-m decoding need a fixed baseline; use jaxrecover.attacks.recover_input_baseline "
+                             "(rules with a node at 1) or recover_from_outputs")
+        return self.baseline_for(x)
 
     def outputs(self, x, target) -> tuple[jax.Array, jax.Array]:
         """``(f(x), f(baseline))`` of the explained output, as deployed services report them
@@ -172,14 +201,14 @@ class SimulatedIGService(IGService):
 
     def outputs(self, x, target):
         x = jnp.asarray(x, self.dtype)
-        b = jnp.zeros_like(x) if self.baseline is None else jnp.broadcast_to(self.baseline, x.shape)
+        b = self.baseline_for(x)
         f = _output_fn(self.model, self.output)
         t = jnp.asarray(target)
         return f(self.params, x, t), f(self.params, b, t)
 
     def _answer(self, x, target, steps):
         return explain(IG(steps=steps, rule=self.rule, factor_stem=self.factor_stem), self.model, self.params, x,
-                       target, baseline=self.baseline, output=self.output, chunk_size=self.chunk_size)
+                       target, baseline=self.baseline_for(x), output=self.output, chunk_size=self.chunk_size)
 
 
 @functools.lru_cache(maxsize=32)
