@@ -1,6 +1,6 @@
 """docs/SERVICES.md's tables: recovery of VG from real IG services (Captum, PAIR saliency) and our own.
 
-Usage:  python scripts/services_table.py [--n 64] [--n-resnet 8] [--n-fixed 4] [--out results/services.json]
+Usage:  python scripts/services_table.py [--n 64] [--n-resnet 8] [--n-fixed 4] [--jump-models twolayer] [--docs docs/SERVICES.md]
 Needs the 'services' extra (bash scripts/setup.sh services) and trained checkpoints in checkpoints/<model>
 (python train.py --model M --out checkpoints/M). Prints markdown tables; writes the rows as JSON (atomically).
 """
@@ -42,13 +42,86 @@ def row(label, svc, plan, x, t, vg, extra=None):
             "failures>1e-6": int(np.sum(d > 1e-6)), "wall_s": round(time.time() - t0, 1), **(extra or {})}
 
 
+def fixed_rows(name, v32, ds, n, jumps):
+    """Fixed m = 50 on our service (float64, zero baseline): eq. (3), jump decoding, finite differences."""
+    rows = []
+    v = jr.cast_variables(v32, jnp.float64)
+    x = jnp.asarray(jr.normalize(ds.test_images[:n], dtype=np.float64))
+    t = jnp.asarray(ds.test_labels[:n])
+    vg = jr.explain(jr.VG(), jr.make_model(name), v, x, t)
+    common = {"model": name, "dtype": "float64", "baseline": "zero", "N": n, "service": "ours, m fixed"}
+    for rule in ("riemann_right", "gausslegendre"):
+        svc = jr.SimulatedIGService(jr.make_model(name), v, rule=rule, steps=50, fixed_steps=True)
+        rows.append(row("ours, m fixed", svc, R.approx_plan(rule, 50), x, t, vg, common))
+        print(rows[-1], flush=True)
+        if not jumps:
+            continue
+        svc.reset_counters()
+        t0 = time.time()
+        rec, mask, rep = R.recover_fixed_steps(svc, x, t, progress=True)
+        d = np.asarray(normalized_distance(rec, vg, mask))
+        rows.append({**common, "rule": rule, "plan": "fixed-m jumps",
+                     "queries": int(np.mean(rep.queries)), "evaluations": int(np.mean(rep.evaluations)),
+                     "mean": float(d.mean()), "max": float(d.max()), "failures>1e-6": int(np.sum(d > 1e-6)),
+                     "wall_s": round(time.time() - t0, 1), "breakpoints": float(np.mean(rep.breakpoints))})
+        print(rows[-1], flush=True)
+    for dtype in (jnp.float64, jnp.float32):
+        vd = jr.cast_variables(v32, dtype)
+        xd = x.astype(dtype)
+        svc = jr.SimulatedIGService(jr.make_model(name), vd, steps=50, fixed_steps=True)
+        t0 = time.time()
+        rec, mask, rep = R.recover_from_outputs(svc, xd, t)
+        d = np.asarray(normalized_distance(rec.astype(jnp.float64), vg, mask))
+        rows.append({**common, "dtype": np.dtype(dtype).name, "rule": "any", "plan": "outputs, finite diff.",
+                     "queries": int(np.mean(rep.queries)), "evaluations": svc.evaluations // n,
+                     "mean": float(d.mean()), "max": float(d.max()), "failures>1e-6": int(np.sum(d > 1e-6)),
+                     "wall_s": round(time.time() - t0, 1), "masked": float(np.mean(rep.unresolved))})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def blur_rows(name, v32, ds, n, sigma):
+    """The blurred input as baseline (float64): the chain recovery on ours, Captum and PAIR."""
+    rows = []
+    v = jr.cast_variables(v32, jnp.float64)
+    x = jnp.asarray(jr.normalize(ds.test_images[:n], dtype=np.float64))
+    t = jnp.asarray(ds.test_labels[:n])
+    model = jr.make_model(name)
+    blur = jr.BlurBaseline(sigma)
+    vg = jr.explain(jr.VG(), model, v, x, t)
+    bx = blur(x)
+    vg_point = jr.explain(jr.VG(), model, v, bx + 1.0 * (x - bx), t)  # where the services evaluate "x"
+    svcs = [("ours", jr.SimulatedIGService(model, v, baseline=blur)),
+            ("captum", CaptumIGService(name, v, rule="riemann_right", baseline=blur)),
+            ("captum", CaptumIGService(name, v, rule="riemann_trapezoid", baseline=blur)),
+            ("pair-saliency", SaliencyIGService(model, v, baseline=blur))]
+    for label, svc in svcs:
+        t0 = time.time()
+        rec, mask, rep = R.recover_input_baseline(svc, x, t)
+        d = np.asarray(normalized_distance(rec, vg, mask))
+        dp = np.asarray(normalized_distance(rec, vg_point, mask))
+        rows.append({"model": name, "dtype": "float64", "baseline": str(blur), "N": n, "service": label,
+                     "rule": svc.rule, "plan": "chain", "queries": int(np.mean(rep.queries)),
+                     "evaluations": int(np.mean(rep.evaluations)), "mean": float(d.mean()), "max": float(d.max()),
+                     "failures>1e-6": int(np.sum(d > 1e-6)), "mean_at_point": float(dp.mean()),
+                     "max_at_point": float(dp.max()), "closed": int(sum(rep.closed)),
+                     "masked": float(np.mean(~np.asarray(mask))), "wall_s": round(time.time() - t0, 1)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--n-resnet", type=int, default=8)
     ap.add_argument("--n-fixed", type=int, default=4)
     ap.add_argument("--models", default="twolayer,lenet,resnet18")
+    ap.add_argument("--jump-models", default="twolayer",
+                    help="models whose fixed-m rows include the jump decoding (lenet: hours per image on a CPU)")
+    ap.add_argument("--blur-sigma", type=float, default=5.0)
     ap.add_argument("--out", default="results/services.json")
+    ap.add_argument("--docs", default=None, help="also write the tables into this markdown file, between "
+                    "<!-- services_table:begin --> and <!-- services_table:end -->")
     args = ap.parse_args()
     ds = jr.load_dataset("mnist")
     rows = []
@@ -68,38 +141,59 @@ def main():
                     rows.append(row(label, svc, naive, x, t, vg, common))
                     rows.append(row(label, svc, R.best_plan(svc), x, t, vg, common))
                     print(rows[-2], "\n", rows[-1], flush=True)
-        if name != "resnet18" and args.n_fixed:
-            v = jr.cast_variables(v32, jnp.float64)
-            x = jnp.asarray(jr.normalize(ds.test_images[:args.n_fixed], dtype=np.float64))
-            t = jnp.asarray(ds.test_labels[:args.n_fixed])
-            vg = jr.explain(jr.VG(), jr.make_model(name), v, x, t)
-            for rule in ("riemann_right", "gausslegendre"):
-                svc = jr.SimulatedIGService(jr.make_model(name), v, rule=rule, steps=50, fixed_steps=True)
-                common = {"model": name, "dtype": "float64", "baseline": "zero", "N": args.n_fixed}
-                rows.append(row("ours, m fixed", svc, R.approx_plan(rule, 50), x, t, vg, common))
-                print(rows[-1], flush=True)
-                svc.reset_counters()
-                t0 = time.time()
-                rec, mask, rep = R.recover_fixed_steps(svc, x, t, progress=True)
-                d = np.asarray(normalized_distance(rec, vg, mask))
-                rows.append({"service": "ours, m fixed", "rule": rule, "plan": "fixed-m jumps",
-                             "queries": int(np.mean(rep.queries)), "evaluations": int(np.mean(rep.evaluations)),
-                             "mean": float(d.mean()), "max": float(d.max()), "failures>1e-6": int(np.sum(d > 1e-6)),
-                             "wall_s": round(time.time() - t0, 1), "breakpoints": float(np.mean(rep.breakpoints)),
-                             **common})
-                print(rows[-1], flush=True)
-    atomic_write_text(args.out, json.dumps({"command": "python scripts/services_table.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()), "rows": rows}, indent=1))
-    print(markdown(rows))
+        rows += blur_rows(name, v32, ds, n, args.blur_sigma)
+        if args.n_fixed:
+            rows += fixed_rows(name, v32, ds, args.n_fixed, name in args.jump_models.split(","))
+    command = "python scripts/services_table.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)
+    atomic_write_text(args.out, json.dumps({"command": command, "rows": rows}, indent=1))
+    text = markdown(rows, command)
+    print(text)
+    if args.docs:
+        write_docs(args.docs, text)
 
 
-def markdown(rows):
+BEGIN, END = "<!-- services_table:begin -->", "<!-- services_table:end -->"
+
+
+def write_docs(path, text):
+    """Replace the generated block of ``path`` (atomically)."""
+    with open(path) as f:
+        doc = f.read()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"{path} has no {BEGIN} ... {END} block to fill")
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    atomic_write_text(path, head + BEGIN + "\n" + text + "\n" + END + tail)
+
+
+def markdown(rows, command=""):
+    """The rows as markdown: service-aware plans, the blurred baseline, fixed m."""
     cols = ["model", "dtype", "baseline", "N", "service", "rule", "plan", "queries", "evaluations", "mean", "max",
             "failures>1e-6"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.2e}" if c in ("mean", "max") else str(r[c]) for c in cols) + " |")
-    return "\n".join(lines)
+    sections = [("Plans against each service", lambda r: r["plan"] not in ("chain",) and r["service"] != "ours, m fixed",
+                 cols),
+                ("The blurred input as baseline (chain recovery)", lambda r: r["plan"] == "chain",
+                 cols + ["mean_at_point", "max_at_point", "closed", "masked"]),
+                ("Fixed step count (m = 50)", lambda r: r["service"] == "ours, m fixed",
+                 cols + ["breakpoints", "masked", "wall_s"])]
+    out = [f"Generated by `{command}` (rows: results/services.json)." if command else ""]
+    for title, keep, cs in sections:
+        sel = [r for r in rows if keep(r)]
+        if not sel:
+            continue
+        out += ["", f"### {title}", "", "| " + " | ".join(cs) + " |", "|" + "---|" * len(cs)]
+        for r in sel:
+            out.append("| " + " | ".join(_fmt(c, r.get(c, "")) for c in cs) + " |")
+    return "\n".join(out)
+
+
+def _fmt(col, v):
+    if col in ("mean", "max", "mean_at_point", "max_at_point") and v != "":
+        return f"{v:.2e}"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ class OutputsReport:
 
 def _values(service, z, target):
     """``f(z)`` for each row of ``z``, as a deployed service returns it with an explanation (one query each)."""
-    service(z, target)  # the explanation the value comes with: counted, budget enforced
+    service.charge(int(z.shape[0]))  # the explanations the values come with: counted, budget enforced
     fz, _ = service.outputs(z, target)
     return np.asarray(fz, np.float64)
 
@@ -56,7 +56,8 @@ def recover_from_outputs(service, x, target, *, h: float | None = None, tol: flo
     Args:
       service: an :class:`jaxrecover.attacks.IGService` that implements ``outputs``.
       x: ``[N, ...]`` inputs in the service's dtype; target: ``[N]`` classes.
-      h: the first step (default ``2**-20`` float64, ``2**-7`` float32), relative to 1 (inputs are O(1)).
+      h: the first step (default ``2**-8`` float64, ``2**-4`` float32; inputs are O(1)): large steps cut the
+        round-off ``eps |f| / h``, and a boundary within ``h`` is caught by the two differences disagreeing.
       tol: the largest disagreement of the two one-sided differences, relative to
         ``max |g|``, that still counts as agreement (default ``64 eps max(|f|, 1) / (h max|g|)``: round-off).
       retries: how many times a disagreeing coordinate is retried with ``h / 16``.
@@ -74,7 +75,7 @@ def recover_from_outputs(service, x, target, *, h: float | None = None, tol: flo
     if target.shape[0] != x.shape[0]:
         raise ValueError(f"x has {x.shape[0]} examples but target has {target.shape[0]}")
     eps = float(np.finfo(x.dtype).eps)
-    h0 = h if h is not None else (2.0 ** -20 if eps < 1e-10 else 2.0 ** -7)
+    h0 = h if h is not None else (2.0 ** -8 if eps < 1e-10 else 2.0 ** -4)
     d = int(np.prod(x.shape[1:]))
     out = np.empty((x.shape[0], d), np.float64)
     mask = np.ones((x.shape[0], d), bool)

@@ -150,14 +150,28 @@ class IGService:
         if check_input_dtype(x) != self.dtype:
             raise TypeError(f"this service answers {self.dtype} inputs, got {x.dtype}; cast x")
         n = int(x.shape[0]) if x.ndim else 0
+        self._check_budget(n)
+        answers = self._answer(x, target, int(steps))
+        self.charge(n, steps)
+        return answers
+
+    def _check_budget(self, n: int) -> None:
         if self.budget is not None and self.queries + n > self.budget:
             raise QueryBudgetExceeded(
                 f"query budget exhausted: {self.queries} of {self.budget} queries used, this request needs {n}; "
                 "nothing was answered (results so far stay valid)")
-        answers = self._answer(x, target, int(steps))
-        self.queries += n
-        self.evaluations += n * num_evaluations(self.rule, int(steps))
-        return answers
+
+    def charge(self, n: int, steps: int | None = None) -> None:
+        """Count ``n`` explanation queries (budget enforced) whose attributions an attack does not use.
+
+        Attacks that read only the output values reported with each explanation
+        (:func:`jaxrecover.attacks.recover_from_outputs`) pay the full query
+        price without making this simulation compute the attributions.
+        """
+        steps = self.steps if steps is None else int(steps)
+        self._check_budget(int(n))
+        self.queries += int(n)
+        self.evaluations += int(n) * num_evaluations(self.rule, steps)
 
     def _answer(self, x: jax.Array, target, steps: int) -> jax.Array:
         raise NotImplementedError
