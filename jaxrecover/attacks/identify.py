@@ -125,6 +125,44 @@ def _first_jumps(service, x, b, target, count: int = 2, resolution: float = 1e-9
     return jumps, spent
 
 
+def _echo_tiebreak(service, x, b, target, first, tied, evidence):
+    """Among rules with the same top node and weight, the one whose second node at n = 2 echoes the first jump.
+
+    The first breakpoint ``t1`` seen by the top node at ``c`` (jump ``w_top Delta``)
+    is seen again by the second node ``a_2`` at ``c = t1 / a_2`` with jump
+    ``w_2 Delta``; a rule whose second node is 0 (or absent) predicts no jump
+    there. Two answers bracketing each predicted position decide (2 queries each).
+    """
+    c1, jump = first
+    d = x - b
+    preds = {}
+    for cand in tied:
+        nodes, weights = quadrature(cand, 2)
+        top = int(np.argmax(nodes))
+        delta = jump / weights[top]
+        t1 = c1 * nodes[top]
+        others = [j for j in range(nodes.size) if j != top and nodes[j] > 0]
+        preds[cand] = [(t1 / nodes[j], weights[j] * delta) for j in others]
+    points = sorted({round(c, 12) for p in preds.values() for c, _ in p})
+    measured = {}
+    for c in points:
+        lo, hi = c * (1 - 1e-7), c * (1 + 1e-7)
+        a_lo, a_hi = _answers(service, [b + lo * d, b + hi * d], target, steps=2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t_lo = np.where(d != 0, np.asarray(a_lo, np.float64) / np.where(d != 0, lo * d, 1), 0.0).ravel()
+            t_hi = np.where(d != 0, np.asarray(a_hi, np.float64) / np.where(d != 0, hi * d, 1), 0.0).ravel()
+        measured[c] = t_hi - t_lo
+    scale = float(np.max(np.abs(jump))) + 1e-300
+    best, rule = np.inf, tied[0]
+    for cand in tied:
+        predicted = {round(c, 12): v for c, v in preds[cand]}
+        mis = sum(float(np.max(np.abs(measured[c] - predicted.get(c, 0.0)))) for c in points) / scale
+        evidence[f"{cand} (echo)"] = mis
+        if mis < best:
+            best, rule = mis, cand
+    return rule
+
+
 def identify_service(service, x, target, *, max_steps: int = 256, candidates=None) -> Identification:
     """Infer the baseline, step policy, rule and step count of ``service`` from answers about one example.
 
@@ -163,6 +201,14 @@ def identify_service(service, x, target, *, max_steps: int = 256, candidates=Non
         # the first breakpoint t1 of the ray, seen at n = 2, 3, 4 steps: at c = t1 / a_top(n) with an answer jump
         # w_top(n) * Delta; the right rule makes c * a_top and jump / w_top the same for every n
         seen = {n: _first_jumps(service, x, b_use, target, count=1, steps=n)[0] for n in (2, 3, 4)}
+        # near the baseline every node sees g(0+): T = (sum of the weights) g(0+), which tells rules whose top
+        # weights are proportional apart (saliency 1/n vs Captum's riemann_trapezoid 1/(2n), weights summing to < 1)
+        d0 = x - b_use
+        low = {}
+        for n in (2, 3, 4):
+            (a0,) = _answers(service, [b_use + 1e-4 * d0], target, steps=n)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                low[n] = np.where(d0 != 0, a0 / np.where(d0 != 0, 1e-4 * d0, 1), 0.0).ravel()
         if all(seen.values()):
             best = np.inf
             for cand, r in RULES.items():
@@ -174,11 +220,16 @@ def identify_service(service, x, target, *, max_steps: int = 256, candidates=Non
                     top = int(np.argmax(nodes))
                     t1.append(c * nodes[top])
                     dl.append(jump / weights[top])
+                g0 = [low[n] / quadrature(cand, n)[1].sum() for n in (2, 3, 4)]
                 mis = float(np.ptp(t1) / np.mean(t1)
-                            + max(np.max(np.abs(v - dl[0])) for v in dl) / (np.max(np.abs(dl[0])) + 1e-300))
+                            + max(np.max(np.abs(v - dl[0])) for v in dl) / (np.max(np.abs(dl[0])) + 1e-300)
+                            + max(np.max(np.abs(v - g0[0])) for v in g0) / (np.max(np.abs(g0[0])) + 1e-300))
                 evidence[cand] = mis
                 if mis < best:
                     best, rule = mis, cand
+            tied = [c for c, v in evidence.items() if v <= best + 1e-6]
+            if len(tied) > 1:  # same top node and weight at every n (riemann_right, saliency): test the echo
+                rule = _echo_tiebreak(service, x, b_use, target, seen[2][0], tied, evidence)
         spent["rule"] = service.queries - q0
     else:
         q0 = service.queries
