@@ -32,6 +32,16 @@ def services(name, v, dtype, baseline):
     return out
 
 
+def reference_vg(label, name, v32, x, t, point=None):
+    """float64 VG of the model as the service's framework differentiates it (PyTorch for Captum: where max-pool
+    windows tie, PyTorch and JAX pick different inputs), at ``point`` (default ``x``)."""
+    v = jr.cast_variables(v32, jnp.float64)
+    z = (x if point is None else point).astype(jnp.float64)
+    if label == "captum":
+        return CaptumIGService(name, v).gradient(z, t).astype(jnp.float64)
+    return jr.explain(jr.VG(), jr.make_model(name), v, z, t)
+
+
 def row(label, svc, plan, x, t, vg, extra=None):
     svc.reset_counters()
     t0 = time.time()
@@ -88,9 +98,9 @@ def blur_rows(name, v32, ds, n, sigma):
     t = jnp.asarray(ds.test_labels[:n])
     model = jr.make_model(name)
     blur = jr.BlurBaseline(sigma)
-    vg = jr.explain(jr.VG(), model, v, x, t)
     bx = blur(x)
-    vg_point = jr.explain(jr.VG(), model, v, bx + 1.0 * (x - bx), t)  # where the services evaluate "x"
+    vgs = {label: (reference_vg(label, name, v32, x, t),  # VG(x), and VG where the services evaluate "x"
+                   reference_vg(label, name, v32, x, t, point=bx + 1.0 * (x - bx))) for label in ("ours", "captum")}
     svcs = [("ours", jr.SimulatedIGService(model, v, baseline=blur)),
             ("captum", CaptumIGService(name, v, rule="riemann_right", baseline=blur)),
             ("captum", CaptumIGService(name, v, rule="riemann_trapezoid", baseline=blur)),
@@ -98,6 +108,7 @@ def blur_rows(name, v32, ds, n, sigma):
     for label, svc in svcs:
         t0 = time.time()
         rec, mask, rep = R.recover_input_baseline(svc, x, t)
+        vg, vg_point = vgs.get(label, vgs["ours"])
         d = np.asarray(normalized_distance(rec, vg, mask))
         dp = np.asarray(normalized_distance(rec, vg_point, mask))
         rows.append({"model": name, "dtype": "float64", "baseline": str(blur), "N": n, "service": label,
@@ -132,10 +143,10 @@ def main():
             v = jr.cast_variables(v32, dtype)
             x = jnp.asarray(jr.normalize(ds.test_images[:n], dtype=np.dtype(dtype)))
             t = jnp.asarray(ds.test_labels[:n])
-            vg = jr.explain(jr.VG(), jr.make_model(name), jr.cast_variables(v32, jnp.float64),
-                            x.astype(jnp.float64), t)
+            vgs = {label: reference_vg(label, name, v32, x, t) for label in ("ours", "captum")}
             for bname, base in (("zero", None), ("black", jnp.full((28, 28, 1), float(x.min()), dtype))):
                 for label, svc in services(name, v, dtype, base):
+                    vg = vgs.get(label, vgs["ours"])
                     common = {"model": name, "dtype": np.dtype(dtype).name, "baseline": bname, "N": n}
                     naive = R.exact_plan(svc.rule, 50)
                     rows.append(row(label, svc, naive, x, t, vg, common))

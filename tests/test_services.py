@@ -126,3 +126,33 @@ def test_service_plan_refuses_fixed_step_services(twolayer64):
         R.service_plan(jr.SimulatedIGService(model, v, steps=50, fixed_steps=True))
 
 
+
+
+# ----------------------------------------------------------------------------------------- bit-identical shared points
+def test_bitwise_shared_tells_dyadic_coincidences_from_ulp_ones():
+    v = jr.init_variables("twolayer", jax.random.key(0), dtype=jnp.float64)
+    right = CaptumIGService("twolayer", v, rule="riemann_right")
+    left = CaptumIGService("twolayer", v, rule="riemann_left")
+    p_right, p_left = R.best_plan(right), R.best_plan(left)
+    # Captum's float32 alpha_2(3) = 2 alpha_1(3) exactly: the paired m = 3 plan shares bit-identical points
+    assert R.bitwise_shared(p_right, right.quadrature, jnp.float64)
+    # riemann_left's surviving plan only coincides to ulps (1.5 * 0.33333334f is not 0.5)
+    assert not R.bitwise_shared(p_left, left.quadrature, jnp.float64)
+    assert R.actual_residual(p_left, left.quadrature) <= 1e-12
+
+
+def test_captum_gradient_is_the_twins_autograd_and_bitwise_plans_recover_it_on_max_pool_ties(mnist):
+    """On MNIST's constant background LeNet's max-pool windows tie; PyTorch's conv breaks such ties by round-off,
+    so a point one ulp away has another gradient. Bit-identical shared points recover the twin's VG exactly."""
+    v = _biased(jr.init_variables("lenet", jax.random.key(0), dtype=jnp.float64), jnp.float64)
+    x = jnp.asarray(jr.normalize(mnist.test_images[:3], dtype=np.float64))
+    t = jnp.asarray(mnist.test_labels[:3])
+    svc = CaptumIGService("lenet", v, rule="riemann_right")
+    g = svc.gradient(x, t)
+    assert g.dtype == jnp.float64 and g.shape == x.shape
+    xr = jax.random.normal(jax.random.key(2), x.shape, jnp.float64)  # no ties: the twin's VG is ours
+    assert _rel(svc.gradient(xr, t), jr.explain(jr.VG(), jr.make_model("lenet"), v, xr, t)) <= 1e-10
+    plan = R.best_plan(svc)
+    assert R.bitwise_shared(plan, svc.quadrature, jnp.float64)
+    rec, mask = R.attack(svc, plan, x, t)
+    assert _rel(jnp.where(mask, rec, 0.0), jnp.where(mask, g, 0.0)) <= 1e-12

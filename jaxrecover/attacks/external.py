@@ -111,6 +111,18 @@ class CaptumIGService(IGService):
         with self._torch.no_grad():
             return self.twin(self._tensor(x)).numpy()
 
+    def gradient(self, x, target) -> jax.Array:
+        """The twin's own Vanilla Gradient (PyTorch autograd) of the explained output, in the service's dtype.
+
+        The reference for attacks on this service: where max-pool windows tie (constant
+        MNIST background) PyTorch and JAX route the gradient to different inputs, so
+        the twin's VG can differ from the JAX model's VG although the logits agree.
+        """
+        xt = self._tensor(np.asarray(x)).requires_grad_(True)
+        t = self._torch.as_tensor(np.array(target)).long().reshape(-1, 1)
+        self._forward(xt).gather(1, t).sum().backward()
+        return jnp.asarray(self._tt.from_nchw(xt.grad.detach().numpy()), self.dtype)
+
     def outputs(self, x, target):
         x = np.asarray(x, self.dtype)
         t = self._torch.as_tensor(np.array(target)).long().reshape(-1, 1)
