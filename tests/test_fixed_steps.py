@@ -46,7 +46,8 @@ def test_fixed_step_recovery_respects_the_budget():
 # ----------------------------------------------------------------------------------------- identification
 @pytest.mark.parametrize("rule,steps,fixed", [("riemann_middle", 50, False), ("gausslegendre", 50, False),
                                               ("riemann_right", 50, False), ("saliency", 25, False),
-                                              ("riemann_trapezoid", 50, False),
+                                              ("riemann_trapezoid", 50, False), ("gausslegendre", 32, True),
+                                              ("riemann_middle", 64, True),
                                               ("riemann_right", 50, True)])
 def test_identification_finds_baseline_rule_and_policy(rule, steps, fixed):
     logit_fn, p, shape = make_net("dense2", jax.random.key(5), bias=True)

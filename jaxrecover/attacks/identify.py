@@ -86,8 +86,9 @@ def infer_baseline(service, x, target, eps: float | None = None):
     return np.where(np.isfinite(b), b_est - fix, np.nan), check, 5
 
 
-def _first_jumps(service, x, b, target, count: int = 2, resolution: float = 1e-9, steps=None):
-    """Positions (scale c) and answer jumps (flattened) of the first ``count`` jumps of ``T(c)`` on the ray."""
+def _first_jumps(service, x, b, target, count: int = 2, resolution: float = 1e-9, steps=None, stop=None):
+    """Positions (scale c) and answer jumps (flattened) of the first ``count`` jumps of ``T(c)`` on the ray
+    (fewer where ``stop(jumps)`` says enough)."""
     d = x - b
     spent = 0
 
@@ -101,9 +102,12 @@ def _first_jumps(service, x, b, target, count: int = 2, resolution: float = 1e-9
 
     jumps = []
     lo = 1e-4
-    (t_lo,) = t_at([lo])
+    t_lo, t_check = t_at([lo, lo / 4])
     scale = np.max(np.abs(t_lo)) + 1e-300
     tol = np.sqrt(np.finfo(np.dtype(service.dtype)).eps) * scale
+    while np.max(np.abs(t_lo - t_check)) > tol and lo > 1e-12:  # a breakpoint below lo: start closer to b
+        lo /= 16
+        t_lo, t_check = t_at([lo, lo / 4])
     while len(jumps) < count:
         hi = lo * 1.25  # gallop to the next change
         while True:
@@ -122,6 +126,8 @@ def _first_jumps(service, x, b, target, count: int = 2, resolution: float = 1e-9
                 lo, t_lo = mid, t_mid
         jumps.append((hi, t_hi - t_lo))
         lo, t_lo = hi, t_hi
+        if stop is not None and stop(jumps):
+            break
     return jumps, spent
 
 
@@ -163,14 +169,17 @@ def _echo_tiebreak(service, x, b, target, first, tied, evidence):
     return rule
 
 
-def identify_service(service, x, target, *, max_steps: int = 256, candidates=None) -> Identification:
+def identify_service(service, x, target, *, max_steps: int = 256, candidates=None,
+                     max_jumps: int = 32) -> Identification:
     """Infer the baseline, step policy, rule and step count of ``service`` from answers about one example.
 
     Uses only answers (``service(x, target, steps=...)``), not what the
     service declares. ``x``: one example (no batch axis) in the service's dtype.
     ``candidates``: baselines to try besides zeros and the constant ``x.min()``
     (the estimate snaps to one whose own answer is exactly 0; otherwise the
-    per-coordinate estimate is used, good to about 1e-9).
+    per-coordinate estimate is used, good to about 1e-9). ``max_jumps``: with a fixed
+    step count, how many jumps of the ray to locate (about 30 queries each) while
+    looking for the first one's echo.
     """
     x = np.asarray(x, np.float64)
     spent: dict[str, int] = {}
@@ -233,16 +242,22 @@ def identify_service(service, x, target, *, max_steps: int = 256, candidates=Non
         spent["rule"] = service.queries - q0
     else:
         q0 = service.queries
-        jumps, _ = _first_jumps(service, x, b_use, target, count=6)
-        spent["rule and m"] = service.queries - q0
-        echo = None
-        if jumps:
+
+        def echo_of_first(jumps):
+            """The first later jump parallel to the first one (its echo at the second node), or None."""
             c1, j1 = jumps[0]
-            for c2, j2 in jumps[1:]:  # the first later jump parallel to the first: its echo
+            for c2, j2 in jumps[1:]:
                 cos = float(np.dot(j1, j2) / (np.linalg.norm(j1) * np.linalg.norm(j2) + 1e-300))
                 if abs(cos) > 1 - 1e-6:
-                    echo = (c2, j2)
-                    break
+                    return c2, j2
+            return None
+
+        jumps, _ = _first_jumps(service, x, b_use, target, count=max_jumps,
+                                stop=lambda js: echo_of_first(js) is not None)
+        spent["rule and m"] = service.queries - q0
+        echo = echo_of_first(jumps) if jumps else None
+        if jumps:
+            c1, j1 = jumps[0]
         if echo is not None:
             c2, j2 = echo
             ratio = c1 / c2
