@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import jaxrecover as jr
-from conftest import make_net
 from jaxrecover import attacks as R
 from jaxrecover.explainers import integrate, path_gradients, select_output
 
