@@ -4,6 +4,8 @@ Real services (Captum, PAIR saliency) live in :mod:`jaxrecover.attacks.external`
 ``services`` extra; import them from there.
 """
 
+from .defences import (ClientBudget, FixSteps, GaussianNoise, LaplaceNoise, RandomSteps, RoundAnswers, TopK,
+                       round_significant)
 from .fixed_steps import FixedStepsReport, recover_fixed_steps
 from .input_baseline import ChainReport, recover_input_baseline
 from .outputs import OutputsReport, recover_from_outputs
@@ -21,4 +23,6 @@ __all__ = [
     "recover_from_outputs", "OutputsReport", "identify_service", "infer_baseline", "Identification",
     "query_input", "query_inputs", "recover", "recover_eq2", "recover_eq3", "recover_eq4", "attack",
     "IGService", "SimulatedIGService", "ServiceWrapper", "QueryBudgetExceeded", "StepCountRefused",
+    "RoundAnswers", "GaussianNoise", "LaplaceNoise", "TopK", "FixSteps", "RandomSteps", "ClientBudget",
+    "round_significant",
 ]

@@ -1,0 +1,115 @@
+"""Defence wrappers: each changes answers as specified, composes, keeps dtypes (issue: defences, measured)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxrecover as jr
+from conftest import make_net
+from jaxrecover import attacks as R
+
+
+@pytest.fixture(scope="module")
+def net():
+    logit_fn, p, shape = make_net("dense2", jax.random.key(5), bias=True)
+    x = jax.random.normal(jax.random.key(6), (4, *shape), jnp.float64)
+    return logit_fn, p, x, jnp.array([0, 1, 2, 3])
+
+
+def _svc(net, dtype=jnp.float64, **kw):
+    logit_fn, p, x, t = net
+    p = jax.tree.map(lambda a: a.astype(dtype), p)
+    return jr.SimulatedIGService(logit_fn, p, **kw), x.astype(dtype), t
+
+
+def test_round_significant_matches_python_formatting():
+    a = np.array([123456.789, -0.000123456, 1.0, 0.0, 9.9996, -2.5e-300])
+    for k in (1, 3, 6):
+        want = np.array([float(f"{v:.{k - 1}e}") for v in a])
+        np.testing.assert_allclose(R.round_significant(a, k), want, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_rounding_defences_are_exact_and_keep_dtype(net, dtype):
+    svc, x, t = _svc(net, dtype)
+    plain = np.asarray(svc(x, t), np.float64)
+    r3 = R.RoundAnswers(svc, 3)
+    ans = r3(x, t)
+    assert ans.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(ans), R.round_significant(plain, 3).astype(dtype))
+    f16 = R.RoundAnswers(svc, "float16")(x, t)
+    assert f16.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(f16), plain.astype(np.float16).astype(dtype))
+    fx, _ = r3.outputs(x, t)
+    np.testing.assert_array_equal(np.asarray(fx), R.round_significant(np.asarray(svc.outputs(x, t)[0]), 3)
+                                  .astype(dtype))
+    assert R.RoundAnswers(svc, 3, outputs=False).outputs(x, t)[0].dtype == dtype
+    with pytest.raises(ValueError, match="digits"):
+        R.RoundAnswers(svc, 0)
+
+
+@pytest.mark.parametrize("cls,std_per_scale", [(R.GaussianNoise, 1.0), (R.LaplaceNoise, np.sqrt(2.0))])
+def test_noise_has_the_declared_statistics(net, cls, std_per_scale):
+    svc, x, t = _svc(net)
+    xs = jnp.tile(x, (250, 1))  # 1,000 answers, 12,000 noise draws
+    ts = jnp.tile(t, 250)
+    plain = np.asarray(svc(xs, ts))
+    noisy = np.asarray(cls(svc, 0.1, relative=False, seed=1)(xs, ts))
+    e = (noisy - plain).ravel()
+    assert abs(e.mean()) < 4 * 0.1 * std_per_scale / np.sqrt(e.size)
+    assert abs(e.std() / (0.1 * std_per_scale) - 1) < 0.05
+    # relative: sigma = scale * max|answer| of each answer; reproducible per seed, fresh per call
+    rel = cls(svc, 0.01, seed=2)
+    e1 = np.asarray(rel(xs, ts)) - plain
+    ref = np.abs(plain).max(axis=1, keepdims=True)
+    assert abs((e1 / ref).std() / (0.01 * std_per_scale) - 1) < 0.05
+    again = cls(svc, 0.01, seed=2)
+    np.testing.assert_array_equal(np.asarray(again(xs, ts)) - plain, e1)
+    assert not np.array_equal(np.asarray(again(xs, ts)) - plain, e1)
+
+
+def test_top_k_keeps_the_k_largest(net):
+    svc, x, t = _svc(net)
+    plain = np.asarray(svc(x, t))
+    top = np.asarray(R.TopK(svc, 3)(x, t))
+    for a, b in zip(plain, top):
+        assert np.count_nonzero(b) == 3
+        keep = np.argsort(-np.abs(a))[:3]
+        np.testing.assert_array_equal(b[keep], a[keep])
+
+
+def test_fixed_and_random_steps(net):
+    svc, x, t = _svc(net)
+    fixed = R.FixSteps(svc, 32)
+    np.testing.assert_array_equal(np.asarray(fixed(x, t)), np.asarray(svc(x, t, steps=32)))
+    with pytest.raises(R.StepCountRefused, match="fixes the step count at 32"):
+        fixed(x, t, steps=50)
+    with pytest.raises(R.StepCountRefused):
+        R.attack(fixed, R.paper_plan(50), x, t)
+    rnd = R.RandomSteps(svc, 10, 40, seed=0)
+    ans = np.asarray(rnd(x, t))
+    ms = rnd.last_steps
+    assert ms.shape == (4,) and ms.min() >= 10 and ms.max() <= 40
+    for i in range(4):
+        np.testing.assert_allclose(ans[i], np.asarray(svc(x[i:i + 1], t[i:i + 1], steps=int(ms[i])))[0],
+                                   rtol=0, atol=1e-14)
+    with pytest.raises(R.StepCountRefused, match="at random"):
+        rnd(x, t, steps=20)
+
+
+def test_defences_compose_and_budget_per_client(net):
+    svc, x, t = _svc(net)
+    stack = R.ClientBudget(R.RoundAnswers(R.GaussianNoise(R.FixSteps(svc, 50), 1e-3, seed=0), 4), budget=6)
+    d = stack.describe()
+    assert d["wrapped_by"] == ["ClientBudget", "RoundAnswers", "GaussianNoise", "FixSteps"]
+    assert [e["defence"] for e in d["defences"]] == ["RoundAnswers", "GaussianNoise"]
+    assert d["fixed_steps"] is True and d["steps"] == 50
+    ans = np.asarray(stack(x, t))
+    np.testing.assert_array_equal(ans, R.round_significant(ans, 4))
+    assert stack.queries == 4 and stack.remaining == 2 and svc.queries == 4
+    with pytest.raises(R.QueryBudgetExceeded, match="client budget"):
+        stack(x, t)
+    assert stack.queries == 4 and svc.queries == 4  # nothing answered, nothing counted
+    stack.reset_counters()
+    assert stack.remaining == 6
