@@ -113,3 +113,24 @@ def test_defences_compose_and_budget_per_client(net):
     assert stack.queries == 4 and svc.queries == 4  # nothing answered, nothing counted
     stack.reset_counters()
     assert stack.remaining == 6
+
+
+def test_smoothgrad_ig_is_the_mean_over_noisy_copies_and_averaging_beats_noise(net):
+    svc, x, t = _svc(net)
+    sg = R.SmoothGradIG(svc, samples=5, sigma=0.1, seed=3)
+    ans = np.asarray(sg(x, t))
+    assert ans.dtype == np.float64 and svc.queries == 5 * 4
+    rng = np.random.default_rng(3)
+    x64 = np.asarray(x)
+    span = (x64.max(1) - x64.min(1))[:, None]
+    want = np.mean([np.asarray(svc(jnp.asarray(x64 + 0.1 * span * rng.standard_normal(x64.shape)), t))
+                    for _ in range(5)], axis=0)
+    np.testing.assert_allclose(ans, want, rtol=0, atol=1e-13)
+    assert np.max(np.abs(ans - np.asarray(svc(x, t)))) > 1e-3  # it is not plain IG
+    # the attacker's averaging: error shrinks like 1/sqrt(repeats), every repeat counted
+    noisy = R.GaussianNoise(svc, 0.1, relative=False, seed=4)
+    plain = np.asarray(svc(x, t))
+    before = svc.queries
+    avg = np.asarray(R.Averaged(noisy, 100)(x, t))
+    assert svc.queries - before == 400
+    assert np.std(avg - plain) < 0.1 / np.sqrt(100) * 1.3

@@ -12,6 +12,9 @@ too (:func:`jaxrecover.attacks.recover_from_outputs`).
 * :class:`FixSteps`: the caller cannot choose m.
 * :class:`RandomSteps`: every query gets a step count drawn at random.
 * :class:`ClientBudget`: a per-client query budget in front of the service.
+* :class:`SmoothGradIG`: the mean of the service's answers at ``samples`` noisy copies of the input.
+
+And on the attacker's side, :class:`Averaged`: the mean of ``repeats`` identical queries (against noise).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from ..explainers import quadrature
 from .services import IGService, QueryBudgetExceeded, ServiceWrapper, StepCountRefused
 
 __all__ = ["RoundAnswers", "GaussianNoise", "LaplaceNoise", "TopK", "FixSteps", "RandomSteps", "ClientBudget",
-           "round_significant"]
+           "SmoothGradIG", "Averaged", "round_significant"]
 
 
 def round_significant(a, digits: int):
@@ -244,3 +247,53 @@ class ClientBudget(ServiceWrapper):
         self._take(n)
         return ans
 
+
+
+class SmoothGradIG(ServiceWrapper):
+    """SmoothGrad over IG: the mean of the inner answers at ``x + N(0, (sigma * (max x - min x))^2)`` copies.
+
+    Each query costs ``samples`` inner queries (the inner service counts them). The noise is drawn in float64
+    from a generator seeded once, then the inputs are cast to the service's dtype.
+    """
+
+    def __init__(self, inner: IGService, samples: int = 16, sigma: float = 0.15, *, seed: int = 0):
+        if not (isinstance(samples, (int, np.integer)) and samples >= 1) or not sigma >= 0:
+            raise ValueError(f"need samples >= 1 and sigma >= 0, got {samples!r}, {sigma!r}")
+        super().__init__(inner)
+        self.__dict__.update(samples=int(samples), sigma=float(sigma), seed=int(seed),
+                             _rng=np.random.default_rng(seed))
+
+    def describe(self):
+        d = super().describe()
+        d.setdefault("defences", []).insert(0, {"defence": "SmoothGradIG", "samples": self.samples,
+                                                "sigma": self.sigma, "seed": self.seed})
+        return d
+
+    def __call__(self, x, target, *, steps: int | None = None):
+        x = jnp.asarray(x)
+        x64 = np.asarray(x, np.float64)
+        span = (x64.reshape(x64.shape[0], -1).max(1) - x64.reshape(x64.shape[0], -1).min(1))
+        span = span.reshape((-1,) + (1,) * (x64.ndim - 1))
+        total = np.zeros(x64.shape)
+        for _ in range(self.samples):
+            noisy = x64 + self.sigma * span * self._rng.standard_normal(x64.shape)
+            total += np.asarray(self.inner(jnp.asarray(noisy, x.dtype), target, steps=steps), np.float64)
+        return jnp.asarray(total / self.samples, x.dtype)
+
+
+class Averaged(ServiceWrapper):
+    """The attacker's answer to noise: each query asked ``repeats`` times and the answers averaged.
+
+    Counts as ``repeats`` queries on the service (its counters and budget see every one).
+    """
+
+    def __init__(self, inner: IGService, repeats: int):
+        if not (isinstance(repeats, (int, np.integer)) and repeats >= 1):
+            raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+        super().__init__(inner)
+        self.__dict__["repeats"] = int(repeats)
+
+    def __call__(self, x, target, *, steps: int | None = None):
+        x = jnp.asarray(x)
+        total = sum(np.asarray(self.inner(x, target, steps=steps), np.float64) for _ in range(self.repeats))
+        return jnp.asarray(total / self.repeats, x.dtype)
