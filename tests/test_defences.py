@@ -134,3 +134,23 @@ def test_smoothgrad_ig_is_the_mean_over_noisy_copies_and_averaging_beats_noise(n
     avg = np.asarray(R.Averaged(noisy, 100)(x, t))
     assert svc.queries - before == 400
     assert np.std(avg - plain) < 0.1 / np.sqrt(100) * 1.3
+
+
+def test_expected_gradients_averages_ig_over_random_reference_baselines(net):
+    logit_fn, p, x, t = net
+    refs = np.asarray(jax.random.normal(jax.random.key(9), (7, x.shape[1]), jnp.float64))
+    svc = jr.SimulatedIGService(logit_fn, p, steps=16, baseline=jr.explainers.RandomBaseline(refs, seed=5))
+    eg = R.ExpectedGradients(svc, samples=3)
+    ans = np.asarray(eg(x, t))
+    rng = np.random.default_rng(5)
+    want = np.mean([np.asarray(jr.explain(jr.IG(steps=16), logit_fn, p, x, t,
+                                          baseline=jnp.asarray(refs[rng.integers(7, size=4)])))
+                    for _ in range(3)], axis=0)
+    np.testing.assert_allclose(ans, want, rtol=0, atol=1e-13)
+    assert svc.queries == 12 and eg.describe()["defences"][0]["samples"] == 3
+    with pytest.raises(ValueError, match="depends on the input"):
+        R.attack(svc, R.paper_plan(50), x, t)
+    with pytest.raises(ValueError, match="LINEAR baseline"):
+        R.recover_input_baseline(svc, x, t)
+    with pytest.raises(ValueError, match="RandomBaseline"):
+        R.ExpectedGradients(jr.SimulatedIGService(logit_fn, p), 3)

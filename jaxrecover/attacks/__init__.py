@@ -5,7 +5,7 @@ Real services (Captum, PAIR saliency) live in :mod:`jaxrecover.attacks.external`
 """
 
 from .defences import (Averaged, ClientBudget, FixSteps, GaussianNoise, LaplaceNoise, RandomSteps, RoundAnswers,
-                       SmoothGradIG, TopK, round_significant)
+                       SmoothGradIG, TopK, ExpectedGradients, round_significant)
 from .fixed_steps import FixedStepsReport, recover_fixed_steps
 from .input_baseline import ChainReport, recover_input_baseline
 from .outputs import OutputsReport, recover_from_outputs
@@ -24,5 +24,5 @@ __all__ = [
     "query_input", "query_inputs", "recover", "recover_eq2", "recover_eq3", "recover_eq4", "attack",
     "IGService", "SimulatedIGService", "ServiceWrapper", "QueryBudgetExceeded", "StepCountRefused",
     "RoundAnswers", "GaussianNoise", "LaplaceNoise", "TopK", "FixSteps", "RandomSteps", "ClientBudget",
-    "SmoothGradIG", "Averaged", "round_significant",
+    "SmoothGradIG", "ExpectedGradients", "Averaged", "round_significant",
 ]

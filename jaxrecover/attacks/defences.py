@@ -13,6 +13,8 @@ too (:func:`jaxrecover.attacks.recover_from_outputs`).
 * :class:`RandomSteps`: every query gets a step count drawn at random.
 * :class:`ClientBudget`: a per-client query budget in front of the service.
 * :class:`SmoothGradIG`: the mean of the service's answers at ``samples`` noisy copies of the input.
+* :class:`ExpectedGradients`: the mean of ``samples`` answers of a service whose baseline is a
+  :class:`~jaxrecover.explainers.RandomBaseline` (a fresh random reference per answer).
 
 And on the attacker's side, :class:`Averaged`: the mean of ``repeats`` identical queries (against noise).
 """
@@ -28,7 +30,7 @@ from ..explainers import quadrature
 from .services import IGService, QueryBudgetExceeded, ServiceWrapper, StepCountRefused
 
 __all__ = ["RoundAnswers", "GaussianNoise", "LaplaceNoise", "TopK", "FixSteps", "RandomSteps", "ClientBudget",
-           "SmoothGradIG", "Averaged", "round_significant"]
+           "SmoothGradIG", "ExpectedGradients", "Averaged", "round_significant"]
 
 
 def round_significant(a, digits: int):
@@ -278,6 +280,34 @@ class SmoothGradIG(ServiceWrapper):
         for _ in range(self.samples):
             noisy = x64 + self.sigma * span * self._rng.standard_normal(x64.shape)
             total += np.asarray(self.inner(jnp.asarray(noisy, x.dtype), target, steps=steps), np.float64)
+        return jnp.asarray(total / self.samples, x.dtype)
+
+
+class ExpectedGradients(ServiceWrapper):
+    """Expected gradients as a defence: the mean of ``samples`` answers, each from a fresh random baseline.
+
+    ``inner`` must have a :class:`~jaxrecover.explainers.RandomBaseline`; each query costs ``samples``
+    inner queries. (Its ``outputs`` report ``f`` at one more random baseline.)
+    """
+
+    def __init__(self, inner: IGService, samples: int = 8):
+        from ..explainers.baselines import RandomBaseline
+        if not isinstance(inner.baseline, RandomBaseline):
+            raise ValueError("ExpectedGradients wraps a service whose baseline is a RandomBaseline(references); "
+                             f"this one's is {inner.baseline}")
+        if not (isinstance(samples, (int, np.integer)) and samples >= 1):
+            raise ValueError(f"samples must be a positive int, got {samples!r}")
+        super().__init__(inner)
+        self.__dict__["samples"] = int(samples)
+
+    def describe(self):
+        d = super().describe()
+        d.setdefault("defences", []).insert(0, {"defence": "ExpectedGradients", "samples": self.samples})
+        return d
+
+    def __call__(self, x, target, *, steps: int | None = None):
+        x = jnp.asarray(x)
+        total = sum(np.asarray(self.inner(x, target, steps=steps), np.float64) for _ in range(self.samples))
         return jnp.asarray(total / self.samples, x.dtype)
 
 

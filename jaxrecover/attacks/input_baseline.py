@@ -86,6 +86,9 @@ def recover_input_baseline(service, x, target, *, max_queries: int = 2000, tol: 
     """
     if not is_input_dependent(service.baseline):
         raise ValueError("this service has a fixed baseline: use best_plan(service) and attack (cheaper)")
+    if not getattr(service.baseline, "linear", False):
+        raise ValueError(f"the chain needs a LINEAR baseline function b(x) = B x (e.g. BlurBaseline); "
+                         f"this service's is {service.baseline}")
     if service.fixed_steps:
         raise ValueError(f"the chain needs the 2-step table but this service fixes m = {service.steps}")
     m, a_lo, w_lo, w_hi = _chain_rule(service)

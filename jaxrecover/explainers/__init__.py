@@ -1,6 +1,6 @@
 """Explainers: single-example pure functions and the objects the batch engine runs."""
 
-from .baselines import BlurBaseline, is_input_dependent
+from .baselines import BlurBaseline, RandomBaseline, is_input_dependent
 from .gradients import (OUTPUTS, completeness_delta, integrate, integrated_gradients,
                         integrated_gradients_affine_stem, path_gradients, path_points, select_output,
                         vanilla_gradient)
@@ -11,5 +11,5 @@ __all__ = [
     "RULES", "QuadratureRule", "get_rule", "quadrature", "num_evaluations",
     "OUTPUTS", "select_output", "vanilla_gradient", "path_points", "path_gradients", "integrate",
     "integrated_gradients", "integrated_gradients_affine_stem", "completeness_delta",
-    "Explainer", "VG", "IG", "explainer_dataclass", "BlurBaseline", "is_input_dependent",
+    "Explainer", "VG", "IG", "explainer_dataclass", "BlurBaseline", "RandomBaseline", "is_input_dependent",
 ]

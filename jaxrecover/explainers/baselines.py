@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["BlurBaseline", "is_input_dependent"]
+__all__ = ["BlurBaseline", "RandomBaseline", "is_input_dependent"]
 
 
 def _kernel(sigma: float, radius: int) -> np.ndarray:
@@ -51,6 +51,7 @@ class BlurBaseline:
 
     sigma: float = 5.0
     radius: int | None = None
+    linear = True  # b(x) = B x: what recover_input_baseline needs
 
     def __post_init__(self):
         if not self.sigma > 0:
@@ -72,6 +73,35 @@ class BlurBaseline:
 
     def __str__(self) -> str:
         return f"blur(sigma={self.sigma:g})"
+
+
+class RandomBaseline:
+    """Baselines drawn at random from a reference set, fresh for every input (expected gradients' baselines).
+
+    Args:
+      references: ``[R, ...]`` reference inputs (e.g. training images), any float dtype.
+      seed: the generator is seeded once; ``last`` holds the indices drawn by the latest call.
+    """
+
+    def __init__(self, references, seed: int = 0):
+        self.references = np.asarray(references, np.float64)
+        if self.references.ndim < 2 or self.references.shape[0] == 0:
+            raise ValueError(f"RandomBaseline needs a non-empty batch of references [R, ...], "
+                             f"got shape {self.references.shape}")
+        self.seed = int(seed)
+        self._rng = np.random.default_rng(seed)
+        self.last = None
+
+    def __call__(self, x):
+        x = jnp.asarray(x)
+        if tuple(x.shape[1:]) != self.references.shape[1:]:
+            raise ValueError(f"inputs of shape {tuple(x.shape[1:])} but references of shape "
+                             f"{self.references.shape[1:]}")
+        self.last = self._rng.integers(self.references.shape[0], size=x.shape[0])
+        return jnp.asarray(self.references[self.last], x.dtype)
+
+    def __str__(self) -> str:
+        return f"random(R={self.references.shape[0]}, seed={self.seed})"
 
 
 def is_input_dependent(baseline) -> bool:
