@@ -154,3 +154,30 @@ def test_expected_gradients_averages_ig_over_random_reference_baselines(net):
         R.recover_input_baseline(svc, x, t)
     with pytest.raises(ValueError, match="RandomBaseline"):
         R.ExpectedGradients(jr.SimulatedIGService(logit_fn, p), 3)
+
+
+# ----------------------------------------------------------------------------------------- adaptive attacks
+@pytest.mark.parametrize("rule", ["riemann_right", "riemann_trapezoid", "riemann_left"])
+def test_lattice_attack_is_exact_and_beats_one_plan_against_rounding(rule):
+    logit_fn, p, shape = make_net("dense2", jax.random.key(5), bias=True)
+    x = jax.random.normal(jax.random.key(6), (64, *shape), jnp.float64)
+    t = jnp.arange(64) % 5
+    svc = jr.SimulatedIGService(logit_fn, p, rule=rule)
+    vg = jr.explain(jr.VG(), logit_fn, p, x, t)
+    rec, mask, rep = R.lattice_attack(svc, x, t)
+    assert rec.dtype == jnp.float64 and rep.rank == rep.unknowns and rep.queries == svc.queries // 64
+    assert float(jnp.max(jr.normalized_distance(rec, vg, mask))) <= 1e-12
+    rounded = R.RoundAnswers(svc, 3)
+    one, m1 = R.attack(rounded, R.best_plan(svc), x, t)
+    many, m2, _ = R.lattice_attack(rounded, x, t)
+    d1 = float(jnp.mean(jr.normalized_distance(one, vg, m1)))
+    d2 = float(jnp.mean(jr.normalized_distance(many, vg, m2)))
+    assert d2 < 0.8 * d1, (d1, d2)
+
+
+def test_lattice_attack_says_when_the_grid_does_not_determine_g1():
+    logit_fn, p, shape = make_net("dense2", jax.random.key(5), bias=True)
+    svc = jr.SimulatedIGService(logit_fn, p, rule="riemann_middle")  # its points never close on a finite grid
+    with pytest.raises(ValueError, match="do not determine g"):
+        R.lattice_attack(svc, jnp.ones((1, *shape), jnp.float64), jnp.array([0]))
+    assert svc.queries == 0
