@@ -22,7 +22,8 @@ from .data import Dataset, load_dataset, normalize  # noqa: E402
 from .engine import convergence_delta, explain  # noqa: E402
 from .explainers import (IG, OUTPUTS, RULES, VG, BlurBaseline, Explainer, completeness_delta, integrated_gradients,  # noqa: E402
                          quadrature, vanilla_gradient)
-from .metrics import cosine_similarity, normalized_distance, relative_error, summarize  # noqa: E402
+from .metrics import (cosine_similarity, normalized_distance, relative_error, spearman, summarize,  # noqa: E402
+                      top_fraction_overlap)
 from .models import MODEL_NAMES, Model, cast_variables, init_variables, make_model  # noqa: E402
 from .protocol import EvalConfig, ProtocolConfig, evaluate, run_protocol  # noqa: E402
 from .training import TrainConfig, load_trained, train_and_evaluate  # noqa: E402
@@ -43,7 +44,7 @@ __all__ = [
     "service_plan", "best_plan", "recover_fixed_steps", "identify_service", "recover_from_outputs",
     "recover_input_baseline",
     # metrics
-    "normalized_distance", "cosine_similarity", "relative_error", "summarize",
+    "normalized_distance", "cosine_similarity", "relative_error", "spearman", "top_fraction_overlap", "summarize",
     # data and training
     "Dataset", "load_dataset", "normalize", "TrainConfig", "train_and_evaluate", "load_trained",
     # the paper's protocol

@@ -181,3 +181,29 @@ def test_lattice_attack_says_when_the_grid_does_not_determine_g1():
     with pytest.raises(ValueError, match="do not determine g"):
         R.lattice_attack(svc, jnp.ones((1, *shape), jnp.float64), jnp.array([0]))
     assert svc.queries == 0
+
+
+# ----------------------------------------------------------------------------------------- utility metrics
+def test_spearman_and_top_overlap_match_plain_references():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((3, 50))
+    b = a + 0.5 * rng.standard_normal((3, 50))
+    b[0, :10] = 1.0  # ties
+
+    def ranks(v):
+        order = np.argsort(v, kind="stable")
+        r = np.empty(v.size)
+        r[order] = np.arange(v.size)
+        for val in np.unique(v):  # average over ties
+            r[v == val] = r[v == val].mean()
+        return r
+
+    want = [np.corrcoef(ranks(x), ranks(y))[0, 1] for x, y in zip(a, b)]
+    got = jr.spearman(jnp.asarray(a), jnp.asarray(b))
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_allclose(jr.spearman(jnp.asarray(a), jnp.asarray(2 * a + 1)), 1.0, rtol=1e-12)
+    k = 5
+    want_o = [len(set(np.argsort(-np.abs(x))[:k]) & set(np.argsort(-np.abs(y))[:k])) / k for x, y in zip(a, b)]
+    np.testing.assert_allclose(jr.top_fraction_overlap(jnp.asarray(a), jnp.asarray(b), 0.1), want_o)
+    assert float(jr.top_fraction_overlap(jnp.asarray(a), jnp.asarray(a), 0.1)[0]) == 1.0
