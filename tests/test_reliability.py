@@ -149,7 +149,8 @@ def test_12_corrupt_metadata_and_sigint_are_one_line(tmp_path, trained):
                          text=True)
     time.sleep(20)
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+    # a SIGINT that lands inside XLA's compiler is handled when it returns: minutes on a loaded 2-core machine
+    _, err = p.communicate(timeout=600)
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err
 
 
