@@ -39,6 +39,9 @@ class LatticeReport:
 def lattice_queries(service, grid: int = 12, max_steps: int = 24):
     """``[(c, m, {k: weight})]``: every query whose points all lie on ``t = k / grid`` (service's actual nodes)."""
     out = []
+    # a node on the grid to the service's round-off (float32 services round j/m to float32; their query
+    # inputs are float32 anyway)
+    tol = 64 * float(np.finfo(np.dtype(service.dtype)).eps) * grid
     for m in range(max(RULES[service.rule].min_steps, 1), max_steps + 1):
         nodes, weights = (np.asarray(v, np.float64) for v in service.quadrature(m))
         top = float(nodes.max())
@@ -48,7 +51,7 @@ def lattice_queries(service, grid: int = 12, max_steps: int = 24):
             c = k_top / grid / top
             ks = nodes * c * grid
             kr = np.round(ks)
-            if np.max(np.abs(ks - kr)) > 1e-9 or kr.max() > grid:
+            if np.max(np.abs(ks - kr)) > tol or kr.max() > grid:
                 continue
             entry: dict[int, float] = {}
             for k, w in zip(kr.astype(int), weights):

@@ -1,0 +1,206 @@
+"""docs/DEFENCES.md's tables: which changes to an IG service stop VG recovery, and what they cost honest users.
+
+Usage:  python scripts/defences_table.py [--models twolayer,lenet,resnet18] [--n 32] [--n-resnet 8]
+                                         [--out results/defences] [--docs docs/DEFENCES.md]
+
+For each model (trained checkpoint in checkpoints/<model>), a float32 service (ours, riemann_right, m = 50,
+zero baseline) behind each defence and strength; against it every attack that applies (the library's best
+plan, the adaptive ones: averaging repeated queries, least squares over a grid of queries, finite differences
+of the reported outputs, the fixed-m jump decoding); the recovery's distance to the float64 VG (mean, max) and
+queries per image; and the explanation's utility for an honest user against the undefended IG: completeness
+error, Spearman rank correlation, top-10 % overlap. Rows are written to <out>/rows.json after each one (atomic)
+and a rerun skips the rows already there (resume); a Pareto figure per model goes to <out>/pareto_<model>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+import jaxrecover as jr
+from jaxrecover import attacks as R
+from jaxrecover.fileio import atomic_write_text
+
+jax.config.update("jax_enable_x64", True)
+
+NOISE = (1e-3, 1e-2, 1e-1)
+
+
+def defences():
+    """``[(name, strength, factory)]``: factory(service) -> defended service (base: the undefended service)."""
+    out = [("none", "", lambda s: s)]
+    out += [("round", f"{k} digits", lambda s, k=k: R.RoundAnswers(s, k)) for k in (1, 2, 3, 4)]
+    out.append(("round", "float16", lambda s: R.RoundAnswers(s, "float16")))
+    out += [("gaussian noise", f"{v:g} x max", lambda s, v=v: R.GaussianNoise(s, v, seed=1)) for v in NOISE]
+    out += [("laplace noise", f"{v:g} x max", lambda s, v=v: R.LaplaceNoise(s, v, seed=1)) for v in NOISE]
+    out.append(("fixed m", "50", lambda s: R.FixSteps(s, 50)))
+    out.append(("random m", "20..80", lambda s: R.RandomSteps(s, 20, 80, seed=1)))
+    out.append(("top-k", "10 %", lambda s: R.TopK(s, 78)))
+    out.append(("smoothgrad-ig", "8 x 0.15", lambda s: R.SmoothGradIG(s, 8, 0.15, seed=1)))
+    out.append(("expected gradients", "8 refs", None))  # built on its own service (random baselines)
+    return out
+
+
+def attacks_for(name, model):
+    """The attacks worth running against defence ``name`` (the best plan is tried everywhere)."""
+    out = ["best plan"]
+    if "noise" in name:
+        out += ["averaged x16 + best plan", "lattice"]
+    if name == "round":
+        out.append("lattice")
+    if name in ("none", "fixed m", "random m"):
+        out.append("outputs, finite diff.")
+    if name == "fixed m" and model == "twolayer":  # conv nets: ~10^5 queries per image (docs/SERVICES.md)
+        out.append("fixed-m jumps")
+    return out
+
+
+def run_attack(attack, svc, x, t):
+    if attack == "best plan":
+        return R.attack(svc, R.best_plan(svc), x, t)
+    if attack == "averaged x16 + best plan":
+        return R.attack(R.Averaged(svc, 16), R.best_plan(svc), x, t)
+    if attack == "lattice":
+        rec, mask, _ = R.lattice_attack(svc, x, t)
+        return rec, mask
+    if attack == "outputs, finite diff.":
+        rec, mask, _ = R.recover_from_outputs(svc, x, t)
+        return rec, mask
+    if attack == "fixed-m jumps":
+        rec, mask, _ = R.recover_fixed_steps(svc, x, t)
+        return rec, mask
+    raise ValueError(attack)
+
+
+def utility(defended, plain, x, t, f):
+    """Completeness error, Spearman and top-10 % overlap of the defended answers against the plain IG."""
+    fx, fb = f
+    comp = np.abs(np.asarray(defended, np.float64).reshape(x.shape[0], -1).sum(1) - (fx - fb)) / np.abs(fx - fb)
+    d, p = jnp.asarray(defended, jnp.float64), jnp.asarray(plain, jnp.float64)
+    return {"completeness_err": float(np.mean(comp)), "spearman": float(np.nanmean(np.asarray(jr.spearman(d, p)))),
+            "top10_overlap": float(np.mean(np.asarray(jr.top_fraction_overlap(d, p, 0.1))))}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="twolayer,lenet,resnet18")
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--n-resnet", type=int, default=8)
+    ap.add_argument("--out", default="results/defences")
+    ap.add_argument("--docs", default=None, help="write the tables into this markdown file, between "
+                    "<!-- defences_table:begin --> and <!-- defences_table:end -->")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "rows.json")
+    rows = json.load(open(path))["rows"] if os.path.exists(path) else []
+    done = {(r["model"], r["defence"], r["strength"], r["attack"]) for r in rows}
+    ds = jr.load_dataset("mnist")
+    command = "python scripts/defences_table.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)
+    for name in args.models.split(","):
+        _, v32, meta = jr.load_trained(f"checkpoints/{name}", model=name)
+        n = args.n_resnet if name == "resnet18" else args.n
+        model = jr.make_model(name)
+        v = jr.cast_variables(v32, jnp.float32)
+        x = jnp.asarray(jr.normalize(ds.test_images[:n], dtype=np.float32))
+        t = jnp.asarray(ds.test_labels[:n])
+        vg = jr.explain(jr.VG(), model, jr.cast_variables(v32, jnp.float64), x.astype(jnp.float64), t)
+        base = jr.SimulatedIGService(model, v)
+        plain = base(x, t)
+        f = tuple(np.asarray(a, np.float64) for a in base.outputs(x, t))
+        refs = jr.normalize(ds.train_images[:100], dtype=np.float32)
+        tasks = [(d, s, fac, a) for d, s, fac in defences() for a in attacks_for(d, name)]
+        for dname, strength, factory, attack in tqdm(tasks, desc=name, unit="row"):
+            if (name, dname, strength, attack) in done:
+                continue
+            if factory is None:  # expected gradients: its own service with random reference baselines
+                inner = jr.SimulatedIGService(model, v, baseline=jr.explainers.RandomBaseline(refs, seed=1))
+                svc = R.ExpectedGradients(inner, 8)
+            else:
+                inner = jr.SimulatedIGService(model, v)
+                svc = factory(inner)
+            row = {"model": name, "N": n, "defence": dname, "strength": strength, "attack": attack,
+                   **utility(svc(x, t), plain, x, t, f)}
+            inner.reset_counters()
+            t0 = time.time()
+            try:
+                rec, mask = run_attack(attack, svc, x, t)
+                d = np.asarray(jr.normalized_distance(jnp.asarray(rec, jnp.float64), vg, mask))
+                row.update(mean=float(np.nanmean(d)), max=float(np.nanmax(d)), queries=inner.queries // n,
+                           status="ok")
+            except (ValueError, R.StepCountRefused, R.QueryBudgetExceeded) as e:
+                row.update(mean=float("nan"), max=float("nan"), queries=inner.queries // n,
+                           status=f"refused: {str(e).splitlines()[0][:120]}")
+            row["wall_s"] = round(time.time() - t0, 1)
+            rows.append(row)
+            done.add((name, dname, strength, attack))
+            atomic_write_text(path, json.dumps({"command": command, "rows": rows}, indent=1))
+        pareto(rows, name, os.path.join(args.out, f"pareto_{name}.png"))
+    text = markdown(rows, command)
+    print(text)
+    if args.docs:
+        write_docs(args.docs, text)
+
+
+def pareto(rows, model, png):
+    """Utility (Spearman against plain IG) vs the best attack's mean distance, one point per defence."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    best = {}
+    for r in rows:
+        if r["model"] != model or not np.isfinite(r["mean"]):
+            continue
+        key = (r["defence"], r["strength"])
+        if key not in best or r["mean"] < best[key]["mean"]:
+            best[key] = r
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for (dname, strength), r in sorted(best.items()):
+        ax.scatter(max(r["mean"], 1e-17), r["spearman"], s=30)
+        ax.annotate(f"{dname} {strength}".strip(), (max(r["mean"], 1e-17), r["spearman"]), fontsize=7)
+    ax.axvline(np.sqrt(2), color="grey", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("best attack: mean distance to VG (sqrt 2 = chance)")
+    ax.set_ylabel("utility: Spearman vs undefended IG")
+    ax.set_title(f"{model}: defences (float32 service, riemann_right, m = 50)")
+    fig.tight_layout()
+    tmp = png + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+def markdown(rows, command):
+    cols = ["model", "N", "defence", "strength", "attack", "queries", "mean", "max", "completeness_err",
+            "spearman", "top10_overlap", "status"]
+    out = [f"Generated by `{command}` (rows: results/defences/rows.json).", "",
+           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(
+            f"{r[c]:.2e}" if c in ("mean", "max", "completeness_err") else
+            f"{r[c]:.3f}" if c in ("spearman", "top10_overlap") else str(r[c]) for c in cols) + " |")
+    return "\n".join(out)
+
+
+BEGIN, END = "<!-- defences_table:begin -->", "<!-- defences_table:end -->"
+
+
+def write_docs(path, text):
+    with open(path) as f:
+        doc = f.read()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"{path} has no {BEGIN} ... {END} block to fill")
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    atomic_write_text(path, head + BEGIN + "\n" + text + "\n" + END + tail)
+
+
+if __name__ == "__main__":
+    main()
