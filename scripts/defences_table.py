@@ -6,7 +6,7 @@ Usage:  python scripts/defences_table.py [--models twolayer,lenet,resnet18] [--n
 For each model (trained checkpoint in checkpoints/<model>), a float32 service (ours, riemann_right, m = 50,
 zero baseline) behind each defence and strength; against it every attack that applies (the library's best
 plan, the adaptive ones: averaging repeated queries, least squares over a grid of queries, finite differences
-of the reported outputs, the fixed-m jump decoding); the recovery's distance to the float64 VG (mean, max) and
+of the reported outputs); the recovery's distance to the float64 VG (mean, max) and
 queries per image; and the explanation's utility for an honest user against the undefended IG: completeness
 error, Spearman rank correlation, top-10 % overlap. Rows are written to <out>/rows.json after each one (atomic)
 and a rerun skips the rows already there (resume); a Pareto figure per model goes to <out>/pareto_<model>.png.
@@ -57,8 +57,8 @@ def attacks_for(name, model):
         out.append("lattice")
     if name in ("none", "fixed m", "random m"):
         out.append("outputs, finite diff.")
-    if name == "fixed m" and model == "twolayer":  # conv nets: ~10^5 queries per image (docs/SERVICES.md)
-        out.append("fixed-m jumps")
+    # (the fixed-m jump decoding is not run here: these services answer in float32, where its jump detection
+    # is unreliable, and on conv nets it needs ~10^5 queries per image: docs/SERVICES.md)
     return out
 
 
@@ -72,9 +72,6 @@ def run_attack(attack, svc, x, t):
         return rec, mask
     if attack == "outputs, finite diff.":
         rec, mask, _ = R.recover_from_outputs(svc, x, t)
-        return rec, mask
-    if attack == "fixed-m jumps":
-        rec, mask, _ = R.recover_fixed_steps(svc, x, t)
         return rec, mask
     raise ValueError(attack)
 
