@@ -207,3 +207,10 @@ def test_spearman_and_top_overlap_match_plain_references():
     want_o = [len(set(np.argsort(-np.abs(x))[:k]) & set(np.argsort(-np.abs(y))[:k])) / k for x, y in zip(a, b)]
     np.testing.assert_allclose(jr.top_fraction_overlap(jnp.asarray(a), jnp.asarray(b), 0.1), want_o)
     assert float(jr.top_fraction_overlap(jnp.asarray(a), jnp.asarray(a), 0.1)[0]) == 1.0
+
+
+def test_best_plan_refuses_services_that_choose_m_with_the_way_out(net):
+    svc, x, t = _svc(net)
+    for defended, steps in ((R.FixSteps(svc, 50), "50"), (R.RandomSteps(svc, 20, 80), "random 20..80")):
+        with pytest.raises(ValueError, match=f"choose m \\({steps}\\).*recover_fixed_steps"):
+            R.best_plan(defended)

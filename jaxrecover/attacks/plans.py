@@ -413,8 +413,9 @@ def service_plan(service, max_steps: int = 64) -> QueryPlan:
         or no plan survives its arithmetic.
     """
     if getattr(service, "fixed_steps", False):
-        raise ValueError(f"{type(service).__name__} fixes the step count at {service.steps}: no query plan can "
-                         "change m; use jaxrecover.attacks.recover_fixed_steps (or auto_attack)")
+        raise ValueError(f"{type(service).__name__} does not let the caller choose m "
+                         f"({service.describe().get('steps')}): no query plan applies; use "
+                         "jaxrecover.attacks.recover_fixed_steps (a known fixed m) or recover_from_outputs")
     rule = service.rule
     baseline = None if service.baseline is None or callable(service.baseline) else np.asarray(service.baseline)
     candidates = {}
