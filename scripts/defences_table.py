@@ -158,10 +158,12 @@ def pareto(rows, model, png):
         key = (r["defence"], r["strength"])
         if key not in best or r["mean"] < best[key]["mean"]:
             best[key] = r
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for (dname, strength), r in sorted(best.items()):
-        ax.scatter(max(r["mean"], 1e-17), r["spearman"], s=30)
-        ax.annotate(f"{dname} {strength}".strip(), (max(r["mean"], 1e-17), r["spearman"]), fontsize=7)
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    markers = "osD^v<>pPX*h"
+    for i, ((dname, strength), r) in enumerate(sorted(best.items())):
+        ax.scatter(max(r["mean"], 1e-17), r["spearman"], s=40, marker=markers[i % len(markers)],
+                   label=f"{dname} {strength} ({r['attack']})".strip())
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.axvline(np.sqrt(2), color="grey", ls=":", lw=1)
     ax.set_xscale("log")
     ax.set_xlabel("best attack: mean distance to VG (sqrt 2 = chance)")
