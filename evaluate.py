@@ -4,9 +4,15 @@ This file is intentionally kept short: the logic is in jaxrecover.protocol, the 
 (also installed as ``jaxrecover-evaluate``). ``python evaluate.py --help`` lists the options.
 """
 
+import os
 import sys
 
 from jaxrecover.cli import evaluate_main
 
 if __name__ == "__main__":
-    sys.exit(evaluate_main())
+    code = evaluate_main()
+    if code == 130:  # interrupted: leave without interpreter teardown, which can crash while XLA threads run
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)

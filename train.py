@@ -4,9 +4,15 @@ This file is intentionally kept short: the logic is in jaxrecover.training, the 
 (also installed as ``jaxrecover-train``).
 """
 
+import os
 import sys
 
 from jaxrecover.cli import train_main
 
 if __name__ == "__main__":
-    sys.exit(train_main())
+    code = train_main()
+    if code == 130:  # interrupted: leave without interpreter teardown, which can crash while XLA threads run
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)

@@ -144,9 +144,11 @@ def test_12_corrupt_metadata_and_sigint_are_one_line(tmp_path, trained):
     r = _cli(ROOT / "evaluate.py", "--models", "twolayer", "--checkpoints", tmp_path, "--out", tmp_path / "o",
              "--n", "2", "--no-train")
     assert r.returncode == 2 and "metadata" in r.stderr and "corrupt" in r.stderr and "Traceback" not in r.stderr
+    # 100 epochs: still training after 20 s however warm the caches are (with the default epochs a warm machine
+    # finished before the signal came, and the test saw exit code 0)
     p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--model", "lenet", "--max-train", "2048",
-                          "--out", str(tmp_path / "sig"), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+                          "--epochs", "100", "--out", str(tmp_path / "sig"), "--quiet"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
     time.sleep(20)
     p.send_signal(signal.SIGINT)
     # a SIGINT that lands inside XLA's compiler is handled when it returns: minutes on a loaded 2-core machine
