@@ -68,6 +68,7 @@ def train_main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _ignore_further_interrupts()
         print("interrupted: the last completed epoch's checkpoint is kept; rerun the same command to resume",
               file=sys.stderr)
         return 130
@@ -75,6 +76,15 @@ def train_main(argv=None) -> int:
     print(f"{m['model']} on {m['dataset']} ({m['split']}): test accuracy {100 * m['test_accuracy']:.2f}% "
           f"after {m['epochs']} epochs, checkpoint in {a.out}")
     return 0
+
+
+def _ignore_further_interrupts() -> None:
+    """A second Ctrl-C while an interrupted run reports and leaves would print a traceback: ignore it."""
+    import signal
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
 
 
 def _evaluate_parser():
@@ -152,6 +162,7 @@ def evaluate_main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _ignore_further_interrupts()
         print("interrupted: finished chunks are saved; rerun the same command to resume", file=sys.stderr)
         return 130
     if jax.process_index() == 0:
