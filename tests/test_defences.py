@@ -214,3 +214,22 @@ def test_best_plan_refuses_services_that_choose_m_with_the_way_out(net):
     for defended, steps in ((R.FixSteps(svc, 50), "50"), (R.RandomSteps(svc, 20, 80), "random 20..80")):
         with pytest.raises(ValueError, match=f"choose m \\({steps}\\).*recover_fixed_steps"):
             R.best_plan(defended)
+
+
+def test_random_steps_attack_estimates_m_and_recovers_vg_exactly(net):
+    """Random m per query: pairing answers whose (unknown) m's fit an exact plan recovers VG to round-off."""
+    svc, x, t = _svc(net)
+    rnd = R.RandomSteps(svc, 6, 12, seed=3)
+    with pytest.raises(R.StepCountRefused, match="recover_random_steps"):
+        R.attack(rnd, R.paper_plan(10), x, t)
+    logit_fn, p, _, _ = net
+    vg = jr.explain(jr.VG(), logit_fn, p, x, t)
+    rec, mask, rep = R.recover_random_steps(rnd, x, t, low=6, high=12, max_rounds=40)
+    assert rec.dtype == np.float64 and all(rep.found)
+    assert np.asarray(mask).all()
+    d = np.asarray(jr.normalized_distance(jnp.asarray(rec), vg, jnp.asarray(mask)))
+    assert d.max() < 1e-12, d
+    assert all(q == r * 7 for q, r in zip(rep.queries, rep.rounds))  # 7 scales: 1 and (c-1)/c, c = 7..12
+    assert svc.queries == sum(rep.queries)
+    with pytest.raises(ValueError, match="two-query plans"):
+        R.recover_random_steps(R.RandomSteps(_svc(net, rule="gausslegendre")[0], 6, 12), x, t, low=6, high=12)

@@ -10,6 +10,7 @@ from .fixed_steps import FixedStepsReport, recover_fixed_steps
 from .lattice import LatticeReport, lattice_attack, lattice_queries
 from .input_baseline import ChainReport, recover_input_baseline
 from .outputs import OutputsReport, recover_from_outputs
+from .random_steps import RandomStepsReport, recover_random_steps
 from .identify import Identification, identify_service, infer_baseline
 from .plans import (Query, QueryPlan, actual_residual, approx_plan, best_plan, exact_plan, minimal_plan, nobias_plan,
                     paper_plan, plan_measure, plan_residual, realise_plan, service_plan, telescoping_plan,
@@ -21,7 +22,7 @@ __all__ = [
     "Query", "QueryPlan", "exact_plan", "minimal_plan", "nobias_plan", "approx_plan", "paper_plan",
     "plan_residual", "plan_measure", "realise_plan", "actual_residual", "telescoping_plan", "service_plan", "bitwise_shared",
     "best_plan", "recover_fixed_steps", "FixedStepsReport", "recover_input_baseline", "ChainReport",
-    "recover_from_outputs", "OutputsReport", "lattice_attack", "lattice_queries", "LatticeReport", "identify_service", "infer_baseline", "Identification",
+    "recover_from_outputs", "OutputsReport", "recover_random_steps", "RandomStepsReport", "lattice_attack", "lattice_queries", "LatticeReport", "identify_service", "infer_baseline", "Identification",
     "query_input", "query_inputs", "recover", "recover_eq2", "recover_eq3", "recover_eq4", "attack",
     "IGService", "SimulatedIGService", "ServiceWrapper", "QueryBudgetExceeded", "StepCountRefused",
     "RoundAnswers", "GaussianNoise", "LaplaceNoise", "TopK", "FixSteps", "RandomSteps", "ClientBudget",

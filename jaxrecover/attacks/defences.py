@@ -192,10 +192,16 @@ class RandomSteps(ServiceWrapper):
         d.update(steps=f"random {self.low}..{self.high}", fixed_steps=True)
         return d
 
+    def check_steps(self, steps_list, what: str = "request") -> None:
+        for s in steps_list:
+            raise StepCountRefused(f"{what} asks for {s} steps but this service draws the step count at random "
+                                   f"({self.low}..{self.high}) and refuses requests for m; use "
+                                   f"jaxrecover.attacks.recover_random_steps(service, x, target, low={self.low}, "
+                                   f"high={self.high}) or recover_from_outputs")
+
     def __call__(self, x, target, *, steps: int | None = None):
         if steps is not None:
-            raise StepCountRefused(f"this service draws the step count at random ({self.low}..{self.high}) "
-                                   f"and refuses requests for m = {steps}")
+            self.check_steps([steps])
         x = jnp.asarray(x)
         target = jnp.asarray(target).reshape(-1)
         ms = self._rng.integers(self.low, self.high + 1, size=x.shape[0])
