@@ -1,20 +1,22 @@
 """docs/DEFENCES.md's tables: which changes to an IG service stop VG recovery, and what they cost honest users.
 
-Usage:  python scripts/defences_table.py [--models twolayer,lenet,resnet18] [--n 32] [--n-resnet 8]
+Usage:  python scripts/defences_table.py [--models twolayer,lenet,resnet18] [--n 32] [--n-resnet 8] [--n-random 8]
                                          [--out results/defences] [--docs docs/DEFENCES.md]
 
 For each model (trained checkpoint in checkpoints/<model>), a float32 service (ours, riemann_right, m = 50,
 zero baseline) behind each defence and strength; against it every attack that applies (the library's best
 plan, the adaptive ones: averaging repeated queries, least squares over a grid of queries, finite differences
-of the reported outputs); the recovery's distance to the float64 VG (mean, max) and
+of the reported outputs, fixed-m jump decoding (twolayer), pairing answers of unknown random m); the recovery's distance to the float64 VG (mean, max) and
 queries per image; and the explanation's utility for an honest user against the undefended IG: completeness
 error, Spearman rank correlation, top-10 % overlap. Rows are written to <out>/rows.json after each one (atomic)
-and a rerun skips the rows already there (resume); a Pareto figure per model goes to <out>/pareto_<model>.png.
+and a rerun skips the rows already there that were made with the same weights, images and settings (resume;
+the others are recomputed); a Pareto figure per model goes to <out>/pareto_<model>.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -31,20 +33,23 @@ from jaxrecover.fileio import atomic_write_text
 jax.config.update("jax_enable_x64", True)
 
 NOISE = (1e-3, 1e-2, 1e-1)
+SETTINGS_VERSION = 2  # bump when a defence or attack changes meaning: stored rows are then recomputed
 
 
 def defences():
-    """``[(name, strength, factory)]``: factory(service) -> defended service (base: the undefended service)."""
-    out = [("none", "", lambda s: s)]
-    out += [("round", f"{k} digits", lambda s, k=k: R.RoundAnswers(s, k)) for k in (1, 2, 3, 4)]
-    out.append(("round", "float16", lambda s: R.RoundAnswers(s, "float16")))
-    out += [("gaussian noise", f"{v:g} x max", lambda s, v=v: R.GaussianNoise(s, v, seed=1)) for v in NOISE]
-    out += [("laplace noise", f"{v:g} x max", lambda s, v=v: R.LaplaceNoise(s, v, seed=1)) for v in NOISE]
-    out.append(("fixed m", "50", lambda s: R.FixSteps(s, 50)))
-    out.append(("random m", "20..80", lambda s: R.RandomSteps(s, 20, 80, seed=1)))
-    out.append(("top-k", "10 %", lambda s: R.TopK(s, 78)))
-    out.append(("smoothgrad-ig", "8 x 0.15", lambda s: R.SmoothGradIG(s, 8, 0.15, seed=1)))
-    out.append(("expected gradients", "8 refs", None))  # built on its own service (random baselines)
+    """``[(name, strength, factory)]``: factory(make) -> defended service, ``make(**kw)`` builds the inner service."""
+    out = [("none", "", lambda make: make())]
+    out += [("round", f"{k} digits", lambda make, k=k: R.RoundAnswers(make(), k)) for k in (1, 2, 3, 4)]
+    out.append(("round", "float16", lambda make: R.RoundAnswers(make(), "float16")))
+    out += [("gaussian noise", f"{v:g} x max", lambda make, v=v: R.GaussianNoise(make(), v, seed=1)) for v in NOISE]
+    out += [("laplace noise", f"{v:g} x max", lambda make, v=v: R.LaplaceNoise(make(), v, seed=1)) for v in NOISE]
+    out.append(("fixed m", "50", lambda make: R.FixSteps(make(), 50)))
+    out.append(("random m", "20..80", lambda make: R.RandomSteps(make(), 20, 80, seed=1)))
+    out.append(("rule", "gausslegendre", lambda make: make(rule="gausslegendre")))
+    out.append(("rule + fixed m", "gausslegendre, 50", lambda make: R.FixSteps(make(rule="gausslegendre"), 50)))
+    out.append(("top-k", "10 %", lambda make: R.TopK(make(), 78)))
+    out.append(("smoothgrad-ig", "8 x 0.15", lambda make: R.SmoothGradIG(make(), 8, 0.15, seed=1)))
+    out.append(("expected gradients", "8 refs", lambda make: R.ExpectedGradients(make(random_baseline=True), 8)))
     return out
 
 
@@ -55,25 +60,38 @@ def attacks_for(name, model):
         out += ["averaged x16 + best plan", "lattice"]
     if name == "round":
         out.append("lattice")
-    if name in ("none", "fixed m", "random m"):
+    if name in ("none", "fixed m", "random m", "rule + fixed m"):
         out.append("outputs, finite diff.")
-    # (the fixed-m jump decoding is not run here: these services answer in float32, where its jump detection
-    # is unreliable, and on conv nets it needs ~10^5 queries per image: docs/SERVICES.md)
+    if name in ("fixed m", "rule + fixed m") and model == "twolayer":
+        # jump decoding: on conv nets thousands of jumps per ray, ~10^5 queries per image (docs/SERVICES.md)
+        out.append("fixed-m jump decoding")
+    if name == "random m":
+        out.append("random-m pairing")
     return out
 
 
 def run_attack(attack, svc, x, t):
+    """``(rec, mask)`` of ``attack`` on ``svc``."""
     if attack == "best plan":
         return R.attack(svc, R.best_plan(svc), x, t)
     if attack == "averaged x16 + best plan":
         return R.attack(R.Averaged(svc, 16), R.best_plan(svc), x, t)
     if attack == "lattice":
-        rec, mask, _ = R.lattice_attack(svc, x, t)
-        return rec, mask
+        return R.lattice_attack(svc, x, t)[:2]
     if attack == "outputs, finite diff.":
-        rec, mask, _ = R.recover_from_outputs(svc, x, t)
-        return rec, mask
+        return R.recover_from_outputs(svc, x, t)[:2]
+    if attack == "fixed-m jump decoding":
+        return R.recover_fixed_steps(svc, x, t)[:2]
+    if attack == "random-m pairing":  # the attacker knows the documented range, not the m of any answer
+        return R.recover_random_steps(svc, x, t, low=svc.low, high=svc.high)[:2]
     raise ValueError(attack)
+
+
+def reusable_rows(rows, model, key):
+    """``(rows, n_stale)``: the stored rows without those of ``model`` made under another ``key`` (weights,
+    images, settings); those are recomputed by the caller."""
+    keep = [r for r in rows if r["model"] != model or r.get("key") == key]
+    return keep, len(rows) - len(keep)
 
 
 def utility(defended, plain, x, t, f):
@@ -93,11 +111,12 @@ def main():
     ap.add_argument("--out", default="results/defences")
     ap.add_argument("--docs", default=None, help="write the tables into this markdown file, between "
                     "<!-- defences_table:begin --> and <!-- defences_table:end -->")
+    ap.add_argument("--n-random", type=int, default=8, help="examples for the random-m pairing attack (about "
+                    "1,000 queries each; resnet18: 2)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "rows.json")
     rows = json.load(open(path))["rows"] if os.path.exists(path) else []
-    done = {(r["model"], r["defence"], r["strength"], r["attack"]) for r in rows}
     ds = jr.load_dataset("mnist")
     command = "python scripts/defences_table.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)
@@ -108,36 +127,51 @@ def main():
         v = jr.cast_variables(v32, jnp.float32)
         x = jnp.asarray(jr.normalize(ds.test_images[:n], dtype=np.float32))
         t = jnp.asarray(ds.test_labels[:n])
+        # a row is reused only for the same weights, images and settings (else it is recomputed)
+        key = {"weights_sha256": meta["state_sha256"], "images_sha256": hashlib.sha256(np.asarray(x).tobytes())
+               .hexdigest(), "dataset": ds.name, "N": n,
+               "n_random": min(n, 2 if name == "resnet18" else args.n_random), "version": SETTINGS_VERSION}
+        rows, stale = reusable_rows(rows, name, key)
+        if stale:
+            print(f"{name}: {stale} stored rows were made with other weights, images or settings: recomputed")
+        done = {(r["defence"], r["strength"], r["attack"]) for r in rows if r["model"] == name}
         vg = jr.explain(jr.VG(), model, jr.cast_variables(v32, jnp.float64), x.astype(jnp.float64), t)
         base = jr.SimulatedIGService(model, v)
         plain = base(x, t)
         f = tuple(np.asarray(a, np.float64) for a in base.outputs(x, t))
         refs = jr.normalize(ds.train_images[:100], dtype=np.float32)
+        built = []
+
+        def make(rule="riemann_right", random_baseline=False):
+            baseline = jr.explainers.RandomBaseline(refs, seed=1) if random_baseline else None
+            built.append(jr.SimulatedIGService(model, v, rule=rule, baseline=baseline))
+            return built[-1]
+
         tasks = [(d, s, fac, a) for d, s, fac in defences() for a in attacks_for(d, name)]
         for dname, strength, factory, attack in tqdm(tasks, desc=name, unit="row"):
-            if (name, dname, strength, attack) in done:
+            if (dname, strength, attack) in done:
                 continue
-            if factory is None:  # expected gradients: its own service with random reference baselines
-                inner = jr.SimulatedIGService(model, v, baseline=jr.explainers.RandomBaseline(refs, seed=1))
-                svc = R.ExpectedGradients(inner, 8)
-            else:
-                inner = jr.SimulatedIGService(model, v)
-                svc = factory(inner)
+            built.clear()
+            svc = factory(make)
+            inner = built[0]
             row = {"model": name, "N": n, "defence": dname, "strength": strength, "attack": attack,
-                   **utility(svc(x, t), plain, x, t, f)}
+                   **utility(svc(x, t), plain, x, t, f), "key": key}
             inner.reset_counters()
+            k = key["n_random"] if attack == "random-m pairing" else n  # the slow attack runs on fewer images
             t0 = time.time()
             try:
-                rec, mask = run_attack(attack, svc, x, t)
-                d = np.asarray(jr.normalized_distance(jnp.asarray(rec, jnp.float64), vg, mask))
-                row.update(mean=float(np.nanmean(d)), max=float(np.nanmax(d)), queries=inner.queries // n,
-                           status="ok")
+                rec, mask = run_attack(attack, svc, x[:k], t[:k])
+                d = np.asarray(jr.normalized_distance(jnp.asarray(rec, jnp.float64), vg[:k], mask))
+                got = int(np.sum(np.isfinite(d)))
+                row.update(N=k, mean=float(np.nanmean(d)) if got else float("nan"),
+                           max=float(np.nanmax(d)) if got else float("nan"), queries=inner.queries // k,
+                           status="ok" if got == k else f"recovered {got} of {k} (others: no answer, NaN)")
             except (ValueError, R.StepCountRefused, R.QueryBudgetExceeded) as e:
-                row.update(mean=float("nan"), max=float("nan"), queries=inner.queries // n,
+                row.update(mean=float("nan"), max=float("nan"), queries=inner.queries // k,
                            status=f"refused: {str(e).splitlines()[0][:120]}")
             row["wall_s"] = round(time.time() - t0, 1)
             rows.append(row)
-            done.add((name, dname, strength, attack))
+            done.add((dname, strength, attack))
             atomic_write_text(path, json.dumps({"command": command, "rows": rows}, indent=1))
         pareto(rows, name, os.path.join(args.out, f"pareto_{name}.png"))
     text = markdown(rows, command)

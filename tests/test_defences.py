@@ -233,3 +233,20 @@ def test_random_steps_attack_estimates_m_and_recovers_vg_exactly(net):
     assert svc.queries == sum(rep.queries)
     with pytest.raises(ValueError, match="two-query plans"):
         R.recover_random_steps(R.RandomSteps(_svc(net, rule="gausslegendre")[0], 6, 12), x, t, low=6, high=12)
+
+
+def test_defences_table_resumes_only_rows_made_with_the_same_weights_images_and_settings():
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "defences_table.py"
+    spec = importlib.util.spec_from_file_location("defences_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    key = {"weights_sha256": "a" * 64, "images_sha256": "b" * 64, "N": 32}
+    rows = [{"model": "lenet", "key": key, "attack": "best plan"},
+            {"model": "lenet", "key": {**key, "weights_sha256": "c" * 64}, "attack": "lattice"},
+            {"model": "lenet", "attack": "outputs"},  # made before rows carried a key
+            {"model": "twolayer", "key": {**key, "N": 8}, "attack": "best plan"}]
+    kept, stale = mod.reusable_rows(rows, "lenet", key)
+    assert stale == 2 and kept == [rows[0], rows[3]]  # other models' rows are left for their own check
+    assert mod.reusable_rows(kept, "twolayer", key) == ([rows[0]], 1)
