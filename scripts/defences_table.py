@@ -175,7 +175,7 @@ def main():
             done.add((dname, strength, attack))
             atomic_write_text(path, json.dumps({"command": command, "rows": rows}, indent=1))
         pareto(rows, name, os.path.join(args.out, f"pareto_{name}.png"))
-    text = markdown(rows, command)
+    text = markdown([r for r in rows if r["model"] in args.models.split(",")], command)
     print(text)
     if args.docs:
         write_docs(args.docs, text)
