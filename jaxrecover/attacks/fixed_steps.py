@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from .services import attack_inputs
+
 __all__ = ["recover_fixed_steps", "FixedStepsReport"]
 
 
@@ -193,12 +195,7 @@ def recover_fixed_steps(service, x, target, *, s0: float = 1e-4, resolution: flo
       ``(vg, mask, report)``: the recovered gradients (NaN where ``x == b``),
       the mask of recoverable coordinates, and a :class:`FixedStepsReport`.
     """
-    x = np.asarray(x)
-    if np.dtype(x.dtype) != np.dtype(service.dtype):
-        raise TypeError(f"x is {x.dtype} but the service answers in {np.dtype(service.dtype)}; cast x")
-    target = np.asarray(target).reshape(-1)
-    if target.shape[0] != x.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} examples but target has {target.shape[0]}")
+    x, target = attack_inputs(service, x, target)
     eps = float(np.finfo(np.dtype(service.dtype)).eps)
     resolution = resolution if resolution is not None else (1e-8 if eps < 1e-10 else 1e-5)
     rel_tol = tol if tol is not None else float(np.sqrt(eps))

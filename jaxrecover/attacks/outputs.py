@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from .services import attack_inputs
+
 __all__ = ["recover_from_outputs", "OutputsReport"]
 
 
@@ -68,12 +70,7 @@ def recover_from_outputs(service, x, target, *, h: float | None = None, tol: flo
       ``(vg, mask, report)``: gradients ``[N, ...]`` in the service's dtype, the mask of coordinates whose
       two differences agreed, and an :class:`OutputsReport`.
     """
-    x = np.asarray(x)
-    if np.dtype(x.dtype) != np.dtype(service.dtype):
-        raise TypeError(f"x is {x.dtype} but the service answers in {np.dtype(service.dtype)}; cast x")
-    target = np.asarray(target).reshape(-1)
-    if target.shape[0] != x.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} examples but target has {target.shape[0]}")
+    x, target = attack_inputs(service, x, target)
     eps = float(np.finfo(x.dtype).eps)
     h0 = h if h is not None else (2.0 ** -8 if eps < 1e-10 else 2.0 ** -4)
     d = int(np.prod(x.shape[1:]))

@@ -36,6 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .plans import exact_plan, realise_plan
+from .services import attack_inputs
 
 __all__ = ["recover_random_steps", "RandomStepsReport"]
 
@@ -108,12 +109,7 @@ def recover_random_steps(service, x, target, *, low: int, high: int, tol: float 
       ``(vg, mask, report)``: the recovered gradients (NaN where ``x == b`` or not found), the mask of
       recovered coordinates, and a :class:`RandomStepsReport`.
     """
-    x = np.asarray(x)
-    if np.dtype(x.dtype) != np.dtype(service.dtype):
-        raise TypeError(f"x is {x.dtype} but the service answers in {np.dtype(service.dtype)}; cast x")
-    target = np.asarray(target).reshape(-1)
-    if target.shape[0] != x.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} examples but target has {target.shape[0]}")
+    x, target = attack_inputs(service, x, target)
     if not (isinstance(low, (int, np.integer)) and isinstance(high, (int, np.integer)) and 1 <= low < high):
         raise ValueError(f"need integers 1 <= low < high, got {low!r}, {high!r}")
     tol = tol if tol is not None else (1e-4 if np.dtype(service.dtype) == np.float32 else 1e-9)

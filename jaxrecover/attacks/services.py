@@ -30,6 +30,18 @@ from ..models import as_model
 __all__ = ["IGService", "SimulatedIGService", "ServiceWrapper", "QueryBudgetExceeded", "StepCountRefused"]
 
 
+
+def attack_inputs(service, x, target) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, target)`` as numpy arrays for an attack on ``service``; a clear error when ``x`` is not in the
+    service's dtype or ``target`` does not have one class per example."""
+    x = np.asarray(x)
+    if np.dtype(x.dtype) != np.dtype(service.dtype):
+        raise TypeError(f"x is {x.dtype} but the service answers in {np.dtype(service.dtype)}; cast x")
+    target = np.asarray(target).reshape(-1)
+    if target.shape[0] != x.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} examples but target has {target.shape[0]}")
+    return x, target
+
 class QueryBudgetExceeded(RuntimeError):
     """A service refused a request that would exceed its query budget (nothing was answered)."""
 
