@@ -17,7 +17,7 @@ from .attacks import (IGService, Query, QueryBudgetExceeded, QueryPlan, ServiceW
                       SimulatedIGService, StepCountRefused, approx_plan, attack, best_plan, exact_plan,
                       identify_service, minimal_plan, nobias_plan, paper_plan, plan_residual, query_inputs, recover,
                       recover_eq2, recover_eq3, recover_eq4, recover_fixed_steps, recover_from_outputs,
-                      recover_input_baseline, recover_random_steps, service_plan)
+                      recover_input_baseline, recover_random_steps, service_plan, extract_two_layer)
 from .data import Dataset, load_dataset, normalize  # noqa: E402
 from .engine import convergence_delta, explain  # noqa: E402
 from .explainers import (IG, OUTPUTS, RULES, VG, BlurBaseline, Explainer, completeness_delta, integrated_gradients,  # noqa: E402
@@ -42,7 +42,7 @@ __all__ = [
     "plan_residual", "query_inputs", "recover", "recover_eq2", "recover_eq3", "recover_eq4", "attack",
     "IGService", "SimulatedIGService", "ServiceWrapper", "QueryBudgetExceeded", "StepCountRefused",
     "service_plan", "best_plan", "recover_fixed_steps", "identify_service", "recover_from_outputs",
-    "recover_input_baseline", "recover_random_steps",
+    "recover_input_baseline", "recover_random_steps", "extract_two_layer",
     # metrics
     "normalized_distance", "cosine_similarity", "relative_error", "spearman", "top_fraction_overlap", "summarize",
     # data and training

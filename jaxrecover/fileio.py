@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_save_npz"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_save_npz", "write_marked_block"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable, mode: str = "wb") -> Path:
@@ -41,3 +41,19 @@ def atomic_save_npz(path: str | os.PathLike, compressed: bool = False, **arrays)
     """``numpy.savez[_compressed]`` to ``path`` atomically."""
     save = np.savez_compressed if compressed else np.savez
     return atomic_write(path, lambda f: save(f, **arrays))
+
+
+def write_marked_block(path: str | os.PathLike, name: str, text: str) -> Path:
+    """Replace the text between ``<!-- {name}:begin -->`` and ``<!-- {name}:end -->`` in the file ``path``
+    (atomically; the rest of the file is kept).
+
+    Raises:
+      ValueError: the file has no such block.
+    """
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    doc = Path(path).read_text()
+    if begin not in doc or end not in doc.split(begin, 1)[1]:
+        raise ValueError(f"{path} has no {begin} ... {end} block to fill; add the two markers where the table goes")
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return atomic_write_text(path, head + begin + "\n" + text + "\n" + end + tail)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 import jaxrecover as jr
 from jaxrecover import attacks as R
-from jaxrecover.fileio import atomic_write_text
+from jaxrecover.fileio import atomic_write_text, write_marked_block
 
 jax.config.update("jax_enable_x64", True)
 
@@ -223,17 +223,12 @@ def markdown(rows, command):
     return "\n".join(out)
 
 
-BEGIN, END = "<!-- defences_table:begin -->", "<!-- defences_table:end -->"
-
-
 def write_docs(path, text):
-    with open(path) as f:
-        doc = f.read()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{path} has no {BEGIN} ... {END} block to fill")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    atomic_write_text(path, head + BEGIN + "\n" + text + "\n" + END + tail)
+    """Replace the generated block of ``path`` (atomically)."""
+    try:
+        write_marked_block(path, "defences_table", text)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import numpy as np
 import jaxrecover as jr
 from jaxrecover import attacks as R
 from jaxrecover.attacks.external import CAPTUM_RULES, CaptumIGService, SaliencyIGService
-from jaxrecover.fileio import atomic_write_text
+from jaxrecover.fileio import atomic_write_text, write_marked_block
 from jaxrecover.metrics import normalized_distance
 
 jax.config.update("jax_enable_x64", True)
@@ -164,18 +164,12 @@ def main():
         write_docs(args.docs, text)
 
 
-BEGIN, END = "<!-- services_table:begin -->", "<!-- services_table:end -->"
-
-
 def write_docs(path, text):
     """Replace the generated block of ``path`` (atomically)."""
-    with open(path) as f:
-        doc = f.read()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{path} has no {BEGIN} ... {END} block to fill")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    atomic_write_text(path, head + BEGIN + "\n" + text + "\n" + END + tail)
+    try:
+        write_marked_block(path, "services_table", text)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def markdown(rows, command=""):

@@ -201,3 +201,15 @@ def test_9_figures_show_every_run_written_into_one_out(tmp_path):
         assert im.height > 2.5 * one_row  # + twolayer's rows B and C: three rows in all
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| twolayer_nobias | mnist (4) | float64 |" in report and "| twolayer | mnist (4) | float64 |" in report
+
+
+def test_marked_block_is_replaced_and_the_rest_kept(tmp_path):
+    from jaxrecover.fileio import write_marked_block
+    doc = tmp_path / "DOC.md"
+    doc.write_text("intro\n<!-- t:begin -->\nold table\n<!-- t:end -->\noutro\n")
+    write_marked_block(doc, "t", "new table")
+    assert doc.read_text() == "intro\n<!-- t:begin -->\nnew table\n<!-- t:end -->\noutro\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["DOC.md"]  # no temporary file left behind
+    with pytest.raises(ValueError, match="no <!-- other:begin -->"):
+        write_marked_block(doc, "other", "x")
+    assert "new table" in doc.read_text()

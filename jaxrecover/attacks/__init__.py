@@ -6,6 +6,8 @@ Real services (Captum, PAIR saliency) live in :mod:`jaxrecover.attacks.external`
 
 from .defences import (Averaged, ClientBudget, FixSteps, GaussianNoise, LaplaceNoise, RandomSteps, RoundAnswers,
                        SmoothGradIG, TopK, ExpectedGradients, round_significant)
+from .extraction import (Extraction, ExtractionIncomplete, canonical_two_layer, extract_two_layer, extraction_fidelity,
+                         two_layer_logits, two_layer_variables)
 from .fixed_steps import FixedStepsReport, recover_fixed_steps
 from .lattice import LatticeReport, lattice_attack, lattice_queries
 from .input_baseline import ChainReport, recover_input_baseline
@@ -27,4 +29,6 @@ __all__ = [
     "IGService", "SimulatedIGService", "ServiceWrapper", "QueryBudgetExceeded", "StepCountRefused",
     "RoundAnswers", "GaussianNoise", "LaplaceNoise", "TopK", "FixSteps", "RandomSteps", "ClientBudget",
     "SmoothGradIG", "ExpectedGradients", "Averaged", "round_significant",
+    "extract_two_layer", "Extraction", "ExtractionIncomplete", "canonical_two_layer", "two_layer_logits",
+    "two_layer_variables", "extraction_fidelity",
 ]
