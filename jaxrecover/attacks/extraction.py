@@ -182,6 +182,7 @@ def _search(oracle, p, d, k, span, tol, grid, min_width):
     Returns (crossings, points, unresolved): crossings ``(t*, a, b)`` with ``a < t* < b`` queried points
     on either side and no other crossing of class ``k`` in ``(a, b)``; points ``{t: (g_k, f_k)}``.
     """
+    eps = float(np.finfo(oracle.service.dtype).eps)
     ts = np.linspace(-span, span, grid)
     g, f, _ = oracle(p + ts[:, None] * d, k)
     points = {float(t): (g[i], f[i]) for i, t in enumerate(ts)}
@@ -207,8 +208,15 @@ def _search(oracle, p, d, k, span, tol, grid, min_width):
         # gradients there are g_a and g_b (f(t*) alone cannot tell: t* beyond every crossing also lies on both lines)
         ts = []
         for a, b, t, inside in asks:
-            delta = max(tol["side"] * (b - a), 64 * np.finfo(np.float64).eps * abs(t))
-            ts += [t - delta, t + delta] if inside else [t]
+            if inside:
+                (ga, fa), (gb, fb) = points[a], points[b]
+                sa, sb = float(ga @ d), float(gb @ d)
+                # t* is known to about eps |f| / |s_a - s_b| (the reported values' round-off): never ask closer
+                precision = 16 * eps * max(abs(fa), abs(fb), abs(sa * t), abs(sb * t)) / abs(sa - sb)
+                delta = max(tol["side"] * (b - a), precision, 64 * np.finfo(np.float64).eps * abs(t))
+                ts += [max(t - delta, 0.5 * (a + t)), min(t + delta, 0.5 * (t + b))]
+            else:
+                ts.append(t)
         g, f, _ = oracle(p + np.array(ts)[:, None] * d, k)
         i, todo = 0, []
         for a, b, t, inside in asks:
