@@ -1,0 +1,317 @@
+"""PatternNet and PatternAttribution (Kindermans et al., ICLR 2018): signal estimators learned from data.
+
+Per kernel layer (Dense; Conv through image patches, every output position one sample) with kernel ``w``
+and output ``y = w^T x`` (pre-activation WITHOUT bias), a signal estimator ``S(x) = a y`` is fitted per
+output unit from the data:
+
+* ``"w"`` (S_w, the filter itself): ``a = w / (w^T w)`` (DeConvNet / guided backprop direction);
+* ``"linear"`` (S_a): ``a = cov[x, y] / (w^T cov[x, y])`` (``w^T cov[x, y] = var y``);
+* ``"relu"`` (S_a+-, the two-component estimator): ``a_+ = (E+[x y] - E+[x] E[y]) / (w^T E+[x y] - w^T E+[x] E[y])``,
+  ``E+`` over the samples where the unit's ReLU output is positive (bias included), ``E[y]`` over all.
+  For the last layer (no ReLU after it) every sample counts, so it equals ``"linear"``.
+* ``S_x`` (identity) has no pattern: its attribution is gradient x input (:func:`vanilla_gradient` times x).
+
+Statistics are running sums (:class:`LayerStats`): one pass over the data, chunked (memory independent of
+the number of examples), accumulated in float64 when x64 is on; sums of two halves merged equal the sums of
+the whole (:meth:`LayerStats.merge`). :func:`fit_patterns` runs the pass; :func:`patterns_from_stats` turns
+the sums into patterns in the kernels' shapes.
+
+The explainers (:class:`PatternNet`, :class:`PatternAttribution`) run the gradient's backward pass with each
+kernel replaced by its pattern (PatternNet) or by ``kernel * pattern`` (PatternAttribution), ReLU gates and
+max-pool routing from the forward pass with the real weights; like iNNvestigate, the backward pass starts from
+the explained output's value (not 1). Sequential ReLU nets only (TwoLayerNet, LeNet, with or without bias):
+BatchNorm and residual connections are outside the method as published and are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from .gradients import select_output
+from .methods import Explainer, explainer_dataclass
+
+__all__ = ["ESTIMATORS", "LayerStats", "layer_stats", "patterns_from_stats", "fit_patterns", "PatternNet",
+           "PatternAttribution", "kernel_layers", "signal_quality"]
+
+ESTIMATORS = ("w", "linear", "relu")
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerStats:
+    """Running sums of one layer over samples (rows): ``x [n, d]`` inputs, ``y [n, u]`` outputs without bias,
+    ``mask [n, u]`` where each unit's ReLU output is positive."""
+
+    n: Any           # number of samples
+    sx: Any          # sum x            [d]
+    sy: Any          # sum y            [u]
+    sxy: Any         # sum x y^T        [d, u]
+    npos: Any        # sum mask         [u]
+    spx: Any         # sum mask x       [d, u]
+    spxy: Any        # sum mask x y     [d, u]
+
+    def merge(self, other: "LayerStats") -> "LayerStats":
+        """The sums over both sets of samples."""
+        return LayerStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+def layer_stats(x, y, mask, dtype=None) -> LayerStats:
+    """:class:`LayerStats` of samples ``x [n, d]``, ``y [n, u]`` (no bias) and ``mask [n, u]`` (bool), summed in
+    ``dtype`` (default: x's)."""
+    dtype = dtype or x.dtype
+    x, y, m = x.astype(dtype), y.astype(dtype), mask.astype(dtype)
+    return LayerStats(n=jnp.asarray(x.shape[0], dtype), sx=x.sum(0), sy=y.sum(0), sxy=x.T @ y, npos=m.sum(0),
+                      spx=x.T @ m, spxy=x.T @ (m * y))
+
+
+def _safe_div(num, den):
+    ok = den != 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
+
+
+def patterns_from_stats(stats: LayerStats, w) -> dict[str, jax.Array]:
+    """The patterns ``{"w", "linear", "relu"}`` (each ``[d, u]``, like ``w``) from a layer's sums and its flat
+    kernel ``w [d, u]``. Units never active get a zero "relu" pattern (they pass no gradient anyway)."""
+    w = jnp.asarray(w, stats.sxy.dtype)
+    n = stats.n
+    ex, ey = stats.sx / n, stats.sy / n
+    cov = stats.sxy / n - ex[:, None] * ey[None, :]
+    linear = _safe_div(cov, jnp.sum(w * cov, axis=0, keepdims=True))
+    npos = stats.npos[None, :]
+    num = _safe_div(stats.spxy, npos) - _safe_div(stats.spx, npos) * ey[None, :]
+    relu = _safe_div(num, jnp.sum(w * num, axis=0, keepdims=True))
+    return {"w": w / jnp.sum(w * w, axis=0, keepdims=True), "linear": linear, "relu": relu}
+
+
+# ---------------------------------------------------------------------------------------------- the model's layers
+_KERNEL_MODULES = (nn.Dense, nn.Conv)
+
+
+def _check_supported(model, params):
+    if model.module is None:
+        raise NotImplementedError("patterns need a Flax model (jaxrecover.models.make_model)")
+    if "batch_stats" in params or any("BatchNorm" in k or "Block" in k for k in model.kernels(params)):
+        raise ValueError(f"{model.name}: BatchNorm and residual connections are outside PatternNet as published "
+                         "(iNNvestigate refuses them too); use a sequential ReLU net (twolayer, lenet, *_nobias)")
+
+
+def _flat_kernel(module, kernel):
+    """The kernel as ``[d, u]`` matching :func:`_samples` (conv: patch features ordered (C, kh, kw))."""
+    if isinstance(module, nn.Conv) or module is nn.Conv:
+        kh, kw, c, u = kernel.shape
+        return kernel.transpose(2, 0, 1, 3).reshape(c * kh * kw, u)
+    return kernel
+
+
+def _unflat_kernel(module_kind, flat, shape):
+    if module_kind == "conv":
+        kh, kw, c, u = shape
+        return flat.reshape(c, kh, kw, u).transpose(1, 2, 0, 3)
+    return flat
+
+
+def _samples(module, x):
+    """Rows of inputs one output unit sees: a Dense input as is, a Conv input as patches [n * positions, d]."""
+    if isinstance(module, nn.Conv):
+        strides = module.strides or 1
+        strides = (strides,) * len(module.kernel_size) if isinstance(strides, int) else strides
+        p = jax.lax.conv_general_dilated_patches(x, tuple(module.kernel_size), tuple(strides), module.padding,
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return p.reshape(-1, p.shape[-1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def _capture(model, params, x):
+    """Run the model on a batch; ``({path: (module kind, input, output with bias, kernel)}, logits)`` in call order."""
+    seen = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        m = context.module
+        if context.method_name == "__call__" and isinstance(m, _KERNEL_MODULES):
+            seen["/".join(m.path)] = (m, args[0], out)
+        return out
+
+    with nn.intercept_methods(interceptor):
+        logits = model.module.apply(params, x, train=False)
+    return seen, logits
+
+
+def _layer_kinds(model, params) -> dict[str, str]:
+    """``{path: "conv" | "dense"}`` of the kernel layers, in call order."""
+    x = jnp.zeros((1, *model.input_shape), jax.tree.leaves(params)[0].dtype)
+    kinds = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        m = context.module
+        if context.method_name == "__call__" and isinstance(m, _KERNEL_MODULES):
+            kinds["/".join(m.path)] = "conv" if isinstance(m, nn.Conv) else "dense"
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(lambda p, z: model.module.apply(p, z, train=False), params, x)
+    return kinds
+
+
+def kernel_layers(model, params) -> list[str]:
+    """The paths of the model's kernel layers in call order (the last one produces the logits)."""
+    _check_supported(model, params)
+    return list(_layer_kinds(model, params))
+
+
+def fit_patterns(model, params, images, *, chunk: int = 256, accumulate=None, progress: bool = True):
+    """Fit every kernel layer's patterns in ONE pass over ``images [N, ...]`` (chunks of ``chunk``).
+
+    Args:
+      model: a :class:`jaxrecover.models.Model` of a sequential ReLU net (TwoLayerNet, LeNet, with or
+        without bias).
+      params: its variables.
+      images: inputs in the params' dtype.
+      accumulate: the dtype of the running sums (default float64 when x64 is on, else float32).
+
+    Returns:
+      ``{layer path: {"w": ..., "linear": ..., "relu": ...}}``, each pattern in its kernel's shape and the
+      params' dtype.
+    """
+    _check_supported(model, params)
+    images = jnp.asarray(images)
+    pdtype = jax.tree.leaves(params)[0].dtype
+    if images.dtype != pdtype:
+        raise TypeError(f"images are {images.dtype} but the params are {pdtype}; cast the images")
+    if images.ndim != 1 + len(model.input_shape) or images.shape[0] < 2:
+        raise ValueError(f"images must be [N >= 2, {', '.join(map(str, model.input_shape))}], got {images.shape}")
+    acc = jnp.dtype(accumulate) if accumulate is not None else (
+        jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    if acc == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError("float64 accumulation needs jax_enable_x64; enable it or pass accumulate=jnp.float32")
+    layers = kernel_layers(model, params)
+    last = layers[-1]
+
+    @jax.jit
+    def batch_stats(p, xb):
+        seen, _ = _capture(model, p, xb)
+        out = {}
+        for path, (m, xin, y) in seen.items():
+            w = _flat_kernel(m, _lookup(p["params"], path)["kernel"])
+            xs = _samples(m, xin)
+            ys = xs @ w
+            mask = (y.reshape(-1, y.shape[-1]) > 0) if path != last else jnp.ones(ys.shape, bool)
+            out[path] = layer_stats(xs, ys, mask, acc)
+        return out
+
+    total = None
+    n = images.shape[0]
+    for s in tqdm(range(0, n, chunk), desc="pattern statistics", unit="chunk", disable=not progress):
+        part = batch_stats(params, images[s:s + chunk])
+        total = part if total is None else {k: total[k].merge(part[k]) for k in total}
+    kernels = model.kernels(params)
+    kinds = _layer_kinds(model, params)
+    out = {}
+    for path in layers:
+        k = kernels[path]
+        flat = _flat_kernel(nn.Conv if kinds[path] == "conv" else None, k)
+        pats = patterns_from_stats(total[path], flat)
+        out[path] = {e: _unflat_kernel(kinds[path], v, k.shape).astype(pdtype) for e, v in pats.items()}
+    return out
+
+
+def _lookup(tree, path):
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
+
+
+# ---------------------------------------------------------------------------------------------- the explainers
+def _backward_with(model, params, replaced: dict, x, target, output):
+    """``d output / d x`` where each kernel layer's backward pass uses ``replaced[path]`` instead of its kernel
+    (forward values, ReLU gates and max-pool routing unchanged), seeded with the output's value."""
+    inside = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        m = context.module
+        out = next_fun(*args, **kwargs)
+        if inside or context.method_name != "__call__" or not isinstance(m, _KERNEL_MODULES):
+            return out
+        path = "/".join(m.path)
+        inside.append(True)
+        try:  # the same layer with the replacement kernel and no bias: linear in the input
+            clone = m.clone(parent=None, use_bias=False)
+            z = clone.apply({"params": {"kernel": replaced[path]}}, args[0])
+        finally:
+            inside.pop()
+        # value exactly ``out`` (z - z is exactly 0: max-pool ties and ReLU gates see the forward values)
+        return jax.lax.stop_gradient(out) + (z - jax.lax.stop_gradient(z))
+
+    def f(z):
+        with nn.intercept_methods(interceptor):
+            logits = model.module.apply(params, z[None], train=False)[0]
+        return select_output(logits, target, output)
+
+    value, grad = jax.value_and_grad(f)(x)
+    return grad * value
+
+
+@explainer_dataclass(data_fields=("patterns",))
+class PatternNet(Explainer):
+    """PatternNet: the signal, back-projected with each kernel replaced by its pattern (estimator ``kind``).
+
+    Attributes:
+      patterns: :func:`fit_patterns`'s result (array data of the pytree).
+      kind: the estimator, one of :data:`ESTIMATORS` (default ``"relu"``, the paper's S_a+-).
+    """
+
+    patterns: Any = None
+    kind: str = "relu"
+    name = "patternnet"
+
+    def __post_init__(self):
+        if self.kind not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {self.kind!r}; choose one of: {', '.join(ESTIMATORS)}")
+
+    def _replaced(self, model, params):
+        return {k: v[self.kind] for k, v in self.patterns.items()}
+
+    def __call__(self, model, params, x, target, baseline=None, output="logit"):
+        _check_supported(model, params)
+        return _backward_with(model, params, self._replaced(model, params), x, target, output)
+
+
+@explainer_dataclass(data_fields=("patterns",))
+class PatternAttribution(PatternNet):
+    """PatternAttribution: the backward pass with each kernel replaced by ``kernel * pattern``."""
+
+    name = "patternattribution"
+
+    def _replaced(self, model, params):
+        kernels = model.kernels(params)
+        return {k: kernels[k] * v[self.kind] for k, v in self.patterns.items()}
+
+
+def signal_quality(x_fit, x_eval, w, a) -> float:
+    """The paper's criterion ``rho(S) = 1 - max_v corr(w^T x, v^T (x - S(x)))`` of ``S(x) = a (w^T x)`` for one
+    unit: ``v`` by least squares on ``x_fit [n, d]``, the correlation measured on ``x_eval [m, d]`` (held out).
+    1 is a perfect estimator (no signal left in the distractor ``x - S(x)``); 0 a useless one.
+
+    (The identity estimator ``S_x`` leaves ``x - S(x) = 0``: its correlation is undefined, so it has no rho.)
+    """
+    x_fit, x_eval, w, a = (np.asarray(v, np.float64) for v in (x_fit, x_eval, w, a))
+
+    def parts(x):
+        y = x @ w
+        d = x - np.outer(y, a)
+        return y - y.mean(), d - d.mean(0)
+
+    y, d = parts(x_fit)
+    v, *_ = np.linalg.lstsq(d, y, rcond=None)
+    y, d = parts(x_eval)
+    r = d @ v
+    den = np.linalg.norm(y) * np.linalg.norm(r)
+    return float(1.0 - (abs(y @ r) / den if den > 0 else 0.0))
