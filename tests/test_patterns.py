@@ -145,3 +145,34 @@ def test_batchnorm_nets_and_bad_input_are_refused():
         P.fit_patterns(lenet, v, jnp.zeros((4, 28, 28, 1), jnp.float64), progress=False)
     with pytest.raises(ValueError, match="unknown estimator"):
         jr.PatternNet({}, kind="x")
+
+
+def test_layer_quality_equals_per_unit_least_squares():
+    """The covariance/Woodbury form of rho equals plain least squares unit by unit (linear and two-component)."""
+    def data(n, seed):
+        r = np.random.default_rng(seed)
+        s, e = r.standard_normal(n), r.standard_normal((n, 2))
+        mix = np.array([[1, 1, 0, 0, 0, 0.], [0, 0, 1, 0, 1, 0.]])
+        return np.outer(s, [1, 0, 0, 1, 0, 0.]) + e @ mix + 0.3 * r.standard_normal((n, 6))
+
+    rng = np.random.default_rng(0)
+    xf, xe = data(3000, 1), data(3000, 2)
+    w, a_neg, b = rng.standard_normal((6, 3)), rng.standard_normal((6, 3)), 0.3 * rng.standard_normal(3)
+    a = w / (w * w).sum(0)
+    got = P.layer_signal_quality(xf, xe, w, a)
+    np.testing.assert_allclose(got, [P.signal_quality(xf, xe, w[:, j], a[:, j]) for j in range(3)], atol=1e-7)
+    assert np.all((got > 0.01) & (got < 0.99))  # a case where the answer is not trivially 0 or 1
+
+    def direct(j):
+        def parts(x):
+            y = x @ w[:, j]
+            m = y + b[j] > 0
+            d = x - np.outer(np.where(m, y, 0), a[:, j]) - np.outer(np.where(m, 0, y), a_neg[:, j])
+            return y - y.mean(), d - d.mean(0)
+        y, d = parts(xf)
+        v = np.linalg.lstsq(d, y, rcond=None)[0]
+        y, d = parts(xe)
+        return 1 - abs(y @ (d @ v)) / np.linalg.norm(y) / np.linalg.norm(d @ v)
+
+    np.testing.assert_allclose(P.layer_signal_quality(xf, xe, w, a, a_neg, b), [direct(j) for j in range(3)],
+                               atol=1e-7)
