@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 from tqdm.auto import tqdm
 
 from .gradients import select_output
@@ -39,7 +40,7 @@ from .methods import Explainer, explainer_dataclass
 
 __all__ = ["ESTIMATORS", "LayerStats", "layer_stats", "patterns_from_stats", "fit_patterns", "PatternNet",
            "PatternAttribution", "kernel_layers", "signal_quality",
-           "layer_samples", "layer_signal_quality"]
+           "layer_samples", "layer_signal_quality", "flatten_kernel"]
 
 ESTIMATORS = ("w", "linear", "relu")
 
@@ -115,6 +116,12 @@ def _flat_kernel(module, kernel):
         kh, kw, c, u = kernel.shape
         return kernel.transpose(2, 0, 1, 3).reshape(c * kh * kw, u)
     return kernel
+
+
+def flatten_kernel(kernel):
+    """A Dense kernel as is, a Conv kernel ``[kh, kw, C, u]`` as ``[C * kh * kw, u]`` (the order of the patch
+    features :func:`layer_samples` gives): patterns come in kernel shapes, rho works on flat ones."""
+    return _flat_kernel(nn.Conv if np.ndim(kernel) == 4 else None, kernel)
 
 
 def _unflat_kernel(module_kind, flat, shape):
@@ -374,10 +381,10 @@ def layer_signal_quality(x_fit, x_eval, w, a, a_neg=None, bias=None, ridge: floa
     xc = x_fit - x_fit.mean(0)
     C = xc.T @ xc / len(xc)
     C += ridge * max(np.trace(C) / len(C), 1e-300) * np.eye(len(C))
-    L = np.linalg.cholesky(C)
+    factor = scipy.linalg.cho_factor(C)
 
     def solve(b):
-        return np.linalg.solve(L.T, np.linalg.solve(L, b))
+        return scipy.linalg.cho_solve(factor, b)
 
     def regimes(x):
         y = x @ w
