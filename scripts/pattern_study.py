@@ -1,12 +1,12 @@
 """docs/PATTERN.md's numbers: signal-estimator quality per layer, image degradation, leakage towards VG.
 
-Usage:  python scripts/pattern_study.py [--models twolayer,lenet] [--fit 10000] [--rows 20000] [--n 256]
+Usage:  python scripts/pattern_study.py [--models twolayer,lenet] [--fit 6000] [--rows 20000] [--n 256]
                                         [--out results/patterns] [--docs docs/PATTERN.md]
 
 For each model (trained checkpoint in checkpoints/<model>, float32 weights, float64 sums):
 1. patterns fitted on the first --fit training images (jr.fit_patterns, one pass);
 2. rho per layer (the paper's criterion, mean over the layer's units) for S_w, S_a and S_a+-, with v fitted on
-   the next 2,000 training images and the correlation measured on the first 2,000 test images (at most --rows
+   the training images after those (up to 2,000) and the correlation measured on the 2,000 test images (at most --rows
    rows each: conv layers give one row per output position);
 3. image degradation on the first --n test images: the 49 patches of 4x4 pixels are replaced by the training
    mean in the order of their summed relevance (most relevant first) for PatternAttribution (S_a+-), VG, IG
@@ -132,7 +132,7 @@ def markdown(study, command):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="twolayer,lenet")
-    ap.add_argument("--fit", type=int, default=10000)
+    ap.add_argument("--fit", type=int, default=6000)
     ap.add_argument("--rows", type=int, default=20000)
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--out", default="results/patterns")
@@ -142,6 +142,9 @@ def main():
     command = "python scripts/pattern_study.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)
     ds = jr.load_dataset("mnist")
+    if not 0 < args.fit < len(ds.train_images):
+        raise SystemExit(f"--fit {args.fit}: the dataset has {len(ds.train_images)} training images and rho needs "
+                         "some left after the fit set; pass a smaller --fit")
     study = {}
     for name in args.models.split(","):
         _, v, meta = jr.load_trained(f"checkpoints/{name}", model=name)

@@ -117,6 +117,10 @@ def test_pattern_attribution_of_a_linear_model_is_w_times_a():
     y = jax.vmap(model, in_axes=(None, 0))(v, x)[jnp.arange(3), t]
     want = (w * a)[:, t].T * y[:, None]  # started from the output value, like iNNvestigate
     np.testing.assert_allclose(np.asarray(got).reshape(3, -1), np.asarray(want), rtol=1e-12, atol=1e-14)
+    # PatternNet right after PatternAttribution (the same shapes): jit must not reuse the other's trace, so their
+    # treedefs must differ (a registered dataclass and its subclass compare equal when their static fields agree)
+    assert jax.tree_util.tree_structure(jr.PatternNet(pats)) != jax.tree_util.tree_structure(
+        jr.PatternAttribution(pats))
     net = jr.explain(jr.PatternNet(pats, kind="linear"), model, v, x, t)
     np.testing.assert_allclose(np.asarray(net).reshape(3, -1), np.asarray(a[:, t].T * y[:, None]), rtol=1e-12)
 

@@ -283,9 +283,15 @@ class PatternNet(Explainer):
 
     patterns: Any = None
     kind: str = "relu"
+    # a static field that differs between the two classes: JAX compares the treedefs of a registered dataclass
+    # and its registered subclass as EQUAL when their static fields agree, so jit would reuse one's compiled
+    # function for the other (seen: PatternNet answered with PatternAttribution's trace)
+    method: str = "patternnet"
     name = "patternnet"
 
     def __post_init__(self):
+        if self.method != self.name:
+            raise ValueError(f"method is set by the class ({self.name!r}); do not pass it")
         if self.kind not in ESTIMATORS:
             raise ValueError(f"unknown estimator {self.kind!r}; choose one of: {', '.join(ESTIMATORS)}")
 
@@ -301,6 +307,7 @@ class PatternNet(Explainer):
 class PatternAttribution(PatternNet):
     """PatternAttribution: the backward pass with each kernel replaced by ``kernel * pattern``."""
 
+    method: str = "patternattribution"
     name = "patternattribution"
 
     def _replaced(self, model, params):
