@@ -13,6 +13,7 @@ The public API, by layer (docs/ARCHITECTURE.md):
 __version__ = "0.2.0"
 
 from . import attacks, checkpoint, data, engine, explainers, metrics, models, protocol, training  # noqa: E402
+from .pattern_store import fitted_patterns, load_patterns, save_patterns  # noqa: E402
 from .attacks import (IGService, Query, QueryBudgetExceeded, QueryPlan, ServiceWrapper,  # noqa: E402
                       SimulatedIGService, StepCountRefused, approx_plan, attack, best_plan, exact_plan,
                       identify_service, minimal_plan, nobias_plan, paper_plan, plan_residual, query_inputs, recover,
@@ -35,6 +36,7 @@ __all__ = [
     # explainers and the engine
     "Explainer", "VG", "IG", "BlurBaseline", "RULES", "OUTPUTS", "quadrature", "vanilla_gradient", "integrated_gradients",
     "completeness_delta", "explain", "convergence_delta", "PatternNet", "PatternAttribution", "fit_patterns",
+    "fitted_patterns", "save_patterns", "load_patterns",
     # models
     "Model", "MODEL_NAMES", "make_model", "init_variables", "cast_variables",
     # attacks

@@ -82,9 +82,13 @@ def _checkpointer():
     return ocp.StandardCheckpointer()
 
 
-def save_checkpoint(path: str | os.PathLike, state: Any, metadata: dict) -> Path:
-    """Save a pytree ``state`` and ``metadata`` atomically under ``path/checkpoint``."""
-    missing = [k for k in REQUIRED_METADATA if k not in metadata]
+def save_checkpoint(path: str | os.PathLike, state: Any, metadata: dict,
+                    required: tuple[str, ...] = REQUIRED_METADATA) -> Path:
+    """Save a pytree ``state`` and ``metadata`` atomically under ``path/checkpoint``.
+
+    ``required``: metadata keys that must be present (a trained model's by default; other states, e.g. fitted
+    patterns, name their own)."""
+    missing = [k for k in required if k not in metadata]
     if missing:
         raise ValueError(f"checkpoint metadata lacks {missing}")
     root = Path(path).expanduser().absolute()
@@ -121,7 +125,7 @@ def _json_default(o):
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
-def load_metadata(path: str | os.PathLike) -> dict:
+def load_metadata(path: str | os.PathLike, required: tuple[str, ...] = REQUIRED_METADATA) -> dict:
     """The metadata of the checkpoint in ``path`` (a clear error when missing or corrupt)."""
     c = _ckpt(path)
     meta = c / "metadata.json"
@@ -134,20 +138,21 @@ def load_metadata(path: str | os.PathLike) -> dict:
             raise ValueError("not a JSON object")
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"checkpoint metadata {meta} is corrupt ({e}); retrain or restore it") from e
-    missing = [k for k in REQUIRED_METADATA if k not in metadata]
+    missing = [k for k in required if k not in metadata]
     if missing:
         raise CheckpointError(f"checkpoint metadata {meta} lacks {missing}; it was not written by jaxrecover")
     return metadata
 
 
-def load_checkpoint(path: str | os.PathLike, target: Any) -> tuple[Any, dict]:
+def load_checkpoint(path: str | os.PathLike, target: Any,
+                    required: tuple[str, ...] = REQUIRED_METADATA) -> tuple[Any, dict]:
     """Restore ``(state, metadata)``; ``target`` gives the tree structure, shapes and dtypes.
 
     Raises:
       CheckpointError: the checkpoint is missing, or its state is corrupt or does
         not fit ``target`` (e.g. another model).
     """
-    metadata = load_metadata(path)
+    metadata = load_metadata(path, required)
     state_dir = _ckpt(path) / "state"
     if not state_dir.is_dir():
         raise CheckpointError(f"checkpoint {path} has metadata but no state directory {state_dir}")

@@ -180,3 +180,25 @@ def test_layer_quality_equals_per_unit_least_squares():
 
     np.testing.assert_allclose(P.layer_signal_quality(xf, xe, w, a, a_neg, b), [direct(j) for j in range(3)],
                                atol=1e-7)
+
+
+def test_patterns_are_stored_tied_to_weights_and_images(tmp_path):
+    from jaxrecover.checkpoint import CheckpointError
+    model = jr.make_model(_Linear())
+    v = jr.init_variables(_Linear(), jax.random.key(2), jnp.float64)
+    images = jax.random.normal(jax.random.key(3), (32, 28, 28, 1), jnp.float64)
+    pats = jr.fitted_patterns(tmp_path / "p", model, v, images, progress=False)  # fitted and stored
+    again = jr.load_patterns(tmp_path / "p", model, v, images)
+    for a, b in zip(jax.tree.leaves(pats), jax.tree.leaves(again)):
+        assert np.asarray(b).dtype == np.float64
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = jax.tree.map(lambda a: a + 1.0, v)
+    with pytest.raises(CheckpointError, match="other weights"):
+        jr.load_patterns(tmp_path / "p", model, other)
+    with pytest.raises(CheckpointError, match="other images"):
+        jr.load_patterns(tmp_path / "p", model, v, images[:16])
+    refit = jr.fitted_patterns(tmp_path / "p", model, v, images[:16], progress=False)  # changed input: refitted
+    assert not np.allclose(np.asarray(refit["Dense_0"]["linear"]), np.asarray(pats["Dense_0"]["linear"]))
+    assert jr.load_patterns(tmp_path / "p", model, v, images[:16]) is not None
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        jr.load_patterns(tmp_path / "missing", model, v)

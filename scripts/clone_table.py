@@ -1,0 +1,144 @@
+"""docs/EXTRACTION.md's clone table: students of LeNet trained from B queries of logits, IG answers or recovered VG.
+
+Usage:  python scripts/clone_table.py [--budgets 100,300,1000,2000] [--students lenet,twolayer]
+                                      [--sources heldout,noise] [--steps 1500] [--out results/clone]
+                                      [--docs docs/EXTRACTION.md]
+
+Victim: the trained LeNet (checkpoints/lenet), float32, behind our IG service (riemann_right, m = 50, zero
+baseline). For each query budget B (queries, not inputs), input source (held-out MNIST training images 6,000+,
+or uniform noise images) and student architecture (LeNet, and the smaller TwoLayerNet: not architecture copying),
+a student is trained (jr.attacks.train_clone, Adam, --steps steps of 64) under three kinds of answers:
+  logits  B inputs, the victim's logits (one query each);
+  ig      B inputs, logits + the IG answer of the predicted class as it comes (one query each);
+  vg      B/2 inputs, logits + VG recovered from IG by the service's best plan (two queries each).
+Measured on the 2,000 test images: agreement with the victim's predictions, test accuracy, and the paper's
+distance between the student's and the victim's VG. Rows go to <out>/rows.json (resume; keyed by the victim's
+weights and the settings); a figure of agreement against B goes to <out>/clone.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+import jaxrecover as jr
+from jaxrecover import attacks as R
+from jaxrecover.fileio import atomic_write_text, write_marked_block
+
+jax.config.update("jax_enable_x64", True)
+
+SETTINGS_VERSION = 1
+
+
+def queries(service, victim, v, pool, kind, budget):
+    """``(CloneData, queries spent)`` for ``budget`` queries of ``kind`` on inputs drawn from ``pool``."""
+    n = budget // 2 if kind == "vg" else budget
+    x = jnp.asarray(pool[:n])
+    logits = np.asarray(jax.vmap(lambda z: victim(v, z))(x))
+    target = np.argmax(logits, axis=1)
+    service.reset_counters()
+    if kind == "logits":
+        return R.CloneData(np.asarray(x), logits), n
+    if kind == "ig":
+        answers = service(x, jnp.asarray(target))
+        return R.CloneData(np.asarray(x), logits, target, np.asarray(answers), np.zeros(x.shape, np.float32)), \
+            service.queries
+    vg, _ = R.attack(service, R.best_plan(service), x, jnp.asarray(target))
+    return R.CloneData(np.asarray(x), logits, target, np.asarray(vg)), service.queries
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budgets", default="100,300,1000,2000")
+    ap.add_argument("--students", default="lenet,twolayer")
+    ap.add_argument("--sources", default="heldout,noise")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--out", default="results/clone")
+    ap.add_argument("--docs", default=None, help="fill the <!-- clone_table:begin/end --> block of this file")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "rows.json")
+    rows = json.load(open(path))["rows"] if os.path.exists(path) else []
+    command = "python scripts/clone_table.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)
+    ds = jr.load_dataset("mnist")
+    _, v, meta = jr.load_trained("checkpoints/lenet", model="lenet")
+    victim = jr.make_model("lenet")
+    service = jr.SimulatedIGService(victim, v)
+    key = {"weights_sha256": meta["state_sha256"], "steps": args.steps, "version": SETTINGS_VERSION}
+    rows = [r for r in rows if r.get("key") == key]
+    done = {(r["source"], r["student"], r["kind"], r["budget"]) for r in rows}
+    pools = {"heldout": jr.normalize(ds.train_images[6000:], dtype=np.float32),
+             "noise": jr.normalize((np.random.default_rng(7).random((4000, 28, 28, 1)) * 255).astype(np.uint8),
+                                   dtype=np.float32)}
+    test_x = jnp.asarray(jr.normalize(ds.test_images, dtype=np.float32))
+    tasks = [(s, st, k, int(b)) for s in args.sources.split(",") for st in args.students.split(",")
+             for b in args.budgets.split(",") for k in R.CLONE_KINDS]
+    for source, student, kind, budget in tqdm(tasks, desc="students", unit="student"):
+        if (source, student, kind, budget) in done:
+            continue
+        data, spent = queries(service, victim, v, pools[source], kind, budget)
+        model = jr.make_model(student)
+        init = jr.init_variables(student, jax.random.key(budget), jnp.float32)
+        t0 = time.time()
+        params, losses = R.train_clone(model, init, data, kind=kind, steps=args.steps, progress=False)
+        m = R.clone_metrics(model, params, victim, v, test_x, ds.test_labels)
+        rows.append({"source": source, "student": student, "kind": kind, "budget": budget, "queries": spent,
+                     "inputs": int(data.x.shape[0]), **m, "final_loss": float(losses[-1]),
+                     "train_s": round(time.time() - t0, 1), "key": key})
+        atomic_write_text(path, json.dumps({"command": command, "rows": rows}, indent=1))
+    figure(rows, os.path.join(args.out, "clone.png"))
+    text = markdown(rows, command)
+    print(text)
+    if args.docs:
+        write_marked_block(args.docs, "clone_table", text)
+
+
+def figure(rows, png):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sources = sorted({r["source"] for r in rows})
+    students = sorted({r["student"] for r in rows})
+    fig, axes = plt.subplots(len(sources), len(students), figsize=(5 * len(students), 3.6 * len(sources)),
+                             squeeze=False)
+    for i, source in enumerate(sources):
+        for j, student in enumerate(students):
+            ax = axes[i][j]
+            for kind in R.CLONE_KINDS:
+                pts = sorted((r["queries"], r["agreement"]) for r in rows
+                             if r["source"] == source and r["student"] == student and r["kind"] == kind)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=kind)
+            ax.set_xscale("log")
+            ax.set_xlabel("queries")
+            ax.set_ylabel("agreement with the victim")
+            ax.set_title(f"student {student}, inputs: {source}")
+            ax.legend()
+    fig.tight_layout()
+    tmp = png + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+def markdown(rows, command):
+    cols = ["source", "student", "kind", "budget", "queries", "inputs", "agreement", "accuracy", "vg_distance",
+            "train_s"]
+    out = [f"Generated by `{command}` (rows: results/clone/rows.json; wall time on this machine, 2 cores).", "",
+           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in sorted(rows, key=lambda r: (r["source"], r["student"], r["kind"], r["budget"])):
+        out.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) and c != "train_s" else str(r[c])
+                                     for c in cols) + " |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
