@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_save_npz", "write_marked_block"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_save_npz", "atomic_savefig", "write_marked_block"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable, mode: str = "wb") -> Path:
@@ -41,6 +41,15 @@ def atomic_save_npz(path: str | os.PathLike, compressed: bool = False, **arrays)
     """``numpy.savez[_compressed]`` to ``path`` atomically."""
     save = np.savez_compressed if compressed else np.savez
     return atomic_write(path, lambda f: save(f, **arrays))
+
+
+def atomic_savefig(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG to ``path`` atomically, then close it."""
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
 
 
 def write_marked_block(path: str | os.PathLike, name: str, text: str) -> Path:

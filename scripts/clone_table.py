@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 import jaxrecover as jr
 from jaxrecover import attacks as R
-from jaxrecover.fileio import atomic_write_text, write_marked_block
+from jaxrecover.fileio import atomic_savefig, atomic_write_text, write_marked_block
 
 jax.config.update("jax_enable_x64", True)
 
@@ -123,10 +123,7 @@ def figure(rows, png):
             ax.set_title(f"student {student}, inputs: {source}")
             ax.legend()
     fig.tight_layout()
-    tmp = png + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png)
+    atomic_savefig(fig, png, dpi=110)
 
 
 def markdown(rows, command):

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 import jaxrecover as jr
 from jaxrecover import attacks as R
-from jaxrecover.fileio import atomic_write_text, write_marked_block
+from jaxrecover.fileio import atomic_savefig, atomic_write_text, write_marked_block
 
 jax.config.update("jax_enable_x64", True)
 
@@ -228,10 +228,7 @@ def pareto(rows, model, png):
     ax.set_ylabel("utility: Spearman vs undefended IG")
     ax.set_title(f"{model}: defences (float32 service, riemann_right, m = 50)")
     fig.tight_layout()
-    tmp = png + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, png)
+    atomic_savefig(fig, png, dpi=120)
 
 
 def markdown(rows, command):

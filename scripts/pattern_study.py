@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 import jaxrecover as jr
 from jaxrecover.explainers import patterns as P
-from jaxrecover.fileio import atomic_write_text, write_marked_block
+from jaxrecover.fileio import atomic_savefig, atomic_write_text, write_marked_block
 
 jax.config.update("jax_enable_x64", True)
 
@@ -102,10 +102,7 @@ def figure(curves, model, png):
     ax.set_title(f"{model}: image degradation (steeper = better ranking)")
     ax.legend()
     fig.tight_layout()
-    tmp = png + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, png)
+    atomic_savefig(fig, png, dpi=120)
 
 
 def markdown(study, command):

@@ -213,3 +213,15 @@ def test_marked_block_is_replaced_and_the_rest_kept(tmp_path):
     with pytest.raises(ValueError, match="no <!-- other:begin -->"):
         write_marked_block(doc, "other", "x")
     assert "new table" in doc.read_text()
+
+
+def test_figures_are_saved_whole_and_closed(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from jaxrecover.fileio import atomic_savefig
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    out = atomic_savefig(fig, tmp_path / "f.png", dpi=50)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.png"] and not plt.fignum_exists(fig.number)
