@@ -1,12 +1,17 @@
 """docs/EXTRACTION.md's clone table: students of LeNet trained from B queries of logits, IG answers or recovered VG.
 
-Usage:  python scripts/clone_table.py [--budgets 100,300,1000,2000] [--students lenet,twolayer]
-                                      [--sources heldout,noise] [--steps 1500] [--out results/clone]
+Usage:  python scripts/clone_table.py [--budgets 100,300,1000,3000] [--students lenet,twolayer]
+                                      [--sources train,noise] [--steps 500] [--out results/clone]
                                       [--docs docs/EXTRACTION.md]
 
+Rows accumulate over runs with different grids (e.g. a second run ``--sources noise --budgets 300,3000
+--students lenet``); the docs block lists every command whose rows it shows.
+
 Victim: the trained LeNet (checkpoints/lenet), float32, behind our IG service (riemann_right, m = 50, zero
-baseline). For each query budget B (queries, not inputs), input source (held-out MNIST training images 6,000+,
-or uniform noise images) and student architecture (LeNet, and the smaller TwoLayerNet: not architecture copying),
+baseline). For each query budget B (queries, not inputs), input source ("train": MNIST training images in a fixed
+random order - the offline MNIST has only 8,000 training + 2,000 test images and the victim was trained on all
+8,000, so the attacker's inputs are in-distribution images the victim has seen; none of them is a test image -
+or "noise": uniform noise images, the data-free variant) and student architecture (LeNet, and the smaller TwoLayerNet: not architecture copying),
 a student is trained (jr.attacks.train_clone, Adam, --steps steps of 64) under three kinds of answers:
   logits  B inputs, the victim's logits (one query each);
   ig      B inputs, logits + the IG answer of the predicted class as it comes (one query each);
@@ -34,7 +39,7 @@ from jaxrecover.fileio import atomic_savefig, atomic_write_text, write_marked_bl
 
 jax.config.update("jax_enable_x64", True)
 
-SETTINGS_VERSION = 1
+SETTINGS_VERSION = 2
 
 
 def queries(service, victim, v, pool, kind, budget):
@@ -56,10 +61,10 @@ def queries(service, victim, v, pool, kind, budget):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budgets", default="100,300,1000,2000")
+    ap.add_argument("--budgets", default="100,300,1000,3000")
     ap.add_argument("--students", default="lenet,twolayer")
-    ap.add_argument("--sources", default="heldout,noise")
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--sources", default="train,noise")
+    ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--out", default="results/clone")
     ap.add_argument("--docs", default=None, help="fill the <!-- clone_table:begin/end --> block of this file")
     args = ap.parse_args()
@@ -75,10 +80,17 @@ def main():
     key = {"weights_sha256": meta["state_sha256"], "steps": args.steps, "version": SETTINGS_VERSION}
     rows = [r for r in rows if r.get("key") == key]
     done = {(r["source"], r["student"], r["kind"], r["budget"]) for r in rows}
-    pools = {"heldout": jr.normalize(ds.train_images[6000:], dtype=np.float32),
-             "noise": jr.normalize((np.random.default_rng(7).random((4000, 28, 28, 1)) * 255).astype(np.uint8),
+    order = np.random.default_rng(5).permutation(len(ds.train_images))
+    pools = {"train": jr.normalize(ds.train_images[order], dtype=np.float32),
+             "noise": jr.normalize((np.random.default_rng(7).random((8000, 28, 28, 1)) * 255).astype(np.uint8),
                                    dtype=np.float32)}
+    unknown = set(args.sources.split(",")) - set(pools)
+    if unknown:
+        raise SystemExit(f"unknown --sources {sorted(unknown)}; choose from {sorted(pools)}")
+    if max(int(b) for b in args.budgets.split(",")) > len(order):
+        raise SystemExit(f"--budgets above {len(order)}: the pools have {len(order)} inputs")
     test_x = jnp.asarray(jr.normalize(ds.test_images, dtype=np.float32))
+    reference = R.victim_reference(victim, v, test_x)
     tasks = [(s, st, k, int(b)) for s in args.sources.split(",") for st in args.students.split(",")
              for b in args.budgets.split(",") for k in R.CLONE_KINDS]
     for source, student, kind, budget in tqdm(tasks, desc="students", unit="student"):
@@ -89,13 +101,14 @@ def main():
         init = jr.init_variables(student, jax.random.key(budget), jnp.float32)
         t0 = time.time()
         params, losses = R.train_clone(model, init, data, kind=kind, steps=args.steps, progress=False)
-        m = R.clone_metrics(model, params, victim, v, test_x, ds.test_labels)
+        train_s = time.time() - t0
+        m = R.clone_metrics(model, params, victim, v, test_x, ds.test_labels, reference=reference)
         rows.append({"source": source, "student": student, "kind": kind, "budget": budget, "queries": spent,
                      "inputs": int(data.x.shape[0]), **m, "final_loss": float(losses[-1]),
-                     "train_s": round(time.time() - t0, 1), "key": key})
+                     "train_s": round(train_s, 1), "key": key, "command": command})
         atomic_write_text(path, json.dumps({"command": command, "rows": rows}, indent=1))
     figure(rows, os.path.join(args.out, "clone.png"))
-    text = markdown(rows, command)
+    text = markdown(rows)
     print(text)
     if args.docs:
         write_marked_block(args.docs, "clone_table", text)
@@ -126,14 +139,42 @@ def figure(rows, png):
     atomic_savefig(fig, png, dpi=110)
 
 
-def markdown(rows, command):
+def queries_for(rows, target):
+    """Queries at which the agreement curve (log-linear between measured budgets) first reaches ``target``;
+    None when no measured budget reaches it."""
+    pts = sorted((r["queries"], r["agreement"]) for r in rows)
+    for (q0, a0), (q1, a1) in zip([(None, None)] + pts[:-1], pts):
+        if a1 >= target:
+            if q0 is None or a0 >= target:
+                return q1
+            return float(np.exp(np.log(q0) + (target - a0) / (a1 - a0) * (np.log(q1) - np.log(q0))))
+    return None
+
+
+def markdown(rows, targets=(0.9, 0.95)):
     cols = ["source", "student", "kind", "budget", "queries", "inputs", "agreement", "accuracy", "vg_distance",
             "train_s"]
-    out = [f"Generated by `{command}` (rows: results/clone/rows.json; wall time on this machine, 2 cores).", "",
+    commands = sorted({r["command"] for r in rows})
+    out = ["Generated by " + "; ".join(f"`{c}`" for c in commands)
+           + " (rows: results/clone/rows.json; train_s: wall seconds on this machine, 2 cores).", "",
            "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in sorted(rows, key=lambda r: (r["source"], r["student"], r["kind"], r["budget"])):
         out.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) and c != "train_s" else str(r[c])
                                      for c in cols) + " |")
+    out += ["", "Queries to reach a given agreement (log-linear between measured budgets; '>' = not reached at the "
+            "largest budget):", "", "| source | student | agreement | " + " | ".join(R.CLONE_KINDS)
+            + " | logits / vg |", "|---|---|---|" + "---|" * (len(R.CLONE_KINDS) + 1)]
+    for source, student in sorted({(r["source"], r["student"]) for r in rows}):
+        for target in targets:
+            need = {}
+            for kind in R.CLONE_KINDS:
+                sel = [r for r in rows if (r["source"], r["student"], r["kind"]) == (source, student, kind)]
+                need[kind] = (queries_for(sel, target), max((r["queries"] for r in sel), default=None))
+            cells = [("-" if mx is None else f"> {mx}") if q is None else f"{q:.0f}" for q, mx in need.values()]
+            (ql, _), (qv, _) = need["logits"], need["vg"]
+            ratio = f"{ql / qv:.1f}x" if ql is not None and qv is not None else (
+                "> " + f"{need['logits'][1] / qv:.1f}x" if qv is not None and need["logits"][1] else "-")
+            out.append(f"| {source} | {student} | {target:.0%} | " + " | ".join(cells) + f" | {ratio} |")
     return "\n".join(out)
 
 

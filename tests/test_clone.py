@@ -46,3 +46,25 @@ def test_metrics_and_bad_requests():
         C.train_clone(_linear, p, C.CloneData(np.zeros((2, 8)), np.zeros((2, 3))), kind="grad")
     with pytest.raises(ValueError, match="needs data.target"):
         C.train_clone(_linear, p, C.CloneData(np.zeros((2, 8)), np.zeros((2, 3))), kind="vg")
+
+
+@pytest.mark.parametrize("kind", C.CLONE_KINDS)
+def test_batched_flax_loss_equals_per_example(kind):
+    """A Flax student's loss runs on the whole batch (one module.apply); it equals the per-example (vmap) loss of
+    the same model given as a plain function, value and parameter gradient, in float64."""
+    import jaxrecover as jr
+    model = jr.make_model("twolayer")
+    params = jr.init_variables("twolayer", jax.random.key(0), jnp.float64)
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.random((5, 28, 28, 1)))
+    batch = (x, jnp.asarray(rng.standard_normal((5, 10))), jnp.asarray([0, 3, 9, 3, 1], jnp.int32),
+             jnp.asarray(rng.standard_normal(x.shape)), jnp.asarray(rng.random(x.shape)))
+    plain = jr.models.as_model(lambda p, z: model.logit_fn(p, z))
+    one = jnp.asarray(0.5, jnp.float64)
+    fb = jax.value_and_grad(lambda p: C._loss(model, kind, one, p, *batch))
+    fp = jax.value_and_grad(lambda p: C._loss(plain, kind, one, p, *batch))
+    (lb, gb), (lp, gp) = fb(params), fp(params)
+    assert lb.dtype == jnp.float64 and float(lb) > 0
+    np.testing.assert_allclose(float(lb), float(lp), rtol=1e-12)
+    for a, b in zip(jax.tree.leaves(gb), jax.tree.leaves(gp)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)

@@ -202,3 +202,29 @@ def test_patterns_are_stored_tied_to_weights_and_images(tmp_path):
     assert jr.load_patterns(tmp_path / "p", model, v, images[:16]) is not None
     with pytest.raises(CheckpointError, match="no checkpoint"):
         jr.load_patterns(tmp_path / "missing", model, v)
+
+
+def test_linear_patterns_give_the_kernels_back_on_the_data_support():
+    """a = C w / (w^T C w) per unit, so kernel_from_pattern(a, C) = P w exactly (P: projector on C's range).
+    Images with constant pixels (a zero border) make C singular: there the weights are not recoverable and
+    the projection is what comes back. Conv layer: its patch covariance, full rank here, gives w itself."""
+    model = jr.make_model(_Tiny())
+    v = jr.init_variables(_Tiny(), jax.random.key(3), jnp.float64)
+    rng = np.random.default_rng(4)
+    images = np.zeros((150, 28, 28, 1))
+    images[:, 4:24, 4:24] = rng.standard_normal((150, 20, 20, 1))
+    pats = P.fit_patterns(model, v, jnp.asarray(images), chunk=50, progress=False)
+    for path in ("Conv_0", "Dense_0"):
+        x, w, _ = P.layer_samples(model, v, jnp.asarray(images), path)
+        cov = np.cov(x, rowvar=False, bias=True)
+        got = P.kernel_from_pattern(P.flatten_kernel(np.asarray(pats[path]["linear"])), cov)
+        assert got.dtype == np.float64 and got.shape == w.shape
+        s = np.linalg.svd(x - x.mean(0), full_matrices=False)
+        rank = int(np.sum(s[1] > 1e-10 * s[1][0]))
+        basis = s[2][:rank].T
+        np.testing.assert_allclose(got, basis @ (basis.T @ w), rtol=1e-6, atol=1e-9 * np.abs(w).max())
+        if path == "Conv_0":
+            assert rank == w.shape[0]  # full rank: the kernel itself
+            np.testing.assert_allclose(got, w, rtol=1e-8, atol=1e-12)
+    with pytest.raises(ValueError, match="flat"):
+        P.kernel_from_pattern(np.zeros((3, 3, 1, 4)), np.eye(9))

@@ -6,7 +6,7 @@ Real services (Captum, PAIR saliency) live in :mod:`jaxrecover.attacks.external`
 
 from .defences import (Averaged, ClientBudget, FixSteps, GaussianNoise, LaplaceNoise, RandomSteps, RoundAnswers,
                        SmoothGradIG, TopK, ExpectedGradients, round_significant)
-from .clone import CLONE_KINDS, CloneData, clone_metrics, train_clone
+from .clone import CLONE_KINDS, CloneData, clone_metrics, train_clone, victim_reference
 from .extraction import (Extraction, ExtractionIncomplete, canonical_two_layer, extract_two_layer, extraction_fidelity,
                          two_layer_logits, two_layer_variables)
 from .fixed_steps import FixedStepsReport, recover_fixed_steps
@@ -31,5 +31,5 @@ __all__ = [
     "RoundAnswers", "GaussianNoise", "LaplaceNoise", "TopK", "FixSteps", "RandomSteps", "ClientBudget",
     "SmoothGradIG", "ExpectedGradients", "Averaged", "round_significant",
     "extract_two_layer", "Extraction", "ExtractionIncomplete", "canonical_two_layer", "two_layer_logits",
-    "two_layer_variables", "extraction_fidelity", "CLONE_KINDS", "CloneData", "train_clone", "clone_metrics",
+    "two_layer_variables", "extraction_fidelity", "CLONE_KINDS", "CloneData", "train_clone", "clone_metrics", "victim_reference",
 ]

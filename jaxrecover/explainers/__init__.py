@@ -5,8 +5,8 @@ from .gradients import (OUTPUTS, completeness_delta, integrate, integrated_gradi
                         integrated_gradients_affine_stem, path_gradients, path_points, select_output,
                         vanilla_gradient)
 from .methods import IG, VG, Explainer, explainer_dataclass
-from .patterns import (ESTIMATORS, LayerStats, PatternAttribution, PatternNet, fit_patterns, kernel_layers,
-                       layer_stats, patterns_from_stats, signal_quality)
+from .patterns import (ESTIMATORS, LayerStats, PatternAttribution, PatternNet, fit_patterns, kernel_from_pattern,
+                       kernel_layers, layer_stats, patterns_from_stats, signal_quality)
 from .quadrature import RULES, QuadratureRule, get_rule, num_evaluations, quadrature
 
 __all__ = [
@@ -15,5 +15,5 @@ __all__ = [
     "integrated_gradients", "integrated_gradients_affine_stem", "completeness_delta",
     "Explainer", "VG", "IG", "explainer_dataclass", "BlurBaseline", "RandomBaseline", "is_input_dependent",
     "ESTIMATORS", "LayerStats", "layer_stats", "patterns_from_stats", "fit_patterns", "kernel_layers", "PatternNet",
-    "PatternAttribution", "signal_quality",
+    "PatternAttribution", "signal_quality", "kernel_from_pattern",
 ]

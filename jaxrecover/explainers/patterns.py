@@ -40,7 +40,7 @@ from .methods import Explainer, explainer_dataclass
 
 __all__ = ["ESTIMATORS", "LayerStats", "layer_stats", "patterns_from_stats", "fit_patterns", "PatternNet",
            "PatternAttribution", "kernel_layers", "signal_quality",
-           "layer_samples", "layer_signal_quality", "flatten_kernel"]
+           "layer_samples", "layer_signal_quality", "flatten_kernel", "kernel_from_pattern"]
 
 ESTIMATORS = ("w", "linear", "relu")
 
@@ -418,3 +418,27 @@ def layer_signal_quality(x_fit, x_eval, w, a, a_neg=None, bias=None, ridge: floa
         den = np.linalg.norm(ye[:, j]) * np.linalg.norm(r)
         out[j] = 1.0 - (abs(ye[:, j] @ r) / den if den > 0 else 0.0)
     return out
+
+
+def kernel_from_pattern(pattern, cov, rcond: float = 1e-10) -> np.ndarray:
+    """The kernel a LINEAR pattern was fitted for, from the pattern and the layer inputs' covariance.
+
+    The estimator S_a gives ``a = C w / (w^T C w)`` per unit (``C = cov x``), so ``C^+ a / (a^T C^+ a) = P w``:
+    the kernel projected on the data's support (``P`` the projector on C's range), exactly. Published linear
+    patterns therefore give away the weights to anyone who knows (or estimates, from public data) ``C``.
+
+    Args:
+      pattern: flat ``[d, u]`` (:func:`flatten_kernel` of a ``"linear"`` pattern).
+      cov: ``[d, d]`` covariance of the layer's inputs (a Conv layer: of its patches).
+      rcond: relative cut-off of C's small eigenvalues (its pseudo-inverse).
+    Returns: ``[d, u]`` float64.
+    """
+    a = np.asarray(pattern, np.float64)
+    cov = np.asarray(cov, np.float64)
+    if a.ndim != 2 or cov.shape != (a.shape[0], a.shape[0]):
+        raise ValueError(f"pattern must be flat [d, u] and cov [d, d]; got {a.shape} and {cov.shape} "
+                         "(flatten a conv pattern with flatten_kernel)")
+    ca = np.linalg.pinv(cov, rcond=rcond, hermitian=True) @ a
+    scale = np.sum(a * ca, axis=0)
+    return np.where(scale != 0, ca / np.where(scale != 0, scale, 1.0), 0.0)
+
