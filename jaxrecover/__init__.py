@@ -22,7 +22,8 @@ from .attacks import (IGService, Query, QueryBudgetExceeded, QueryPlan, ServiceW
 from .data import Dataset, load_dataset, normalize  # noqa: E402
 from .engine import convergence_delta, explain  # noqa: E402
 from .explainers import (IG, OUTPUTS, RULES, VG, BlurBaseline, Explainer, completeness_delta, integrated_gradients,  # noqa: E402
-                         quadrature, vanilla_gradient, PatternNet, PatternAttribution, fit_patterns)
+                         quadrature, vanilla_gradient, PatternNet, PatternAttribution, fit_patterns, BSM, BIG, BSG,
+                         InputBox, BoundaryResult, boundary_search, boundary_attributions)
 from .metrics import (cosine_similarity, normalized_distance, relative_error, spearman, summarize,  # noqa: E402
                       top_fraction_overlap)
 from .models import MODEL_NAMES, Model, cast_variables, init_variables, make_model  # noqa: E402
@@ -37,6 +38,7 @@ __all__ = [
     "Explainer", "VG", "IG", "BlurBaseline", "RULES", "OUTPUTS", "quadrature", "vanilla_gradient", "integrated_gradients",
     "completeness_delta", "explain", "convergence_delta", "PatternNet", "PatternAttribution", "fit_patterns",
     "fitted_patterns", "save_patterns", "load_patterns",
+    "BSM", "BIG", "BSG", "InputBox", "BoundaryResult", "boundary_search", "boundary_attributions",
     # models
     "Model", "MODEL_NAMES", "make_model", "init_variables", "cast_variables",
     # attacks

@@ -44,16 +44,8 @@ class CloneData:
     baseline: np.ndarray | None = None
 
 
-def _batched(model):
-    """``(params, x[B, ...]) -> logits[B, K]``: the Flax module applied to the whole batch when there is one (one
-    batched convolution, not B per-example ones, whose weight gradients XLA:CPU makes very slow), else a vmap."""
-    if model.module is not None:
-        return lambda params, x: model.module.apply(params, x, train=False)
-    return jax.vmap(model.logit_fn, in_axes=(None, 0))
-
-
 def _loss(model, kind, grad_weight, params, x, logits, target, answers, baseline):
-    apply = _batched(model)
+    apply = model.batched
     s = apply(params, x)
     loss = jnp.mean((s - logits) ** 2, axis=1)
     if kind != "logits":
@@ -128,7 +120,7 @@ def _logits_and_vg(model, params, x, classes=None):
     """Logits of every row of ``x`` and the VG of class ``classes[i]`` (default: the row's own prediction), in
     the parameters' dtype."""
     x = x.astype(jax.tree.leaves(params)[0].dtype)
-    apply = _batched(model)
+    apply = model.batched
     logits = apply(params, x)
     classes = jnp.argmax(logits, axis=1) if classes is None else classes
     vg = jax.grad(lambda z: jnp.sum(jnp.take_along_axis(apply(params, z), classes[:, None], axis=1)))(x)

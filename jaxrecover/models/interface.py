@@ -68,6 +68,14 @@ class Model:
     def __call__(self, params: Variables, x: jax.Array) -> jax.Array:
         return self.logit_fn(params, x)
 
+    def batched(self, params: Variables, x: jax.Array) -> jax.Array:
+        """Logits ``[B, C]`` of a batch ``x [B, *input_shape]``: the Flax module applied once to the whole batch
+        (one batched convolution; XLA:CPU runs B per-example ones, and their weight gradients, far slower),
+        or ``jax.vmap`` of ``logit_fn`` for a plain function. Examples stay independent (inference mode)."""
+        if self.module is not None:
+            return self.module.apply(params, x, train=False)
+        return jax.vmap(self.logit_fn, in_axes=(None, 0))(params, x)
+
     def _need_module(self, what: str) -> nn.Module:
         if self.module is None:
             raise NotImplementedError(f"{what} needs a Flax model (make_model); {self.name!r} is a plain function")
