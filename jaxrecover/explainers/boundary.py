@@ -217,8 +217,8 @@ def _cw_l2(model, params, x, labels, *, steps: int = 100, stepsize: float = 1e-2
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_iter", "bisection", "refine", "box", "multistart"))
-def _facet_l2(model, params, x, labels, *, max_iter: int = 50, overshoot: float = 0.02, bisection: int = 60,
-              refine: int = 20, box: InputBox = InputBox(None, None), multistart: bool = True):
+def _facet_l2(model, params, x, labels, *, max_iter: int = 50, overshoot: float = 0.02, bisection: int = 48,
+              refine: int = 10, box: InputBox = InputBox(None, None), multistart: bool = True):
     """Boundary points for piecewise-linear nets, exact on the boundary: ``(points, success)``.
 
     1. DeepFool steps (to the nearest linearised boundary among the other classes, ``1 + overshoot`` times
@@ -233,41 +233,52 @@ def _facet_l2(model, params, x, labels, *, max_iter: int = 50, overshoot: float 
     and DeepFool aimed at each other class in turn) and keeps the closest point: the descent in 3. is local.
     For a linear classifier step 1 lands on the orthogonal projection, which the bisection pins down.
     """
+    nearest = _facet_one(model, params, x, labels, None, max_iter=max_iter, overshoot=overshoot,
+                         bisection=bisection, refine=refine, box=box)
     if not multistart:
-        return _facet_one(model, params, x, labels, jnp.full(x.shape[0], -1, jnp.int32), max_iter=max_iter,
-                          overshoot=overshoot, bisection=bisection, refine=refine, box=box)
-    # one start towards the nearest linearised boundary, and one aimed at each class: the closest wins
+        return nearest
+    # one more start per example aimed at each other class: the closest point wins
     n = x.shape[0]
     k = model.batched(params, x[:1]).shape[-1]
-    aim = jnp.repeat(jnp.arange(-1, k, dtype=jnp.int32), n)
-    xs = jnp.tile(x, (k + 1,) + (1,) * (x.ndim - 1))
-    ls = jnp.tile(labels.astype(jnp.int32), k + 1)
+    labels = labels.astype(jnp.int32)
+    aim = jnp.repeat(jnp.arange(k, dtype=jnp.int32), n)
+    xs = jnp.tile(x, (k,) + (1,) * (x.ndim - 1))
+    ls = jnp.tile(labels, k)
     pts, ok = _facet_one(model, params, xs, ls, aim, max_iter=max_iter, overshoot=overshoot, bisection=bisection,
                          refine=refine, box=box)
-    ok = ok & (aim != ls)
-    d = jnp.where(ok, _norms(pts - xs), jnp.inf).reshape(k + 1, n)
+    pts = jnp.concatenate([nearest[0], pts])
+    ok = jnp.concatenate([nearest[1], ok & (aim != ls)])
+    d = jnp.where(ok, _norms(pts - jnp.concatenate([x, xs])), jnp.inf).reshape(k + 1, n)
     best = jnp.argmin(d, axis=0)
     pts = pts.reshape((k + 1, n) + x.shape[1:])
     return pts[best, jnp.arange(n)], jnp.any(ok.reshape(k + 1, n), axis=0)
 
 
 def _facet_one(model, params, x, labels, aim, *, max_iter, overshoot, bisection, refine, box):
-    """One start per example, heading for the nearest linearised boundary (``aim`` -1) or class ``aim``."""
+    """One start per example, heading for the nearest linearised boundary (``aim`` None: needs every class's
+    gradient per step) or for class ``aim [B]`` (one gradient per step)."""
     dtype, labels = x.dtype, labels.astype(jnp.int32)
     k = model.batched(params, x[:1]).shape[-1]
     own_mask = jax.nn.one_hot(labels, k, dtype=bool)
 
-    def margins_and_grads(z):
+    def take(a, j):
+        return jnp.take_along_axis(a, j[:, None], axis=1)[:, 0]
+
+    def margin_grad(z, j):
+        """``f_j - f_label`` per example and its input gradient (one backward pass)."""
+        def total(zz):
+            logits = model.batched(params, zz)
+            return jnp.sum(take(logits, j) - take(logits, labels)), logits
+        (_, logits), g = jax.value_and_grad(total, has_aux=True)(z)
+        return take(logits, j) - take(logits, labels), g, logits
+
+    def all_margins_and_grads(z):
         def m(zz):
             logits = model.batched(params, zz)
-            own = jnp.take_along_axis(logits, labels[:, None], axis=1)
-            return logits - own  # [B, K]: j's margin over the label (0 at the label)
+            return logits - jnp.take_along_axis(logits, labels[:, None], axis=1)  # [B, K], 0 at the label
         vals, vjp = jax.vjp(m, z)
         grads = jax.vmap(lambda e: vjp(jnp.broadcast_to(e, vals.shape))[0])(jnp.eye(k, dtype=dtype))  # [K, B, ...]
         return vals, jnp.moveaxis(grads, 0, 1)
-
-    def pick(grads, j):
-        return jnp.take_along_axis(grads, _bcast(j, grads).astype(jnp.int32), axis=1)[:, 0]
 
     def cond(c):
         i, z, done = c
@@ -275,13 +286,16 @@ def _facet_one(model, params, x, labels, aim, *, max_iter, overshoot, bisection,
 
     def body(c):
         i, z, done = c
-        vals, grads = margins_and_grads(z)
-        gn = jnp.sqrt(jnp.sum(grads.reshape(grads.shape[0], k, -1) ** 2, axis=2))
-        ratio = jnp.where(own_mask | (gn == 0), jnp.inf, jnp.abs(vals) / jnp.maximum(gn, 1e-30))
-        j = jnp.where(aim >= 0, aim, jnp.argmin(ratio, axis=1).astype(jnp.int32))  # aim: a class to head for (-1: the nearest)
-        gj = pick(grads, j)
-        vj = jnp.take_along_axis(vals, j[:, None], axis=1)[:, 0]
-        gnj = jnp.take_along_axis(gn, j[:, None], axis=1)[:, 0]
+        if aim is None:
+            vals, grads = all_margins_and_grads(z)
+            gn = jnp.sqrt(jnp.sum(grads.reshape(grads.shape[0], k, -1) ** 2, axis=2))
+            ratio = jnp.where(own_mask | (gn == 0), jnp.inf, jnp.abs(vals) / jnp.maximum(gn, 1e-30))
+            j = jnp.argmin(ratio, axis=1).astype(jnp.int32)
+            gj = jnp.take_along_axis(grads, _bcast(j, grads), axis=1)[:, 0]
+            vj = take(vals, j)
+        else:
+            vj, gj, _ = margin_grad(z, aim)
+        gnj = _norms(gj)
         r = _bcast((jnp.abs(vj) + 1e-12) / jnp.maximum(gnj, 1e-30) ** 2, x) * gj
         z = jnp.where(_bcast(done, x), z, box.clip(z + (1 + overshoot) * r))
         done = done | (_predict(model, params, z) != labels)
@@ -302,13 +316,12 @@ def _facet_one(model, params, x, labels, aim, *, max_iter, overshoot, bisection,
     point = on_boundary(far)
 
     def better(_, point):
-        vals, grads = margins_and_grads(point)
-        j = jnp.argmax(jnp.where(own_mask, -jnp.inf, vals), axis=1)  # the class the point crossed to
-        n_ = pick(grads, j)
-        g = jnp.take_along_axis(vals, j[:, None], axis=1)[:, 0]
+        logits = model.batched(params, point)
+        j = jnp.argmax(jnp.where(own_mask, -jnp.inf, logits), axis=1).astype(jnp.int32)  # the class crossed to
+        g, n_, _ = margin_grad(point, j)
         # the facet {z: g + n.(z - point) = 0}; the input's projection onto it, pushed a little past
         lin = g + jnp.sum((n_ * (x - point)).reshape(x.shape[0], -1), axis=1)
-        q = x - _bcast(lin / jnp.maximum(jnp.sum(n_.reshape(x.shape[0], -1) ** 2, axis=1), 1e-30), x) * n_
+        q = x - _bcast(lin / jnp.maximum(_norms(n_) ** 2, 1e-30), x) * n_
         target = box.clip(x + (1 + overshoot) * (q - x))
         crosses = _predict(model, params, target) != labels
         cand = on_boundary(jnp.where(_bcast(crosses, x), target, far))
