@@ -112,3 +112,25 @@ def test_failed_searches_are_masked_never_a_fallback():
     gap = jax.vmap(lambda z, b, k: _linear(p, z)[k] - _linear(p, b)[k])(x, res.point, labels)
     _, weights = jr.explainers.quadrature("riemann_trapezoid", 10)
     np.testing.assert_allclose(float(jnp.sum(big[0])), weights.sum() * float(gap[0]), rtol=1e-12)
+
+
+def test_big_service_and_the_nearest_point_shared_along_the_segment():
+    """BoundaryBaseline makes a BIG service; its baseline moves with the input, so ray plans refuse it. But every
+    point x_c = x' + c (x - x') (0 < c <= 1) has the same nearest boundary point x' (triangle inequality): the
+    fact a baseline-free attack could use. Checked on the 5-16-3 ReLU net (float64)."""
+    from jaxrecover import attacks as R
+    net = _Net()
+    model = jr.models.as_model(net.f)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((6, 5)))
+    base = B.BoundaryBaseline(model, net.p, box=FREE)
+    service = R.SimulatedIGService(model, net.p, rule="riemann_trapezoid", steps=10, baseline=base)
+    labels = jnp.argmax(model.batched(net.p, x), axis=1).astype(jnp.int32)
+    answers = service(x, labels)
+    xp = base.last.point
+    assert answers.dtype == jnp.float64 and bool(jnp.all(base.last.success))
+    np.testing.assert_allclose(np.asarray(answers), np.asarray(
+        B.boundary_attributions(B.BIG(), model, net.p, x, labels, base.last)), atol=1e-12)
+    with pytest.raises(ValueError, match="depends on the input"):
+        service.fixed_baseline(x)
+    for c in (0.3, 0.7):
+        np.testing.assert_allclose(np.asarray(base(xp + c * (x - xp))), np.asarray(xp), atol=1e-7)

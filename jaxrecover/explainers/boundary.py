@@ -45,7 +45,7 @@ from .gradients import vanilla_gradient
 from .methods import IG, Explainer, explainer_dataclass
 
 __all__ = ["PGD_EPS", "CW_EPS", "SEARCH_METHODS", "InputBox", "BoundaryResult", "pgd_l2", "cw_l2", "facet_l2",
-           "boundary_search", "BSM", "BIG", "BSG", "boundary_attributions"]
+           "boundary_search", "BSM", "BIG", "BSG", "boundary_attributions", "BoundaryBaseline"]
 
 #: The reference's L2 PGD radii, in [0, 1] pixel units (zifanw/boundary default.py), tried in this order.
 PGD_EPS = (36 / 255, 64 / 255, 0.3, 0.5, 0.7, 0.9, 1.1)
@@ -454,4 +454,32 @@ def boundary_attributions(explainer: Explainer, model, params, x, target, result
     from ..engine import explain
     out = explain(explainer, model, params, x, target, baseline=result.point, **kwargs)
     return jnp.where(_bcast(result.success, out), out, jnp.nan)
+
+
+class BoundaryBaseline:
+    """The nearest boundary point of each input (for the model's prediction there) as an input-dependent IG
+    baseline: ``SimulatedIGService(model, params, rule="riemann_trapezoid", steps=10,
+    baseline=BoundaryBaseline(model, params))`` is a BIG service. Inputs whose search fails get a NaN baseline
+    (so NaN answers), never another one; ``last`` holds the latest :class:`BoundaryResult`.
+
+    Args:
+      model, params: the model whose boundary is searched (the service's own).
+      methods, box, search kwargs: as :func:`boundary_search` (default: the exact facet search).
+    """
+
+    def __init__(self, model, params, methods=("facet",), box: InputBox | None = None, **search_kwargs):
+        from ..models import as_model
+        self.model, self.params = as_model(model), params
+        self.methods, self.box, self.search_kwargs = tuple(methods), box, search_kwargs
+        self.last = None
+
+    def __call__(self, x):
+        x = jnp.asarray(x)
+        labels = _predict(self.model, self.params, x)
+        self.last = boundary_search(self.model, self.params, x, labels, methods=self.methods, box=self.box,
+                                    **self.search_kwargs)
+        return jnp.where(_bcast(self.last.success, x), self.last.point, jnp.nan)
+
+    def __str__(self) -> str:
+        return f"boundary({'+'.join(self.methods)})"
 
