@@ -82,13 +82,14 @@ def main():
     done = {(r["source"], r["student"], r["kind"], r["budget"]) for r in rows}
     order = np.random.default_rng(5).permutation(len(ds.train_images))
     pools = {"train": jr.normalize(ds.train_images[order], dtype=np.float32),
-             "noise": jr.normalize((np.random.default_rng(7).random((8000, 28, 28, 1)) * 255).astype(np.uint8),
+             "noise": jr.normalize((np.random.default_rng(7).random((10000, 28, 28)) * 255).astype(np.uint8),
                                    dtype=np.float32)}
     unknown = set(args.sources.split(",")) - set(pools)
     if unknown:
         raise SystemExit(f"unknown --sources {sorted(unknown)}; choose from {sorted(pools)}")
-    if max(int(b) for b in args.budgets.split(",")) > len(order):
-        raise SystemExit(f"--budgets above {len(order)}: the pools have {len(order)} inputs")
+    for source in args.sources.split(","):
+        if max(int(b) for b in args.budgets.split(",")) > len(pools[source]):
+            raise SystemExit(f"--budgets above {len(pools[source])}: the {source} pool has {len(pools[source])} inputs")
     test_x = jnp.asarray(jr.normalize(ds.test_images, dtype=np.float32))
     reference = R.victim_reference(victim, v, test_x)
     tasks = [(s, st, k, int(b)) for s in args.sources.split(",") for st in args.students.split(",")
