@@ -5,7 +5,8 @@ Usage:  python scripts/clone_table.py [--budgets 100,300,1000,3000] [--students 
                                       [--docs docs/EXTRACTION.md]
 
 Rows accumulate over runs with different grids (e.g. a second run ``--sources noise --budgets 300,3000
---students lenet``); the docs block lists every command whose rows it shows.
+--students lenet``); the docs block lists every command whose rows it shows; ``--report`` rewrites the table,
+figure and docs block from the rows so far without training.
 
 Victim: the trained LeNet (checkpoints/lenet), float32, behind our IG service (riemann_right, m = 50, zero
 baseline). For each query budget B (queries, not inputs), input source ("train": MNIST training images in a fixed
@@ -67,12 +68,14 @@ def main():
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--out", default="results/clone")
     ap.add_argument("--docs", default=None, help="fill the <!-- clone_table:begin/end --> block of this file")
+    ap.add_argument("--report", action="store_true",
+                    help="train nothing: the table, figure and docs block from the rows already in <out>/rows.json")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "rows.json")
     rows = json.load(open(path))["rows"] if os.path.exists(path) else []
     command = "python scripts/clone_table.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "report")
     ds = jr.load_dataset("mnist")
     _, v, meta = jr.load_trained("checkpoints/lenet", model="lenet")
     victim = jr.make_model("lenet")
@@ -92,7 +95,8 @@ def main():
             raise SystemExit(f"--budgets above {len(pools[source])}: the {source} pool has {len(pools[source])} inputs")
     test_x = jnp.asarray(jr.normalize(ds.test_images, dtype=np.float32))
     reference = R.victim_reference(victim, v, test_x)
-    tasks = [(s, st, k, int(b)) for s in args.sources.split(",") for st in args.students.split(",")
+    tasks = [] if args.report else [
+             (s, st, k, int(b)) for s in args.sources.split(",") for st in args.students.split(",")
              for b in args.budgets.split(",") for k in R.CLONE_KINDS]
     for source, student, kind, budget in tqdm(tasks, desc="students", unit="student"):
         if (source, student, kind, budget) in done:
