@@ -84,6 +84,8 @@ def study(name, ds, args):
     covs = {"attacker": np.cov(pix, rowvar=False, bias=True),
             "operator": np.cov(np.asarray(fit, np.float64).reshape(len(fit), -1), rowvar=False, bias=True)}
     support = np.var(pix, axis=0) > 0
+    inverses = {(who, rcond): np.linalg.pinv(cov, rcond=rcond, hermitian=True)  # once, for both pattern kinds
+                for who, cov in covs.items() for rcond in args.rconds}
     vg_support = np.where(support, vg, 0.0)
     answers = {}
     for kind in ("linear", "relu"):
@@ -92,10 +94,8 @@ def study(name, ds, args):
                         np.float64).reshape(args.n, -1)
         answers[f"PatternNet ({kind})"] = pn
         answers[f"PatternAttribution ({kind})"] = pa
-        for who, cov in covs.items():
-            for rcond in args.rconds:
-                answers[f"C^+ PatternNet ({kind}), {who}'s C, rcond {rcond:g}"] = pn @ np.linalg.pinv(
-                    cov, rcond=rcond, hermitian=True)
+        for (who, rcond), inverse in inverses.items():
+            answers[f"C^+ PatternNet ({kind}), {who}'s C, rcond {rcond:g}"] = pn @ inverse
     out["vg"] = {k: {"vs VG": _dist(e, vg), "vs VG on varying pixels": _dist(e, vg_support)}
                  for k, e in answers.items()}
     out["vg_support_pixels"] = int(support.sum())
