@@ -14,7 +14,7 @@ __version__ = "0.2.0"
 
 from . import attacks, checkpoint, data, engine, explainers, metrics, models, protocol, training  # noqa: E402
 from .pattern_store import fitted_patterns, load_patterns, save_patterns  # noqa: E402
-from .attacks import (IGService, Query, QueryBudgetExceeded, QueryPlan, ServiceWrapper,  # noqa: E402
+from .attacks import (AssumedBaseline, IGService, Query, QueryBudgetExceeded, QueryPlan, ServiceWrapper,  # noqa: E402
                       SimulatedIGService, StepCountRefused, approx_plan, attack, best_plan, exact_plan,
                       identify_service, minimal_plan, nobias_plan, paper_plan, plan_residual, query_inputs, recover,
                       recover_eq2, recover_eq3, recover_eq4, recover_fixed_steps, recover_from_outputs,
@@ -44,7 +44,7 @@ __all__ = [
     # attacks
     "Query", "QueryPlan", "exact_plan", "minimal_plan", "paper_plan", "nobias_plan", "approx_plan",
     "plan_residual", "query_inputs", "recover", "recover_eq2", "recover_eq3", "recover_eq4", "attack",
-    "IGService", "SimulatedIGService", "ServiceWrapper", "QueryBudgetExceeded", "StepCountRefused",
+    "IGService", "SimulatedIGService", "ServiceWrapper", "AssumedBaseline", "QueryBudgetExceeded", "StepCountRefused",
     "service_plan", "best_plan", "recover_fixed_steps", "identify_service", "recover_from_outputs",
     "recover_input_baseline", "recover_random_steps", "extract_two_layer",
     # metrics

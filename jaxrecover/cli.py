@@ -43,6 +43,9 @@ def _train_parser():
     p.add_argument("--no-augment", action="store_true", help="turn off random 2-pixel shifts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-train", type=int, default=None, help="use only the first k training images")
+    p.add_argument("--adv-eps", type=float, default=0.0,
+                   help="L2 PGD adversarial training: radius in [0, 1] pixel units (default 0: standard training)")
+    p.add_argument("--adv-steps", type=int, default=7, help="PGD steps per batch with --adv-eps (default 7)")
     p.add_argument("--out", required=True, help="checkpoint directory (resumed when it holds a checkpoint)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if --out has a checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -62,7 +65,8 @@ def train_main(argv=None) -> int:
         return 2
     try:
         cfg = TrainConfig(model=a.model, dataset=a.dataset, epochs=a.epochs, batch_size=a.batch_size,
-                          learning_rate=a.lr, augment=not a.no_augment, seed=a.seed, max_train=a.max_train)
+                          learning_rate=a.lr, augment=not a.no_augment, seed=a.seed, max_train=a.max_train,
+                          adv_eps=a.adv_eps, adv_steps=a.adv_steps)
         result = train_and_evaluate(cfg, a.out, resume=not a.no_resume, progress=not a.quiet)
     except (DataError, CheckpointError, ValueError, FloatingPointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -43,6 +43,10 @@ class TrainConfig:
     seed: int = 0
     max_train: int | None = None  # use only the first k training images (tests, demos)
     max_test: int | None = None
+    #: L2 PGD adversarial training (Madry et al.): the radius in [0, 1] pixel units (0: standard training);
+    #: every batch is replaced by its PGD points (random start, ``adv_steps`` steps of 2.5 eps / steps).
+    adv_eps: float = 0.0
+    adv_steps: int = 7
 
     def __post_init__(self):
         def positive_int(name, value, allow_none=False):
@@ -55,6 +59,10 @@ class TrainConfig:
         positive_int("batch_size", self.batch_size)
         positive_int("max_train", self.max_train, allow_none=True)
         positive_int("max_test", self.max_test, allow_none=True)
+        positive_int("adv_steps", self.adv_steps)
+        if not (np.isfinite(self.adv_eps) and self.adv_eps >= 0):
+            raise ValueError(f"adv_eps (L2 radius in [0, 1] pixel units) must be a finite number >= 0, "
+                             f"got {self.adv_eps!r}")
         if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning rate must be a positive finite number, got {self.learning_rate!r}")
         if not (np.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -78,8 +86,25 @@ def _shift(key, x, max_shift: int, fill):
     return jax.lax.dynamic_slice(padded, (dx, dy, 0), x.shape)
 
 
-def make_train_step(model, optimizer, augment: bool, fill: float):
-    """A jitted ``step(variables, opt_state, x, y, key) -> (variables, opt_state, loss, acc)``."""
+def make_adversary(module, eps: float, steps: int, box=None):
+    """``adversary(variables, x, y, key) -> x_adv``: L2 PGD (Foolbox ``L2PGD``, random start) of radius ``eps``
+    in ``[0, 1]`` pixel units (times ``box.scale``; default box: MNIST as :func:`normalize` makes it), ``steps``
+    steps of ``2.5 eps / steps`` (Madry et al.), in inference mode; no gradient flows through it."""
+    from .explainers.boundary import InputBox, pgd_l2
+    from .models import make_model
+    box = InputBox.mnist() if box is None else box
+    model = make_model(module)
+
+    def adversary(variables, x, y, key):
+        z, _ = pgd_l2(model, variables, x, y, eps * box.scale, 2.5 / steps, key, steps=steps, box=box)
+        return jax.lax.stop_gradient(z)
+
+    return adversary
+
+
+def make_train_step(model, optimizer, augment: bool, fill: float, adversary=None):
+    """A jitted ``step(variables, opt_state, x, y, key) -> (variables, opt_state, loss, acc)``; with
+    ``adversary`` (:func:`make_adversary`) each (augmented) batch is replaced by its adversarial points."""
     def loss_fn(params, other, x, y):
         variables = {"params": params, **other}
         if other:
@@ -93,6 +118,8 @@ def make_train_step(model, optimizer, augment: bool, fill: float):
     def step(variables, opt_state, x, y, key):
         if augment:
             x = jax.vmap(_shift, in_axes=(0, 0, None, None))(jax.random.split(key, x.shape[0]), x, 2, fill)
+        if adversary is not None:
+            x = adversary(variables, x, y, jax.random.fold_in(key, 1))
         params = variables["params"]
         other = {k: v for k, v in variables.items() if k != "params"}
         (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, other, x, y)
@@ -170,7 +197,8 @@ def train_and_evaluate(
         state, meta = load_checkpoint(workdir, state)
         elapsed = float(meta.get("train_seconds", 0.0))
     fill = float(normalize(np.zeros((1, 1), np.uint8))[0, 0, 0])
-    step = make_train_step(model, optimizer, config.augment, fill)
+    adversary = make_adversary(model, config.adv_eps, config.adv_steps) if config.adv_eps > 0 else None
+    step = make_train_step(model, optimizer, config.augment, fill, adversary)
     variables, opt_state = state["variables"], state["opt_state"]
     start_epoch = int(state["epoch"])
     meta = None
@@ -211,7 +239,7 @@ def train_and_evaluate(
 
 #: Settings a resumed run must share with the checkpoint (else its provenance would be wrong).
 RESUME_KEYS = ("model", "dataset", "split", "seed", "batch_size", "learning_rate", "weight_decay", "augment",
-               "max_train", "max_test")
+               "max_train", "max_test", "adv_eps", "adv_steps")
 
 
 def _check_writable(workdir: Path) -> None:
@@ -244,6 +272,8 @@ def _metadata(config, ds, epochs_done, test_acc, n_train, n_test, seconds, train
         "augment": config.augment,
         "max_train": config.max_train,
         "max_test": config.max_test,
+        "adv_eps": config.adv_eps,
+        "adv_steps": config.adv_steps,
         "train_seconds": round(seconds, 2),
         "jax_version": jax.__version__,
         "version": __version__,

@@ -134,3 +134,29 @@ def test_big_service_and_the_nearest_point_shared_along_the_segment():
         service.fixed_baseline(x)
     for c in (0.3, 0.7):
         np.testing.assert_allclose(np.asarray(base(xp + c * (x - xp))), np.asarray(xp), atol=1e-7)
+
+
+def test_big_leaks_vg_once_probes_reveal_the_boundary_point():
+    """A BIG service (baseline = each query's nearest boundary point, unknown to the attacker): d + 1 probes
+    give the point exactly where the service's search is stable (probe answers proportional: misfit at
+    round-off), and the plan on the segment from it then recovers VG to round-off; a zero-baseline guess
+    does not."""
+    from conftest import make_net
+
+    f, p, shape = make_net("dense2", jax.random.key(3), True)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((8,) + shape))
+    labels = jnp.argmax(jax.vmap(lambda z: f(p, z))(x), axis=1).astype(jnp.int32)
+    big = jr.SimulatedIGService(f, p, rule="riemann_trapezoid", steps=10, baseline=B.BoundaryBaseline(f, p, box=FREE))
+    res = B.boundary_search(f, p, x, labels, methods=("facet",), box=FREE)
+    vg = jax.vmap(jax.grad(lambda z, t: f(p, z)[t]))(x, labels)
+    points, rep = jr.attacks.estimate_boundary_point(big, x, labels)
+    assert points.dtype == np.float64 and rep.queries == [13] * 8 and big.queries == 8 * 13
+    stable = np.asarray(rep.misfit) < 1e-9
+    assert stable.sum() >= 4, rep.misfit
+    np.testing.assert_allclose(points[stable], np.asarray(res.point)[stable], atol=1e-9)
+    g, mask, _, _ = jr.attacks.recover_from_big(big, x, labels, plan=jr.exact_plan("riemann_trapezoid", 50))
+    d = np.asarray(jr.normalized_distance(g, vg))
+    assert np.all(d[stable] < 1e-8), d
+    naive, _ = jr.attacks.attack(jr.AssumedBaseline(big, jnp.zeros_like(x)), jr.exact_plan("riemann_trapezoid", 50),
+                                 x, labels)
+    assert np.min(np.asarray(jr.normalized_distance(naive, vg))) > 0.1

@@ -141,3 +141,34 @@ def test_cli_trains_and_writes_a_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "test accuracy" in r.stdout
     assert load_metadata(tmp_path)["max_train"] == 512
+
+
+def test_adversarial_training_attacks_inside_the_ball_and_is_recorded(tmp_path, tiny):
+    from jaxrecover.data import normalize
+    from jaxrecover.explainers import InputBox
+    from jaxrecover.training import make_adversary
+
+    name, eps = "twolayer", 0.5
+    variables = models.init_variables(name, jax.random.key(1))
+    x = jnp.asarray(normalize(tiny.train_images[:32], np.float32))
+    y = jnp.asarray(tiny.train_labels[:32], jnp.int32)
+    box = InputBox.mnist()
+    z = make_adversary(models.get_model(name), eps, 5)(variables, x, y, jax.random.key(0))
+    assert z.dtype == jnp.float32 and z.shape == x.shape
+    r = jnp.sqrt(jnp.sum((z - x).reshape(32, -1) ** 2, axis=1))
+    assert float(jnp.max(r)) <= eps * box.scale * (1 + 1e-5) and float(jnp.min(r)) > 0
+    assert float(jnp.min(z)) >= box.lower - 1e-6 and float(jnp.max(z)) <= box.upper + 1e-6
+    f = models.make_batched_logit_fn(name)
+
+    def losses(inp):
+        logits = f(variables, inp)
+        return jax.nn.logsumexp(logits, -1) - logits[jnp.arange(32), y]
+
+    assert float(jnp.mean(losses(z))) > float(jnp.mean(losses(x)))  # PGD ascends the loss
+    out = train_and_evaluate(TrainConfig(model=name, epochs=1, batch_size=32, adv_eps=eps, adv_steps=3), tmp_path,
+                             dataset=tiny, progress=False)
+    assert out["metadata"]["adv_eps"] == eps and out["metadata"]["adv_steps"] == 3
+    with pytest.raises(CheckpointError, match="adv_eps"):
+        train_and_evaluate(TrainConfig(model=name, epochs=2, batch_size=32), tmp_path, dataset=tiny, progress=False)
+    with pytest.raises(ValueError, match="adv_eps"):
+        TrainConfig(adv_eps=-1.0)

@@ -6,6 +6,7 @@ Real services (Captum, PAIR saliency) live in :mod:`jaxrecover.attacks.external`
 
 from .defences import (Averaged, ClientBudget, FixSteps, GaussianNoise, LaplaceNoise, RandomSteps, RoundAnswers,
                        SmoothGradIG, TopK, ExpectedGradients, round_significant)
+from .boundary_baseline import BoundaryPointReport, estimate_boundary_point, recover_from_big
 from .clone import CLONE_KINDS, CloneData, clone_metrics, train_clone, victim_reference
 from .extraction import (Extraction, ExtractionIncomplete, canonical_two_layer, extract_two_layer, extraction_fidelity,
                          two_layer_logits, two_layer_variables)
@@ -19,15 +20,15 @@ from .plans import (Query, QueryPlan, actual_residual, approx_plan, best_plan, e
                     paper_plan, plan_measure, plan_residual, realise_plan, service_plan, telescoping_plan,
                     bitwise_shared)
 from .recovery import attack, query_input, query_inputs, recover, recover_eq2, recover_eq3, recover_eq4
-from .services import IGService, QueryBudgetExceeded, ServiceWrapper, SimulatedIGService, StepCountRefused
+from .services import AssumedBaseline, IGService, QueryBudgetExceeded, ServiceWrapper, SimulatedIGService, StepCountRefused
 
 __all__ = [
     "Query", "QueryPlan", "exact_plan", "minimal_plan", "nobias_plan", "approx_plan", "paper_plan",
     "plan_residual", "plan_measure", "realise_plan", "actual_residual", "telescoping_plan", "service_plan", "bitwise_shared",
-    "best_plan", "recover_fixed_steps", "FixedStepsReport", "recover_input_baseline", "ChainReport",
+    "best_plan", "estimate_boundary_point", "recover_from_big", "BoundaryPointReport", "recover_fixed_steps", "FixedStepsReport", "recover_input_baseline", "ChainReport",
     "recover_from_outputs", "OutputsReport", "recover_random_steps", "RandomStepsReport", "lattice_attack", "lattice_queries", "LatticeReport", "identify_service", "infer_baseline", "Identification",
     "query_input", "query_inputs", "recover", "recover_eq2", "recover_eq3", "recover_eq4", "attack",
-    "IGService", "SimulatedIGService", "ServiceWrapper", "QueryBudgetExceeded", "StepCountRefused",
+    "IGService", "SimulatedIGService", "ServiceWrapper", "AssumedBaseline", "QueryBudgetExceeded", "StepCountRefused",
     "RoundAnswers", "GaussianNoise", "LaplaceNoise", "TopK", "FixSteps", "RandomSteps", "ClientBudget",
     "SmoothGradIG", "ExpectedGradients", "Averaged", "round_significant",
     "extract_two_layer", "Extraction", "ExtractionIncomplete", "canonical_two_layer", "two_layer_logits",

@@ -27,7 +27,7 @@ from ..explainers import IG, OUTPUTS, get_rule, num_evaluations, quadrature, sel
 from ..explainers.baselines import is_input_dependent
 from ..models import as_model
 
-__all__ = ["IGService", "SimulatedIGService", "ServiceWrapper", "QueryBudgetExceeded", "StepCountRefused"]
+__all__ = ["IGService", "SimulatedIGService", "ServiceWrapper", "AssumedBaseline", "QueryBudgetExceeded", "StepCountRefused"]
 
 
 
@@ -276,3 +276,35 @@ class ServiceWrapper(IGService):
 
     def outputs(self, x, target):
         return self.inner.outputs(x, target)
+
+
+class AssumedBaseline(ServiceWrapper):
+    """The attacker's view of a service whose baseline it does not know: plans run as if the baseline were
+    ``baseline`` (fixed, per example ``[N, ...]`` or one array for all). Answers stay the inner service's own.
+
+    For a BIG service (:class:`jaxrecover.explainers.BoundaryBaseline`) the right guess is each input's
+    nearest boundary point ``x'``: every query ``x' + c (x - x')`` then has ``x'`` as its own nearest boundary
+    point, so the ray plans apply; a wrong guess (e.g. zeros) shows what an unaware attacker gets.
+    """
+
+    def __init__(self, inner: IGService, baseline):
+        super().__init__(inner)
+        baseline = jnp.asarray(baseline, inner.dtype)
+        if is_input_dependent(baseline):
+            raise TypeError("AssumedBaseline takes an array, not a function of the input")
+        self.__dict__["baseline"] = baseline
+
+    def fixed_baseline(self, x) -> jax.Array:
+        x = jnp.asarray(x, self.dtype)
+        try:
+            return jnp.broadcast_to(self.baseline, x.shape)
+        except ValueError:
+            raise ValueError(f"the assumed baseline {tuple(self.baseline.shape)} does not fit queries "
+                             f"{tuple(x.shape)}: give one per example, or one for all") from None
+
+    baseline_for = fixed_baseline
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d["assumed_baseline"] = f"array{tuple(self.baseline.shape)}"
+        return d
