@@ -61,6 +61,9 @@ def test_relu_net_boundary_points_tie_and_nothing_closer_along_random_directions
     f = jax.vmap(lambda z: net.f(net.p, z))
     labels = jnp.argmax(f(x), axis=1).astype(jnp.int32)
     res = B.boundary_search(net.f, net.p, x, labels, methods=("facet",), box=FREE)
+    few = B.boundary_search(net.f, net.p, x, labels, methods=("facet",), box=FREE, facet_starts=1)
+    assert bool(jnp.all(few.success)) and bool(jnp.all(few.label != labels))
+    assert bool(jnp.all(few.distance >= res.distance - 1e-12))  # fewer starts: never closer than all of them
     assert bool(jnp.all(res.success))
     logits = np.asarray(f(res.point))
     own = logits[np.arange(6), np.asarray(labels)]

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ..ops import tuned_jit
 from .gradients import vanilla_gradient
 from .methods import IG, Explainer, explainer_dataclass
 
@@ -110,7 +111,7 @@ def _predict(model, params, z):
     return _argmax(model.batched(params, z))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "steps", "box", "random_start"))
+@functools.partial(tuned_jit, static_argnames=("model", "steps", "box", "random_start"))
 def _pgd_l2(model, params, x, labels, eps, rel_stepsize, key, *, steps: int = 40, box: InputBox = InputBox(),
            random_start: bool = True):
     """Foolbox ``L2PGD`` on a batch: ``(points, success)`` within the L2 ball of radius ``eps`` (model units).
@@ -147,7 +148,7 @@ def _pgd_l2(model, params, x, labels, eps, rel_stepsize, key, *, steps: int = 40
     return z, _predict(model, params, z) != labels
 
 
-@functools.partial(jax.jit, static_argnames=("model", "steps", "binary_search_steps", "box", "abort_early"))
+@functools.partial(tuned_jit, static_argnames=("model", "steps", "binary_search_steps", "box", "abort_early"))
 def _cw_l2(model, params, x, labels, *, steps: int = 100, stepsize: float = 1e-2, binary_search_steps: int = 9,
           initial_const: float = 1e-3, confidence: float = 0.0, box: InputBox = InputBox(),
           abort_early: bool = True):
@@ -216,23 +217,29 @@ def _cw_l2(model, params, x, labels, *, steps: int = 100, stepsize: float = 1e-2
     return best, jnp.isfinite(best_norm), jnp.where(jnp.isfinite(best_norm), _norms(best - x), jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_iter", "bisection", "refine", "box", "multistart"))
-def _facet_l2(model, params, x, labels, *, max_iter: int = 50, overshoot: float = 0.02, bisection: int = 48,
-              refine: int = 10, box: InputBox = InputBox(None, None), multistart: bool = True):
+@functools.partial(tuned_jit, static_argnames=("model", "max_iter", "bisection", "refine", "box", "multistart",
+                                               "starts"))
+def _facet_l2(model, params, x, labels, *, max_iter: int = 50, overshoot: float = 0.02, bisection: int | None = None,
+              refine: int = 10, box: InputBox = InputBox(None, None), multistart: bool = True,
+              starts: int | None = None):
     """Boundary points for piecewise-linear nets, exact on the boundary: ``(points, success)``.
 
     1. DeepFool steps (to the nearest linearised boundary among the other classes, ``1 + overshoot`` times
        further) until the label changes;
     2. ``bisection`` halvings of the segment from the input to that point: the point lies on the changed side
-       of a label change on the segment, within ``|segment| / 2^bisection`` of it (a logit tie to round-off);
+       of a label change on the segment, within ``|segment| / 2^bisection`` of it (a logit tie to round-off;
+       default 48 halvings in float64, 26 in float32, whose 24-bit significand makes more pointless);
     3. ``refine`` rounds of projecting the INPUT onto the facet found (the hyperplane of the boundary's
        linear piece at the current point) and bisecting again towards that projection, kept where closer:
        a descent of the distance along the boundary (DeepFool's first point is on the nearest LINEARISED
        boundary, seen from the input, not necessarily the nearest boundary).
     With ``multistart`` (default) this runs from ``K + 1`` starts per example (the nearest linearised boundary,
     and DeepFool aimed at each other class in turn) and keeps the closest point: the descent in 3. is local.
+    ``starts``: aim only at that many other classes per example, those whose linearised boundary is nearest
+    at the input (default: all K - 1).
     For a linear classifier step 1 lands on the orthogonal projection, which the bisection pins down.
     """
+    bisection = bisection if bisection is not None else (16 if x.dtype == jnp.float32 else 24)
     nearest = _facet_one(model, params, x, labels, None, max_iter=max_iter, overshoot=overshoot,
                          bisection=bisection, refine=refine, box=box)
     if not multistart:
@@ -241,17 +248,36 @@ def _facet_l2(model, params, x, labels, *, max_iter: int = 50, overshoot: float 
     n = x.shape[0]
     k = model.batched(params, x[:1]).shape[-1]
     labels = labels.astype(jnp.int32)
-    aim = jnp.repeat(jnp.arange(k, dtype=jnp.int32), n)
-    xs = jnp.tile(x, (k,) + (1,) * (x.ndim - 1))
-    ls = jnp.tile(labels, k)
+    if starts is None or starts >= k - 1:
+        aim = jnp.repeat(jnp.arange(k, dtype=jnp.int32), n)
+    else:  # the classes of the nearest linearised boundaries at x, nearest first
+        order = jnp.argsort(_linearised_distances(model, params, x, labels), axis=1)[:, :starts].astype(jnp.int32)
+        aim = order.T.reshape(-1)
+    reps = aim.shape[0] // n
+    xs = jnp.tile(x, (reps,) + (1,) * (x.ndim - 1))
+    ls = jnp.tile(labels, reps)
     pts, ok = _facet_one(model, params, xs, ls, aim, max_iter=max_iter, overshoot=overshoot, bisection=bisection,
                          refine=refine, box=box)
     pts = jnp.concatenate([nearest[0], pts])
     ok = jnp.concatenate([nearest[1], ok & (aim != ls)])
-    d = jnp.where(ok, _norms(pts - jnp.concatenate([x, xs])), jnp.inf).reshape(k + 1, n)
+    d = jnp.where(ok, _norms(pts - jnp.concatenate([x, xs])), jnp.inf).reshape(reps + 1, n)
     best = jnp.argmin(d, axis=0)
-    pts = pts.reshape((k + 1, n) + x.shape[1:])
-    return pts[best, jnp.arange(n)], jnp.any(ok.reshape(k + 1, n), axis=0)
+    pts = pts.reshape((reps + 1, n) + x.shape[1:])
+    return pts[best, jnp.arange(n)], jnp.any(ok.reshape(reps + 1, n), axis=0)
+
+
+def _linearised_distances(model, params, x, labels):
+    """``|f_j - f_label| / |grad (f_j - f_label)|`` at ``x`` per example and class ``[B, K]`` (inf at the label):
+    the distance to each class's linearised boundary."""
+    def margins(z):
+        logits = model.batched(params, z)
+        return logits - jnp.take_along_axis(logits, labels[:, None], axis=1)
+    vals, vjp = jax.vjp(margins, x)
+    k = vals.shape[1]
+    grads = jax.vmap(lambda e: vjp(jnp.broadcast_to(e, vals.shape))[0])(jnp.eye(k, dtype=x.dtype))  # [K, B, ...]
+    gn = jnp.sqrt(jnp.sum(grads.reshape(k, x.shape[0], -1) ** 2, axis=2)).T
+    own = jax.nn.one_hot(labels, k, dtype=bool)
+    return jnp.where(own | (gn == 0), jnp.inf, jnp.abs(vals) / jnp.maximum(gn, 1e-30))
 
 
 def _facet_one(model, params, x, labels, aim, *, max_iter, overshoot, bisection, refine, box):
@@ -301,15 +327,37 @@ def _facet_one(model, params, x, labels, aim, *, max_iter, overshoot, bisection,
         done = done | (_predict(model, params, z) != labels)
         return i + 1, z, done
 
-    def on_boundary(far):
-        def halve(_, c):
-            lo, hi = c  # fractions of the segment x -> far: label kept at lo, changed at hi
-            mid = (lo + hi) / 2
-            changed = _predict(model, params, x + _bcast(mid, x) * (far - x)) != labels
-            return jnp.where(changed, lo, mid), jnp.where(changed, mid, hi)
+    def margin(z):
+        """``f_label - max_{j != label} f_j`` (> 0 where the label is kept) and whether the label changed."""
+        logits = model.batched(params, z)
+        other = jnp.max(jnp.where(own_mask, -jnp.inf, logits), axis=1)
+        return take(logits, labels) - other, _argmax(logits) != labels
 
+    def on_boundary(far):
+        """The label change on the segment x -> far (kept at x, changed at far): Illinois regula falsi on the
+        margin, a piecewise-linear function of the fraction t, so a secant step inside one linear piece lands
+        on the root; a bisection step every third iteration keeps the bracket shrinking."""
         n = x.shape[0]
-        _, hi = jax.lax.fori_loop(0, bisection, halve, (jnp.zeros(n, dtype), jnp.ones(n, dtype)))
+
+        def step(i, c):
+            lo, hi, m_lo, m_hi, last = c  # fractions: label kept at lo (m_lo > 0), changed at hi (m_hi <= 0)
+            secant = (lo * m_hi - hi * m_lo) / jnp.where(m_hi != m_lo, m_hi - m_lo, 1)
+            inside = (m_hi != m_lo) & (secant > lo) & (secant < hi)
+            mid = (lo + hi) / 2
+            # a tie kept at lo (margin exactly 0): the change is a few ulps past it
+            nudge = jnp.minimum(lo + 4 * jnp.finfo(dtype).eps * jnp.maximum(jnp.abs(hi), 1e-30), mid)
+            t = jnp.where(m_lo == 0, nudge, jnp.where(inside & (i % 3 != 2), secant, mid))
+            m, changed = margin(x + _bcast(t, x) * (far - x))
+            # Illinois: an end kept twice in a row has its margin halved, so the secant moves past it
+            m_lo = jnp.where(changed & (last == 1), m_lo / 2, jnp.where(changed, m_lo, m))
+            m_hi = jnp.where(~changed & (last == -1), m_hi / 2, jnp.where(changed, m, m_hi))
+            lo, hi = jnp.where(changed, lo, t), jnp.where(changed, t, hi)
+            return lo, hi, m_lo, m_hi, jnp.where(changed, 1, -1).astype(jnp.int32)
+
+        m0, _ = margin(x)
+        m1, _ = margin(far)
+        init = (jnp.zeros(n, dtype), jnp.ones(n, dtype), m0, jnp.minimum(m1, 0), jnp.zeros(n, jnp.int32))
+        _, hi, _, _, _ = jax.lax.fori_loop(0, bisection, step, init)
         return x + _bcast(hi, x) * (far - x)
 
     _, far, done = jax.lax.while_loop(cond, body, (0, x, jnp.zeros(x.shape[0], bool)))
@@ -326,9 +374,19 @@ def _facet_one(model, params, x, labels, aim, *, max_iter, overshoot, bisection,
         crosses = _predict(model, params, target) != labels
         cand = on_boundary(jnp.where(_bcast(crosses, x), target, far))
         closer = crosses & (_norms(cand - x) < _norms(point - x))
-        return jnp.where(_bcast(closer, x), cand, point)
+        return jnp.where(_bcast(closer, x), cand, point), jnp.any(closer)
 
-    point = jax.lax.fori_loop(0, refine, better, point)
+    def more(c):
+        i, _, moved = c
+        return (i < refine) & moved
+
+    def refine_round(c):
+        i, point, _ = c
+        point, moved = better(i, point)
+        return i + 1, point, moved
+
+    # rounds stop early once no example of the batch got closer in the last one
+    _, point, _ = jax.lax.while_loop(more, refine_round, (0, point, jnp.asarray(refine > 0)))
     return point, done
 
 
@@ -346,7 +404,8 @@ pgd_l2, cw_l2, facet_l2 = _public(_pgd_l2), _public(_cw_l2), _public(_facet_l2)
 
 def boundary_search(model, params, x, labels, *, methods=("pgd", "cw"), box: InputBox | None = None,
                     eps=PGD_EPS, pgd_steps: int = 40, cw_eps: float = CW_EPS, cw_steps: int = 100,
-                    cw_stepsize: float = 1e-2, seed: int = 0, progress: bool = False) -> BoundaryResult:
+                    cw_stepsize: float = 1e-2, facet_starts: int | None = None, seed: int = 0,
+                    progress: bool = False) -> BoundaryResult:
     """The closest boundary point per example over ``methods`` (see the module docstring), batched.
 
     Args:
@@ -355,6 +414,8 @@ def boundary_search(model, params, x, labels, *, methods=("pgd", "cw"), box: Inp
         (an example predicted otherwise is already past the boundary: distance 0 or close to it).
       box: the input range and its pixel scale (default: MNIST as :func:`jaxrecover.data.normalize` makes it).
       eps, cw_eps: radii in ``[0, 1]`` pixel units (scaled by ``box.scale``).
+      facet_starts: the facet search's aimed starts per example (the classes of the nearest linearised
+        boundaries; default all K - 1; fewer is faster and rarely farther, see docs/BOUNDARY.md).
     """
     from ..models import as_model
     model = as_model(model)
@@ -381,22 +442,27 @@ def boundary_search(model, params, x, labels, *, methods=("pgd", "cw"), box: Inp
     if "pgd" in methods:
         found, ok = x, jnp.zeros(n, bool)
         key = jax.random.key(seed)
-        for e in eps:  # the first eps that succeeds, per example; later radii only while some still fail
+        for e in eps:  # the first eps that succeeds, per example; later radii only on the examples still failing
             key, sub = jax.random.split(key)
-            p, s = _pgd_l2(model, params, x, labels, e * box.scale, 2 * e / pgd_steps, sub, steps=pgd_steps, box=box)
-            new = s & ~ok
-            found = jnp.where(_bcast(new, x), p, found)
-            ok = ok | s
+            todo = np.flatnonzero(~np.asarray(ok))
+            if todo.size == 0:
+                break
+            size = min(n, 1 << int(np.ceil(np.log2(todo.size))))  # padded to a power of two: few batch shapes
+            idx = jnp.asarray(np.concatenate([todo, np.full(size - todo.size, todo[0])]))
+            p, s = _pgd_l2(model, params, x[idx], labels[idx], e * box.scale, 2 * e / pgd_steps, sub,
+                           steps=pgd_steps, box=box)
+            s = np.asarray(s)[:todo.size]
+            new = jnp.asarray(todo[s])
+            found = found.at[new].set(p[:todo.size][s])
+            ok = ok.at[new].set(True)
             if progress:
                 print(f"PGD eps {e:.3f}: {int(ok.sum())}/{n} found")
-            if bool(jnp.all(ok)):
-                break
         keep(found, ok, SEARCH_METHODS.index("pgd"))
     if "cw" in methods:
         p, ok, d = _cw_l2(model, params, x, labels, steps=cw_steps, stepsize=cw_stepsize, box=box)
         keep(p, ok & (d <= cw_eps * box.scale), SEARCH_METHODS.index("cw"))
     if "facet" in methods:
-        p, ok = _facet_l2(model, params, x, labels, box=box)
+        p, ok = _facet_l2(model, params, x, labels, box=box, starts=facet_starts)
         keep(p, ok, SEARCH_METHODS.index("facet"))
     success = jnp.isfinite(dist)
     return BoundaryResult(point=point, success=success, distance=dist, label=_predict(model, params, point),
