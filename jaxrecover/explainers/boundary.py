@@ -333,6 +333,13 @@ def _facet_one(model, params, x, labels, aim, *, max_iter, overshoot, bisection,
         other = jnp.max(jnp.where(own_mask, -jnp.inf, logits), axis=1)
         return take(logits, labels) - other, _argmax(logits) != labels
 
+    def clearly_changed(z):
+        """Changed by more than round-off: the same rows evaluated in another batch (another rounding) agree."""
+        logits = model.batched(params, z)
+        other = jnp.max(jnp.where(own_mask, -jnp.inf, logits), axis=1)
+        tol = 64 * jnp.finfo(dtype).eps * jnp.max(jnp.abs(logits), axis=1)
+        return take(logits, labels) - other < -tol
+
     def on_boundary(far):
         """The label change on the segment x -> far (kept at x, changed at far): Illinois regula falsi on the
         margin, a piecewise-linear function of the fraction t, so a secant step inside one linear piece lands
@@ -358,6 +365,20 @@ def _facet_one(model, params, x, labels, aim, *, max_iter, overshoot, bisection,
         m1, _ = margin(far)
         init = (jnp.zeros(n, dtype), jnp.ones(n, dtype), m0, jnp.minimum(m1, 0), jnp.zeros(n, jnp.int32))
         _, hi, _, _, _ = jax.lax.fori_loop(0, bisection, step, init)
+
+        # a tie to round-off can read as unchanged when evaluated again (another batch, another rounding):
+        # move out by growing numbers of ulps until the label changed clearly (usually one check)
+        def unchanged(c):
+            j, t = c
+            return (j < 12) & jnp.any(~clearly_changed(x + _bcast(t, x) * (far - x)) & (t < 1))
+
+        def push(c):
+            j, t = c
+            changed = clearly_changed(x + _bcast(t, x) * (far - x))
+            step_out = 16.0 * 4.0 ** j.astype(dtype) * jnp.finfo(dtype).eps
+            return j + 1, jnp.where(changed, t, jnp.minimum(t * (1 + step_out), 1))
+
+        _, hi = jax.lax.while_loop(unchanged, push, (jnp.asarray(0), hi))
         return x + _bcast(hi, x) * (far - x)
 
     _, far, done = jax.lax.while_loop(cond, body, (0, x, jnp.zeros(x.shape[0], bool)))
