@@ -333,6 +333,8 @@ def tuned_jit(fun=None, **jit_kwargs):
     The first floating array among the arguments picks the dtype; each set of
     options gets its own ``jax.jit`` (so its own compilation cache). Supports
     ``.lower``, ``.clear_cache`` and ``._cache_size`` like a jitted function.
+    Called inside another jit (traced arguments) it inlines ``fun``: XLA takes
+    compiler options only at the top level.
     """
     if fun is None:
         return functools.partial(tuned_jit, **jit_kwargs)
@@ -356,6 +358,8 @@ def tuned_jit(fun=None, **jit_kwargs):
 
     @functools.wraps(fun)
     def jitted(*args, **kwargs):
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs))):
+            return fun(*args, **kwargs)  # inside another jit: inline (compiler options belong to the outer one)
         return pick(args, kwargs)(*args, **kwargs)
 
     jitted.lower = lambda *args, **kwargs: pick(args, kwargs).lower(*args, **kwargs)
