@@ -53,7 +53,8 @@ def load(spec):
     name, _, path = spec.partition("@")
     _, v, meta = jr.load_trained(path or f"checkpoints/{name}", model=name)
     adv = float(meta.get("adv_eps") or 0.0)
-    label = f"{name} (L2-PGD trained, eps {adv:g})" if adv > 0 else name
+    label = name if not path else f"{name} ({os.path.basename(os.path.normpath(path))}" + (
+        f": L2-PGD trained, eps {adv:g})" if adv > 0 else ")")
     return label, (os.path.basename(os.path.normpath(path)) if path else name), name, jr.make_model(name), v, meta
 
 
@@ -126,9 +127,9 @@ def study(spec, ds, args):
     figure(label, x[:4], {"VG": vg[:4], "IG (zero)": igs["zero"][:4], "IG (blur)": igs["blur"][:4],
                           "IG (random)": igs["random"][:4], "BSM": bsm[:4], "BIG": big[:4]},
            os.path.join(args.out, f"maps_{slug}.png"))
-    if name in args.leak_models.split(","):
+    if spec in args.leak_models.split(","):
         m = min(args.n_leak, n)
-        row["leak"] = leakage(model, v, x[:m], labels[:m], args.probes if name in args.probe_models.split(",") else 0)
+        row["leak"] = leakage(model, v, x[:m], labels[:m], args.probes if spec in args.probe_models.split(",") else 0)
     print(json.dumps(row, indent=1), flush=True)
     return row
 
@@ -203,7 +204,7 @@ def main():
     ap.add_argument("--models", default="twolayer,lenet")
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--n-resnet", type=int, default=8, help="images for resnet18 (slow: about 1 s per image)")
-    ap.add_argument("--leak-models", default="twolayer,lenet", help="models whose BIG leakage is measured")
+    ap.add_argument("--leak-models", default="twolayer,lenet", help="models (as in --models) whose BIG leakage is measured")
     ap.add_argument("--n-leak", type=int, default=8, help="images of the leakage measurement")
     ap.add_argument("--probe-models", default="twolayer", help="models of the probe attack (d + 1 = 785 BIG "
                     "queries per image, each a boundary search: ~80 s per image on twolayer, hours on lenet)")
