@@ -12,18 +12,19 @@ The public API, by layer (docs/ARCHITECTURE.md):
 
 __version__ = "0.2.0"
 
-from . import attacks, checkpoint, data, engine, explainers, metrics, models, protocol, training  # noqa: E402
+from . import adversarial, attacks, checkpoint, data, engine, explainers, metrics, models, protocol, training  # noqa: E402
+from .adversarial import BoundaryResult, InputBox, boundary_search  # noqa: E402
 from .pattern_store import fitted_patterns, load_patterns, save_patterns  # noqa: E402
 from .attacks import (AssumedBaseline, IGService, Query, QueryBudgetExceeded, QueryPlan, ServiceWrapper,  # noqa: E402
                       SimulatedIGService, StepCountRefused, approx_plan, attack, best_plan, exact_plan,
                       identify_service, minimal_plan, nobias_plan, paper_plan, plan_residual, query_inputs, recover,
                       recover_eq2, recover_eq3, recover_eq4, recover_fixed_steps, recover_from_outputs,
-                      recover_input_baseline, recover_random_steps, service_plan, extract_two_layer)
+                      recover_input_baseline, recover_random_steps, service_plan, extract_two_layer,
+                      boundary_attributions, BoundaryBaseline, recover_from_big)
 from .data import Dataset, load_dataset, normalize  # noqa: E402
 from .engine import convergence_delta, explain  # noqa: E402
 from .explainers import (IG, OUTPUTS, RULES, VG, BlurBaseline, Explainer, completeness_delta, integrated_gradients,  # noqa: E402
-                         quadrature, vanilla_gradient, PatternNet, PatternAttribution, fit_patterns, BSM, BIG, BSG,
-                         InputBox, BoundaryResult, boundary_search, boundary_attributions)
+                         quadrature, vanilla_gradient, PatternNet, PatternAttribution, fit_patterns, BSM, BIG, BSG)
 from .metrics import (cosine_similarity, normalized_distance, relative_error, spearman, summarize,  # noqa: E402
                       top_fraction_overlap)
 from .models import MODEL_NAMES, Model, cast_variables, init_variables, make_model  # noqa: E402
@@ -33,7 +34,7 @@ from .training import TrainConfig, load_trained, train_and_evaluate  # noqa: E40
 __all__ = [
     "__version__",
     # modules
-    "attacks", "checkpoint", "data", "engine", "explainers", "metrics", "models", "protocol", "training",
+    "adversarial", "attacks", "checkpoint", "data", "engine", "explainers", "metrics", "models", "protocol", "training",
     # explainers and the engine
     "Explainer", "VG", "IG", "BlurBaseline", "RULES", "OUTPUTS", "quadrature", "vanilla_gradient", "integrated_gradients",
     "completeness_delta", "explain", "convergence_delta", "PatternNet", "PatternAttribution", "fit_patterns",
@@ -46,7 +47,7 @@ __all__ = [
     "plan_residual", "query_inputs", "recover", "recover_eq2", "recover_eq3", "recover_eq4", "attack",
     "IGService", "SimulatedIGService", "ServiceWrapper", "AssumedBaseline", "QueryBudgetExceeded", "StepCountRefused",
     "service_plan", "best_plan", "recover_fixed_steps", "identify_service", "recover_from_outputs",
-    "recover_input_baseline", "recover_random_steps", "extract_two_layer",
+    "recover_input_baseline", "recover_random_steps", "extract_two_layer", "BoundaryBaseline", "recover_from_big",
     # metrics
     "normalized_distance", "cosine_similarity", "relative_error", "spearman", "top_fraction_overlap", "summarize",
     # data and training

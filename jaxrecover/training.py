@@ -90,7 +90,7 @@ def make_adversary(module, eps: float, steps: int, box=None):
     """``adversary(variables, x, y, key) -> x_adv``: L2 PGD (Foolbox ``L2PGD``, random start) of radius ``eps``
     in ``[0, 1]`` pixel units (times ``box.scale``; default box: MNIST as :func:`normalize` makes it), ``steps``
     steps of ``2.5 eps / steps`` (Madry et al.), in inference mode; no gradient flows through it."""
-    from .explainers.boundary import InputBox, pgd_l2
+    from .adversarial import InputBox, pgd_l2
     from .models import make_model
     box = InputBox.mnist() if box is None else box
     model = make_model(module)

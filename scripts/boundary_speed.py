@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxrecover as jr
-from jaxrecover.explainers import boundary as B
+from jaxrecover import adversarial as B
 from jaxrecover.fileio import atomic_write_text, write_marked_block
 
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxrecover as jr
-from jaxrecover.explainers import boundary as B
+from jaxrecover import adversarial as B
 from jaxrecover.fileio import atomic_savefig, atomic_write_text, write_marked_block
 
 jax.config.update("jax_enable_x64", True)
@@ -75,7 +75,7 @@ def leakage(model, v, x, labels, probes: int):
     ok = np.asarray(res.success)
     vg = jr.explain(jr.VG(), model, v64, x, labels)
     big = jr.SimulatedIGService(model, v64, rule="riemann_trapezoid", steps=10,
-                                baseline=B.BoundaryBaseline(model, v64))
+                                baseline=jr.BoundaryBaseline(model, v64))
     plan = jr.exact_plan("riemann_trapezoid", 50)
     out = {"n": int(x.shape[0]), "plan": plan.name, "plan_queries": len(plan.queries)}
     out["as_is"] = dist(big(x, labels), vg, ok)
@@ -118,8 +118,8 @@ def study(spec, ds, args):
     rule = jr.IG(steps=10, rule="riemann_trapezoid")
     vg = jr.explain(jr.VG(), model, v, x, labels)
     igs = {k: jr.explain(rule, model, v, x, labels, baseline=b) for k, b in baselines.items()}
-    bsm = B.boundary_attributions(B.BSM(), model, v, x, labels, fac)
-    big = B.boundary_attributions(B.BIG(), model, v, x, labels, fac)
+    bsm = jr.boundary_attributions(jr.BSM(), model, v, x, labels, fac)
+    big = jr.boundary_attributions(jr.BIG(), model, v, x, labels, fac)
     row["bsm_vg"] = dist(bsm, vg, ok)
     row["big_ig"] = dist(big, igs["zero"], ok)
     row["big_baselines"] = {k: dist(big, ig, ok) for k, ig in igs.items()}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxrecover as jr
-from jaxrecover.explainers import boundary as B
+from jaxrecover import adversarial as B
 
 FREE = B.InputBox(None, None)
 
@@ -34,10 +34,10 @@ def test_linear_boundary_point_is_the_orthogonal_projection_and_bsm_its_normal()
     np.testing.assert_allclose(np.asarray(res.distance), np.abs(np.asarray(x @ w + c)) / np.linalg.norm(w),
                                rtol=1e-10)
     assert bool(jnp.all(res.label != labels)) and bool(jnp.all(res.method == B.SEARCH_METHODS.index("facet")))
-    bsm = B.boundary_attributions(B.BSM(), _linear, p, x, labels, res)
+    bsm = jr.boundary_attributions(jr.BSM(), _linear, p, x, labels, res)
     np.testing.assert_allclose(np.asarray(bsm), np.asarray(p["W"][labels]), atol=1e-14)  # the logit's gradient
     # the boundary's normal: the difference of the two classes' BSM
-    np.testing.assert_allclose(np.asarray(B.boundary_attributions(B.BSM(), _linear, p, x, 1 - labels, res) - bsm),
+    np.testing.assert_allclose(np.asarray(jr.boundary_attributions(jr.BSM(), _linear, p, x, 1 - labels, res) - bsm),
                                np.asarray(jnp.where(labels[:, None] == 0, w, -w)), atol=1e-14)
 
 
@@ -106,12 +106,12 @@ def test_failed_searches_are_masked_never_a_fallback():
     labels = jnp.argmax(jax.vmap(lambda z: _linear(p, z))(x), axis=1).astype(jnp.int32)
     res = B.BoundaryResult(point=x + 0.1, success=jnp.asarray([True, False]), distance=jnp.asarray([0.2, jnp.inf]),
                            label=labels, method=jnp.asarray([2, -1]))
-    for e in (B.BSM(), B.BIG(), B.BSG(samples=4)):
-        out = np.asarray(B.boundary_attributions(e, _linear, p, x, labels, res))
+    for e in (jr.BSM(), jr.BIG(), jr.BSG(samples=4)):
+        out = np.asarray(jr.boundary_attributions(e, _linear, p, x, labels, res))
         assert np.all(np.isfinite(out[0])) and np.all(np.isnan(out[1]))
     # BIG is IG from the boundary point: for a linear model, completeness f(x) - f(x') times the weights' sum
     # (Captum's riemann_trapezoid weights sum to 1 - 1/n)
-    big = B.boundary_attributions(B.BIG(), _linear, p, x, labels, res)
+    big = jr.boundary_attributions(jr.BIG(), _linear, p, x, labels, res)
     gap = jax.vmap(lambda z, b, k: _linear(p, z)[k] - _linear(p, b)[k])(x, res.point, labels)
     _, weights = jr.explainers.quadrature("riemann_trapezoid", 10)
     np.testing.assert_allclose(float(jnp.sum(big[0])), weights.sum() * float(gap[0]), rtol=1e-12)
@@ -125,14 +125,14 @@ def test_big_service_and_the_nearest_point_shared_along_the_segment():
     net = _Net()
     model = jr.models.as_model(net.f)
     x = jnp.asarray(np.random.default_rng(2).standard_normal((6, 5)))
-    base = B.BoundaryBaseline(model, net.p, box=FREE)
+    base = jr.BoundaryBaseline(model, net.p, box=FREE)
     service = R.SimulatedIGService(model, net.p, rule="riemann_trapezoid", steps=10, baseline=base)
     labels = jnp.argmax(model.batched(net.p, x), axis=1).astype(jnp.int32)
     answers = service(x, labels)
     xp = base.last.point
     assert answers.dtype == jnp.float64 and bool(jnp.all(base.last.success))
     np.testing.assert_allclose(np.asarray(answers), np.asarray(
-        B.boundary_attributions(B.BIG(), model, net.p, x, labels, base.last)), atol=1e-12)
+        jr.boundary_attributions(jr.BIG(), model, net.p, x, labels, base.last)), atol=1e-12)
     with pytest.raises(ValueError, match="depends on the input"):
         service.fixed_baseline(x)
     for c in (0.3, 0.7):
@@ -149,7 +149,7 @@ def test_big_leaks_vg_once_probes_reveal_the_boundary_point():
     f, p, shape = make_net("dense2", jax.random.key(3), True)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((8,) + shape))
     labels = jnp.argmax(jax.vmap(lambda z: f(p, z))(x), axis=1).astype(jnp.int32)
-    big = jr.SimulatedIGService(f, p, rule="riemann_trapezoid", steps=10, baseline=B.BoundaryBaseline(f, p, box=FREE))
+    big = jr.SimulatedIGService(f, p, rule="riemann_trapezoid", steps=10, baseline=jr.BoundaryBaseline(f, p, box=FREE))
     res = B.boundary_search(f, p, x, labels, methods=("facet",), box=FREE)
     vg = jax.vmap(jax.grad(lambda z, t: f(p, z)[t]))(x, labels)
     points, rep = jr.attacks.estimate_boundary_point(big, x, labels)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxrecover as jr
-from jaxrecover.explainers import boundary as B
+from jaxrecover import adversarial as B
 
 fb = pytest.importorskip("foolbox")
 

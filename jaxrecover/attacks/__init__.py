@@ -6,7 +6,8 @@ Real services (Captum, PAIR saliency) live in :mod:`jaxrecover.attacks.external`
 
 from .defences import (Averaged, ClientBudget, FixSteps, GaussianNoise, LaplaceNoise, RandomSteps, RoundAnswers,
                        SmoothGradIG, TopK, ExpectedGradients, round_significant)
-from .boundary_baseline import BoundaryPointReport, estimate_boundary_point, recover_from_big
+from .boundary import (BoundaryBaseline, BoundaryPointReport, boundary_attributions, estimate_boundary_point,
+                       recover_from_big)
 from .clone import CLONE_KINDS, CloneData, clone_metrics, train_clone, victim_reference
 from .extraction import (Extraction, ExtractionIncomplete, canonical_two_layer, extract_two_layer, extraction_fidelity,
                          two_layer_logits, two_layer_variables)
@@ -25,7 +26,8 @@ from .services import AssumedBaseline, IGService, QueryBudgetExceeded, ServiceWr
 __all__ = [
     "Query", "QueryPlan", "exact_plan", "minimal_plan", "nobias_plan", "approx_plan", "paper_plan",
     "plan_residual", "plan_measure", "realise_plan", "actual_residual", "telescoping_plan", "service_plan", "bitwise_shared",
-    "best_plan", "estimate_boundary_point", "recover_from_big", "BoundaryPointReport", "recover_fixed_steps", "FixedStepsReport", "recover_input_baseline", "ChainReport",
+    "best_plan", "estimate_boundary_point", "recover_from_big", "BoundaryPointReport", "boundary_attributions",
+    "BoundaryBaseline", "recover_fixed_steps", "FixedStepsReport", "recover_input_baseline", "ChainReport",
     "recover_from_outputs", "OutputsReport", "recover_random_steps", "RandomStepsReport", "lattice_attack", "lattice_queries", "LatticeReport", "identify_service", "infer_baseline", "Identification",
     "query_input", "query_inputs", "recover", "recover_eq2", "recover_eq3", "recover_eq4", "attack",
     "IGService", "SimulatedIGService", "ServiceWrapper", "AssumedBaseline", "QueryBudgetExceeded", "StepCountRefused",

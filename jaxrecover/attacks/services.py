@@ -282,7 +282,7 @@ class AssumedBaseline(ServiceWrapper):
     """The attacker's view of a service whose baseline it does not know: plans run as if the baseline were
     ``baseline`` (fixed, per example ``[N, ...]`` or one array for all). Answers stay the inner service's own.
 
-    For a BIG service (:class:`jaxrecover.explainers.BoundaryBaseline`) the right guess is each input's
+    For a BIG service (:class:`jaxrecover.attacks.BoundaryBaseline`) the right guess is each input's
     nearest boundary point ``x'``: every query ``x' + c (x - x')`` then has ``x'`` as its own nearest boundary
     point, so the ray plans apply; a wrong guess (e.g. zeros) shows what an unaware attacker gets.
     """

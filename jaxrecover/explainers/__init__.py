@@ -1,8 +1,7 @@
 """Explainers: single-example pure functions and the objects the batch engine runs."""
 
 from .baselines import BlurBaseline, RandomBaseline, is_input_dependent
-from .boundary import (BIG, BSG, BSM, CW_EPS, PGD_EPS, SEARCH_METHODS, BoundaryBaseline, BoundaryResult, InputBox,
-                       boundary_attributions, boundary_search, cw_l2, facet_l2, pgd_l2)
+from .boundary import BIG, BSG, BSM
 from .gradients import (OUTPUTS, completeness_delta, integrate, integrated_gradients,
                         integrated_gradients_affine_stem, path_gradients, path_points, select_output,
                         vanilla_gradient)
@@ -18,6 +17,5 @@ __all__ = [
     "Explainer", "VG", "IG", "explainer_dataclass", "BlurBaseline", "RandomBaseline", "is_input_dependent",
     "ESTIMATORS", "LayerStats", "layer_stats", "patterns_from_stats", "fit_patterns", "kernel_layers", "PatternNet",
     "PatternAttribution", "signal_quality", "kernel_from_pattern",
-    "BSM", "BIG", "BSG", "PGD_EPS", "CW_EPS", "SEARCH_METHODS", "InputBox", "BoundaryResult", "boundary_search",
-    "boundary_attributions", "pgd_l2", "cw_l2", "facet_l2", "BoundaryBaseline",
+    "BSM", "BIG", "BSG",
 ]
