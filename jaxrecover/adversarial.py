@@ -41,6 +41,8 @@ PGD_EPS = (36 / 255, 64 / 255, 0.3, 0.5, 0.7, 0.9, 1.1)
 #: The reference's L2 Carlini-Wagner radius, in [0, 1] pixel units.
 CW_EPS = 1.0
 SEARCH_METHODS = ("pgd", "cw", "facet")
+#: Points per segment the facet search scans for the first label change before narrowing it down.
+SCAN = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,8 +216,9 @@ def _facet_l2(model, params, x, labels, *, max_iter: int = 50, overshoot: float 
 
     1. DeepFool steps (to the nearest linearised boundary among the other classes, ``1 + overshoot`` times
        further) until the label changes;
-    2. ``bisection`` halvings of the segment from the input to that point: the point lies on the changed side
-       of a label change on the segment, within ``|segment| / 2^bisection`` of it (a logit tie to round-off;
+    2. the label change on the segment from the input to that point, narrowed to ``|segment| / 2^bisection``
+       (regula falsi on the margin, with a bisection step every third one: at most ``3 bisection`` steps,
+       usually a handful) - the point lies on the changed side, a logit tie to round-off (
        default 48 halvings in float64, 26 in float32, whose 24-bit significand makes more pointless);
     3. ``refine`` rounds of projecting the INPUT onto the facet found (the hyperplane of the boundary's
        linear piece at the current point) and bisecting again towards that projection, kept where closer:
@@ -227,7 +230,7 @@ def _facet_l2(model, params, x, labels, *, max_iter: int = 50, overshoot: float 
     at the input (default: all K - 1).
     For a linear classifier step 1 lands on the orthogonal projection, which the bisection pins down.
     """
-    bisection = bisection if bisection is not None else (16 if x.dtype == jnp.float32 else 24)
+    bisection = bisection if bisection is not None else (26 if x.dtype == jnp.float32 else 48)
     nearest = _facet_one(model, params, x, labels, None, max_iter=max_iter, overshoot=overshoot,
                          bisection=bisection, refine=refine, box=box)
     if not multistart:
@@ -311,7 +314,10 @@ def _facet_one(model, params, x, labels, aim, *, max_iter, overshoot, bisection,
             vj, gj, _ = margin_grad(z, aim)
         gnj = _norms(gj)
         r = _bcast((jnp.abs(vj) + 1e-12) / jnp.maximum(gnj, 1e-30) ** 2, x) * gj
-        z = jnp.where(_bcast(done, x), z, box.clip(z + (1 + overshoot) * r))
+        # the overshoot doubles with every step still short of the boundary: DeepFool can ping-pong between the
+        # linear pieces on either side of a kink; the crossing is narrowed down from the input afterwards anyway
+        grow = jnp.asarray(2.0, x.dtype) ** jnp.minimum(i, 20).astype(x.dtype)
+        z = jnp.where(_bcast(done, x), z, box.clip(z + (1 + overshoot * grow) * r))
         done = done | (_predict(model, params, z) != labels)
         return i + 1, z, done
 
@@ -329,13 +335,20 @@ def _facet_one(model, params, x, labels, aim, *, max_iter, overshoot, bisection,
         return take(logits, labels) - other < -tol
 
     def on_boundary(far):
-        """The label change on the segment x -> far (kept at x, changed at far): Illinois regula falsi on the
-        margin, a piecewise-linear function of the fraction t, so a secant step inside one linear piece lands
-        on the root; a bisection step every third iteration keeps the bracket shrinking."""
+        """The label change on the segment x -> far (kept at x, changed at far), to a bracket of width
+        ``2^-bisection``: Illinois regula falsi on the margin, a piecewise-linear function of the fraction t (a
+        secant step inside one linear piece lands on the root), a bisection step every third iteration (the
+        bracket keeps shrinking across kinks); rows stop once narrow, the loop once all are."""
         n = x.shape[0]
+        width = jnp.asarray(2.0 ** -bisection, dtype)
 
-        def step(i, c):
-            lo, hi, m_lo, m_hi, last = c  # fractions: label kept at lo (m_lo > 0), changed at hi (m_hi <= 0)
+        def active(c):
+            i, lo, hi = c[0], c[1], c[2]
+            return (i < 3 * bisection) & jnp.any(hi - lo > width)
+
+        def step(c):
+            i, lo, hi, m_lo, m_hi, last = c  # fractions: label kept at lo (m_lo > 0), changed at hi (m_hi <= 0)
+            go = hi - lo > width
             secant = (lo * m_hi - hi * m_lo) / jnp.where(m_hi != m_lo, m_hi - m_lo, 1)
             inside = (m_hi != m_lo) & (secant > lo) & (secant < hi)
             mid = (lo + hi) / 2
@@ -343,28 +356,40 @@ def _facet_one(model, params, x, labels, aim, *, max_iter, overshoot, bisection,
             nudge = jnp.minimum(lo + 4 * jnp.finfo(dtype).eps * jnp.maximum(jnp.abs(hi), 1e-30), mid)
             t = jnp.where(m_lo == 0, nudge, jnp.where(inside & (i % 3 != 2), secant, mid))
             m, changed = margin(x + _bcast(t, x) * (far - x))
+            up, down = go & changed, go & ~changed  # rows already narrow keep their bracket
             # Illinois: an end kept twice in a row has its margin halved, so the secant moves past it
-            m_lo = jnp.where(changed & (last == 1), m_lo / 2, jnp.where(changed, m_lo, m))
-            m_hi = jnp.where(~changed & (last == -1), m_hi / 2, jnp.where(changed, m, m_hi))
-            lo, hi = jnp.where(changed, lo, t), jnp.where(changed, t, hi)
-            return lo, hi, m_lo, m_hi, jnp.where(changed, 1, -1).astype(jnp.int32)
+            m_lo = jnp.where(up & (last == 1), m_lo / 2, jnp.where(down, m, m_lo))
+            m_hi = jnp.where(down & (last == -1), m_hi / 2, jnp.where(up, m, m_hi))
+            lo, hi = jnp.where(down, t, lo), jnp.where(up, t, hi)
+            return i + 1, lo, hi, m_lo, m_hi, jnp.where(up, 1, jnp.where(down, -1, last)).astype(jnp.int32)
 
-        m0, _ = margin(x)
-        m1, _ = margin(far)
-        init = (jnp.zeros(n, dtype), jnp.ones(n, dtype), m0, jnp.minimum(m1, 0), jnp.zeros(n, jnp.int32))
-        _, hi, _, _, _ = jax.lax.fori_loop(0, bisection, step, init)
+        # the FIRST change among SCAN equally spaced points (one batched call): the crossing nearest the input,
+        # at that resolution, is the one narrowed down (the label can change back and forth along the segment)
+        ts = jnp.arange(SCAN + 1, dtype=dtype) / SCAN                                     # [S + 1]
+        zs = x[None] + ts.reshape((-1,) + (1,) * x.ndim) * (far - x)[None]                 # [S + 1, n, ...]
+        logits = model.batched(params, zs.reshape((-1,) + x.shape[1:])).reshape(SCAN + 1, n, k)
+        ms = (jnp.take_along_axis(logits, labels[None, :, None], axis=2)[..., 0]
+              - jnp.max(jnp.where(own_mask[None], -jnp.inf, logits), axis=2))
+        ch = (jnp.argmax(logits, axis=2).astype(jnp.int32) != labels[None]).at[SCAN].set(True)  # far: changed
+        first = jnp.argmax(ch, axis=0)                                                      # first change, >= 1
+        pick = (lambda a, j: jnp.take_along_axis(a, j[None], axis=0)[0])
+        lo, hi = ts[first - 1], ts[first]
+        m_lo, m_hi = pick(ms, first - 1), jnp.minimum(pick(ms, first), 0)
+        init = (0, lo, hi, m_lo, m_hi, jnp.zeros(n, jnp.int32))
+        _, _, hi, _, _, _ = jax.lax.while_loop(active, step, init)
 
         # a tie to round-off can read as unchanged when evaluated again (another batch, another rounding):
         # move out by growing numbers of ulps until the label changed clearly (usually one check)
+        # (past far too: far itself can be such a tie when DeepFool's last step was tiny)
         def unchanged(c):
             j, t = c
-            return (j < 12) & jnp.any(~clearly_changed(x + _bcast(t, x) * (far - x)) & (t < 1))
+            return (j < 12) & jnp.any(~clearly_changed(x + _bcast(t, x) * (far - x)) & (t < 2))
 
         def push(c):
             j, t = c
             changed = clearly_changed(x + _bcast(t, x) * (far - x))
             step_out = 16.0 * 4.0 ** j.astype(dtype) * jnp.finfo(dtype).eps
-            return j + 1, jnp.where(changed, t, jnp.minimum(t * (1 + step_out), 1))
+            return j + 1, jnp.where(changed, t, jnp.minimum(t * (1 + step_out), 2))
 
         _, hi = jax.lax.while_loop(unchanged, push, (jnp.asarray(0), hi))
         return x + _bcast(hi, x) * (far - x)
