@@ -92,7 +92,7 @@ def main():
         labels = jnp.argmax(model.batched(v, x), axis=1).astype(jnp.int32)
         twin = torch_twin(name, v)
         f_torch = fb.PyTorchModel(twin, bounds=(lo, box.upper), device="cpu")
-        x_t, y_t = torch.from_numpy(to_nchw(x)), torch.from_numpy(np.asarray(labels).astype(np.int64))
+        x_t, y_t = torch.from_numpy(np.array(to_nchw(x))), torch.from_numpy(np.asarray(labels).astype(np.int64))
         f_jax = fb.JAXModel(jax.jit(lambda z: model.batched(v, z)), bounds=(lo, box.upper))
         pipelines = {
             "jaxrecover pgd+cw": lambda: ours(("pgd", "cw"))(model, v, x, labels),
