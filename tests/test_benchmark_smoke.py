@@ -30,3 +30,15 @@ def test_batch_benchmark_smoke():
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| lenet | 8 |" in r.stdout and "minor page faults / call" in r.stdout
     assert "| lenet | 2 | - (one vmap) |" in r.stdout
+
+
+def test_roofline_benchmark_smoke():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_roofline.py"), "--models", "lenet",
+                        "--dtypes", "float32", "--n", "2", "--steps", "2", "--rounds", "1"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "attainable float32:" in r.stdout and "| lenet | float32 |" in r.stdout
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| lenet | float32 |"))
+    # XLA's count of one LeNet explanation with m = 2: about 48 MFLOP per path point (conv2's forward and input
+    # gradient dominate), so about 0.1 GFLOP
+    assert 0.05 <= float(row.split("|")[3]) <= 0.2, row
