@@ -164,3 +164,23 @@ def test_tuned_jit_tells_the_layers_their_compile_options():
     assert seen == {jnp.dtype(jnp.float32): False, jnp.dtype(jnp.float64): True}
     jax.jit(probe)(jnp.ones(4, jnp.float32))  # plain jit: XLA's defaults
     assert seen[jnp.dtype(jnp.float32)] is True
+
+
+@pytest.mark.parametrize("ynn", [True, False], ids=["tensordot-form", "fused-reduce-form"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_weighted_sum_equals_the_explicit_sum_in_both_forms(ynn, dtype):
+    """IG's quadrature sum: the tensordot form (YNNPACK reductions) and the fused multiply-reduce form give
+    sum_i w_i x_i in the dtype of x, also under vmap; the form follows the compile options being traced."""
+    xs = jax.random.normal(jax.random.key(3), (3, 50, 6, 6, 4), dtype)
+    w = np.linspace(0.02, 1.0, 50)
+    ref = np.einsum("k,bkhwc->bhwc", w, np.asarray(xs, np.float64))
+    token = ops._COMPILE_OPTIONS.set(None if ynn else tuple(ops.FLOAT32_CPU_OPTIONS.items()))
+    try:
+        out = jax.vmap(lambda x: ops.weighted_sum(w, x))(xs)
+        jaxpr = str(jax.make_jaxpr(lambda x: ops.weighted_sum(w, x))(xs[0]))
+    finally:
+        ops._COMPILE_OPTIONS.reset(token)
+    assert out.dtype == dtype and out.shape == (3, 6, 6, 4)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-13
+    np.testing.assert_allclose(out, ref, rtol=tol, atol=tol)
+    assert ("dot_general" in jaxpr) == ynn and ("reduce_sum" in jaxpr) != ynn

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from .. import ops
 from .quadrature import quadrature
 
 __all__ = [
@@ -116,8 +117,7 @@ def integrated_gradients_affine_stem(
     baseline = jnp.zeros_like(x) if baseline is None else baseline
     s_x, stem_transpose = jax.vjp(stem, x)
     grads = path_gradients(body, s_x, stem(baseline), nodes)
-    w = jnp.asarray(weights, s_x.dtype).reshape((-1,) + (1,) * s_x.ndim)
-    (total,) = stem_transpose(jnp.sum(w * grads, axis=0))  # a fused multiply-reduce (a tensordot copies)
+    (total,) = stem_transpose(ops.weighted_sum(weights, grads))
     return (x - baseline) * total
 
 
