@@ -235,3 +235,31 @@ def test_protocol_config_validates_its_settings():
         with pytest.raises(ValueError):
             ProtocolConfig(**bad)
     assert ProtocolConfig(experiments=("table1", "A"), steps=2).evaluations_per_image == 3
+
+
+def test_results_doc_second_dataset_section_compares_with_mnist(tmp_path):
+    """scripts/make_results_doc.py: the second dataset's section takes every number from the records (accuracy
+    beside MNIST's, mean distances side by side) and names the models not run yet."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "make_results_doc.py"
+    spec = importlib.util.spec_from_file_location("make_results_doc", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def record(dataset, acc, mean_b):
+        return {"model": "twolayer", "dataset": dataset, "dtype": "float64", "test_accuracy": acc, "train_epochs": 30,
+                "command": f"python evaluate.py --dataset {dataset}", "n": 4, "mode": "faithful", "steps": 50,
+                "a": 0.98, "wall_seconds": 1.0, "version": "0.2.0",
+                "machine": {"processor": "x86_64", "cpu_count": 2, "jax_version": "0", "jax_backend": "cpu"},
+                "results": {"B": {"mean": mean_b, "var": 0.0, "median": mean_b, "max": 2 * mean_b}}}
+
+    second_dir = mod.ROOT / "results" / "x"
+    lines = mod.second_dataset_section([record("mnist", 0.9655, 4.6e-14)], [record("idx:/nowhere", 0.8774, 4.4e-14)],
+                                       second_dir)
+    text = "\n".join(lines)
+    assert "| twolayer | 0.8774 | 30 | 0.9655 |" in text
+    assert "| twolayer | float64 | Table 3 (eq. 4) | 4.6e-14 | 4.4e-14 | 9.2e-14 | 8.8e-14 |" in text
+    assert "not run yet for twolayer_nobias, lenet_nobias, lenet, resnet18" in text
+    assert "idx:/nowhere n/a" in text  # a dataset that does not load is said, not guessed
