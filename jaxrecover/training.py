@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, ops
 from .checkpoint import CheckpointError, checkpoint_exists, load_checkpoint, load_metadata, save_checkpoint
 from .data import Dataset, load_dataset, normalize
 from .models import get_model, init_variables, make_batched_logit_fn
@@ -114,7 +114,7 @@ def make_train_step(model, optimizer, augment: bool, fill: float, adversary=None
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, (logits, updates)
 
-    @jax.jit
+    @ops.tuned_jit  # XLA:CPU's own float32 convolutions: LeNet's step ~1.7x faster than under jax.jit's defaults
     def step(variables, opt_state, x, y, key):
         if augment:
             x = jax.vmap(_shift, in_axes=(0, 0, None, None))(jax.random.split(key, x.shape[0]), x, 2, fill)
@@ -136,7 +136,7 @@ def make_train_step(model, optimizer, augment: bool, fill: float, adversary=None
 
 def accuracy(model, variables, images: np.ndarray, labels: np.ndarray, batch_size: int = 500) -> float:
     """Test accuracy (inference mode) of float images ``(N, 28, 28, 1)``."""
-    logit_fn = jax.jit(make_batched_logit_fn(model))
+    logit_fn = ops.tuned_jit(make_batched_logit_fn(model))
     correct = 0
     for i in range(0, len(images), batch_size):
         logits = logit_fn(variables, jnp.asarray(images[i : i + batch_size]))
