@@ -1,6 +1,7 @@
 """docs/SERVICES.md's tables: recovery of VG from real IG services (Captum, PAIR saliency) and our own.
 
 Usage:  python scripts/services_table.py [--n 64] [--n-resnet 8] [--n-fixed 4] [--jump-models twolayer] [--docs docs/SERVICES.md]
+        python scripts/services_table.py --rules riemann_left --merge --docs docs/SERVICES.md   # redo some rows
 Needs the 'services' extra (bash scripts/setup.sh services) and trained checkpoints in checkpoints/<model>
 (python train.py --model M --out checkpoints/M). Prints markdown tables; writes the rows as JSON (atomically).
 """
@@ -133,7 +134,13 @@ def main():
     ap.add_argument("--out", default="results/services.json")
     ap.add_argument("--docs", default=None, help="also write the tables into this markdown file, between "
                     "<!-- services_table:begin --> and <!-- services_table:end -->")
+    ap.add_argument("--rules", default=None,
+                    help="only the plan rows of services with these rules, comma-separated (no blurred-baseline or "
+                         "fixed-m rows)")
+    ap.add_argument("--merge", action="store_true",
+                    help="replace the matching rows of the existing --out file and keep the others")
     args = ap.parse_args()
+    rules = None if args.rules is None else set(args.rules.split(","))
     ds = jr.load_dataset("mnist")
     rows = []
     for name in args.models.split(","):
@@ -146,22 +153,48 @@ def main():
             vgs = {label: reference_vg(label, name, v32, x, t) for label in ("ours", "captum")}
             for bname, base in (("zero", None), ("black", jnp.full((28, 28, 1), float(x.min()), dtype))):
                 for label, svc in services(name, v, dtype, base):
+                    if rules is not None and svc.rule not in rules:
+                        continue
                     vg = vgs.get(label, vgs["ours"])
                     common = {"model": name, "dtype": np.dtype(dtype).name, "baseline": bname, "N": n}
                     naive = R.exact_plan(svc.rule, 50)
                     rows.append(row(label, svc, naive, x, t, vg, common))
                     rows.append(row(label, svc, R.best_plan(svc), x, t, vg, common))
                     print(rows[-2], "\n", rows[-1], flush=True)
+        if rules is not None:
+            continue
         rows += blur_rows(name, v32, ds, n, args.blur_sigma)
         if args.n_fixed:
             rows += fixed_rows(name, v32, ds, args.n_fixed, name in args.jump_models.split(","))
     command = "python scripts/services_table.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
+        if v is not None and v is not False)
+    if args.merge:
+        command, rows = merge_rows(args.out, command, rows)
     atomic_write_text(args.out, json.dumps({"command": command, "rows": rows}, indent=1))
     text = markdown(rows, command)
     print(text)
     if args.docs:
         write_docs(args.docs, text)
+
+
+ROW_KEY = ("model", "dtype", "baseline", "service", "rule", "plan")
+
+
+def merge_rows(path, command, new_rows):
+    """The rows of ``path`` with those matching a new row (same :data:`ROW_KEY`; a service's best plan matches its
+    earlier best plan whatever its name) replaced in place, the new ones appended; both commands named."""
+    with open(path) as fh:
+        old = json.load(fh)
+
+    def key(r):
+        plan_row = r["plan"] != "chain" and r["service"] != "ours, m fixed"
+        plan = ("ideal" if r["plan"] in ("paired-m50", "gl-midpoint") else "best") if plan_row else r["plan"]
+        return tuple(r.get(k) for k in ROW_KEY[:-1]) + (plan,)
+
+    fresh = {key(r): r for r in new_rows}
+    rows = [fresh.pop(key(r), r) for r in old["rows"]] + list(fresh.values())
+    return f"{old['command']}`, rows updated by `{command}", rows
 
 
 def write_docs(path, text):

@@ -132,21 +132,41 @@ def test_bitwise_shared_tells_dyadic_coincidences_from_ulp_ones():
     v = jr.init_variables("twolayer", jax.random.key(0), dtype=jnp.float64)
     right = CaptumIGService("twolayer", v, rule="riemann_right")
     left = CaptumIGService("twolayer", v, rule="riemann_left")
-    p_right, p_left = R.best_plan(right), R.best_plan(left)
+    p_right = R.best_plan(right)
     # Captum's float32 alpha_2(3) = 2 alpha_1(3) exactly: the paired m = 3 plan shares bit-identical points
     assert R.bitwise_shared(p_right, right.quadrature, jnp.float64)
-    # riemann_left's surviving plan only coincides to ulps (1.5 * 0.33333334f is not 0.5)
-    assert not R.bitwise_shared(p_left, left.quadrature, jnp.float64)
-    assert R.actual_residual(p_left, left.quadrature) <= 1e-12
+    # riemann_left's paired plans only coincide to ulps (1.5 * 0.33333334f is not 0.5) ...
+    paired = [p for m in range(3, 65)
+              if (p := R.realise_plan(R.exact_plan("riemann_left", m), left.quadrature)) is not None]
+    assert paired and not any(R.bitwise_shared(p, left.quadrature, jnp.float64) for p in paired)
+    assert R.actual_residual(paired[0], left.quadrature) <= 1e-12
+    # ... so the library searches the single-rounding plans: fl(0.75 * 4x) = fl(3x) = 0.5 * fl(6x)
+    p_left = R.best_plan(left)
+    assert p_left.name == "bitwise@service" and p_left.evaluations == 10
+    assert R.bitwise_shared(p_left, left.quadrature, jnp.float64)
+    assert R.actual_residual(p_left, left.quadrature) <= 1e-15
 
 
-def test_captum_gradient_is_the_twins_autograd_and_bitwise_plans_recover_it_on_max_pool_ties(mnist):
+def test_bitwise_plan_search_finds_the_riemann_left_plan_and_none_for_riemann_middle():
+    plan = R.bitwise_plan("riemann_left")
+    got = sorted((q.scale, q.steps, round(lam, 9)) for q, lam in zip(plan.queries, plan.coeffs))
+    assert got == [(2.0, 2, 1.0), (4.0, 2, -1.0), (4.0, 4, 2.0), (6.0, 2, -1.0)]
+    assert R.plan_residual(plan) <= 1e-15 and R.bitwise_shared(plan, lambda n: jr.quadrature("riemann_left", n))
+    # riemann_middle: the largest point of any plan is a top node (2n - 1) / (2n), never a power of two
+    assert R.bitwise_plan("riemann_middle") is None
+    assert R.bitwise_plan("riemann_middle", max_steps=12, odd_factors=(1, 3, 5, 7, 9, 11)) is None
+    # a rule with a power-of-two top node at n = 2 has one; a plan is exact on the ideal nodes
+    assert R.plan_residual(R.bitwise_plan("riemann_trapezoid")) <= 1e-15
+
+
+@pytest.mark.parametrize("rule", ["riemann_right", "riemann_left"])
+def test_captum_gradient_is_the_twins_autograd_and_bitwise_plans_recover_it_on_max_pool_ties(mnist, rule):
     """On MNIST's constant background LeNet's max-pool windows tie; PyTorch's conv breaks such ties by round-off,
     so a point one ulp away has another gradient. Bit-identical shared points recover the twin's VG exactly."""
     v = _biased(jr.init_variables("lenet", jax.random.key(0), dtype=jnp.float64), jnp.float64)
     x = jnp.asarray(jr.normalize(mnist.test_images[:3], dtype=np.float64))
     t = jnp.asarray(mnist.test_labels[:3])
-    svc = CaptumIGService("lenet", v, rule="riemann_right")
+    svc = CaptumIGService("lenet", v, rule=rule)
     g = svc.gradient(x, t)
     assert g.dtype == jnp.float64 and g.shape == x.shape
     xr = jax.random.normal(jax.random.key(2), x.shape, jnp.float64)  # no ties: the twin's VG is ours

@@ -19,13 +19,13 @@ from .random_steps import RandomStepsReport, recover_random_steps
 from .identify import Identification, identify_service, infer_baseline
 from .plans import (Query, QueryPlan, actual_residual, approx_plan, best_plan, exact_plan, minimal_plan, nobias_plan,
                     paper_plan, plan_measure, plan_residual, realise_plan, service_plan, telescoping_plan,
-                    bitwise_shared)
+                    bitwise_shared, bitwise_plan)
 from .recovery import attack, query_input, query_inputs, recover, recover_eq2, recover_eq3, recover_eq4
 from .services import AssumedBaseline, IGService, QueryBudgetExceeded, ServiceWrapper, SimulatedIGService, StepCountRefused
 
 __all__ = [
     "Query", "QueryPlan", "exact_plan", "minimal_plan", "nobias_plan", "approx_plan", "paper_plan",
-    "plan_residual", "plan_measure", "realise_plan", "actual_residual", "telescoping_plan", "service_plan", "bitwise_shared",
+    "plan_residual", "plan_measure", "realise_plan", "actual_residual", "telescoping_plan", "service_plan", "bitwise_shared", "bitwise_plan",
     "best_plan", "estimate_boundary_point", "recover_from_big", "BoundaryPointReport", "boundary_attributions",
     "BoundaryBaseline", "recover_fixed_steps", "FixedStepsReport", "recover_input_baseline", "ChainReport",
     "recover_from_outputs", "OutputsReport", "recover_random_steps", "RandomStepsReport", "lattice_attack", "lattice_queries", "LatticeReport", "identify_service", "infer_baseline", "Identification",

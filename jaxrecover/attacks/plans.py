@@ -397,13 +397,142 @@ def telescoping_plan(rule: str, quad=None, tau: float = 1e-12) -> QueryPlan:
                      f"no linear-region boundary on the ray within t < {tau:.2g} of the baseline")
 
 
+def _is_power_of_two(r: Fraction) -> bool:
+    return r > 0 and r.numerator & (r.numerator - 1) == 0 and r.denominator & (r.denominator - 1) == 0
+
+
+def _l1_support(cols, idx, costs):
+    """Columns of the basic solution of ``min sum cost |lambda|`` s.t. weight 1 at ``t = 1``, 0 elsewhere (an LP)."""
+    from scipy.optimize import linprog
+
+    keys = sorted({k for i in idx for k in cols[i]}, key=str)
+    row = {k: r for r, k in enumerate(keys)}
+    a_mat = np.zeros((len(keys), len(idx)))
+    for j, i in enumerate(idx):
+        for k, w in cols[i].items():
+            a_mat[row[k], j] = w
+    rhs = np.zeros(len(keys))
+    rhs[row[Fraction(1)]] = 1.0
+    c = np.asarray(costs, np.float64)
+    res = linprog(np.concatenate([c, c]), A_eq=np.hstack([a_mat, -a_mat]), b_eq=rhs, bounds=(0, None),
+                  method="highs")
+    if not res.success:
+        return None
+    lam = res.x[:len(idx)] - res.x[len(idx):]
+    return [i for i, v in zip(idx, lam) if abs(v) > 1e-12]
+
+
+def bitwise_plan(rule: str, quad=None, max_steps: int = 8, odd_factors=(1, 3, 5, 7),
+                 exponents=range(-3, 5)) -> QueryPlan | None:
+    """A cheapest exact plan whose shared points are bit-identical by construction, or None.
+
+    A service evaluates the point ``a * x_q`` with ``x_q = fl(c x)`` (zero
+    baseline): ONE rounding of ``(a c) x`` when the scale ``c`` or the node ``a``
+    is a power of two, so two such points with equal ``a c`` are the same
+    float64 vector for every ``x``; any other point is rounded twice and is
+    shared by no other query. Searches the queries ``(c, n)`` with
+    ``c = (p / q) 2^e`` (``p, q`` in ``odd_factors``, ``e`` in ``exponents``) and ``n <= max_steps``
+    on the nodes and weights ``quad(n)`` (default: the rule's ideal ones), for
+    coefficients giving weight 1 at ``t = 1`` and 0 at every other point: the
+    support of the cost-weighted L1 solution (a linear programme), then of greedy
+    removals (most gradient evaluations first; large, small or far-from-1 scales
+    first), the cheapest kept.
+
+    This finds plans the paired plans miss: Captum's ``riemann_left`` (no
+    paired plan shares its points bit-identically) has ``g(x) = T(2, 2) +
+    2 T(4, 4) - T(4, 2) - T(6, 2)`` (10 evaluations; ``fl(0.75 * 4x) = fl(3x) =
+    0.5 * fl(6x)``). ``riemann_middle`` has none, whatever the search space: the
+    LARGEST point of a plan must be ``x`` itself (a largest point is another
+    query's only if both have the same top node and scale), it is its query's
+    top node ``(2n - 1) / (2n)``, never a power of two, so its scale
+    ``2n / (2n - 1)`` is not one either and ``fl(a fl(c x)) != x`` in general.
+    Bit-identity with a non-zero baseline is not implied: check with :func:`bitwise_shared`.
+    """
+    get_rule(rule)
+    quad = quad or (lambda n: quadrature(rule, n))
+    scales = sorted({Fraction(o, q) * Fraction(2) ** e for o in odd_factors for q in odd_factors for e in exponents})
+    cols: list[dict] = []
+    queries: list[tuple[Fraction, int]] = []
+    for n in range(RULES[rule].min_steps, max_steps + 1):
+        nodes, weights = (np.asarray(v, np.float64) for v in quad(n))
+        for c in scales:
+            col: dict = {}
+            for a, w in zip(nodes, weights):
+                fa = Fraction(float(a))
+                key = Fraction(0) if fa == 0 else (c * fa if _is_power_of_two(c) or _is_power_of_two(fa)
+                                                   else ("twice", c, fa))
+                col[key] = col.get(key, 0.0) + float(w)
+            if Fraction(1) in col or any(isinstance(k, Fraction) for k in col):
+                cols.append(col)
+                queries.append((c, n))
+    # a point no other candidate shares forces its query's coefficient to 0: prune to a fixed point
+    alive = list(range(len(cols)))
+    while True:
+        owners: dict = {}
+        for i in alive:
+            for k in cols[i]:
+                owners.setdefault(k, []).append(i)
+        drop = {i for k, own in owners.items() if len(own) == 1 and k != Fraction(1) for i in own}
+        if not drop:
+            break
+        alive = [i for i in alive if i not in drop]
+
+    def solve(idx):
+        if not idx or not any(Fraction(1) in cols[i] for i in idx):
+            return None
+        keys = sorted({k for i in idx for k in cols[i]}, key=str)
+        row = {k: r for r, k in enumerate(keys)}
+        a_mat = np.zeros((len(keys), len(idx)))
+        for j, i in enumerate(idx):
+            for k, w in cols[i].items():
+                a_mat[row[k], j] = w
+        rhs = np.zeros(len(keys))
+        rhs[row[Fraction(1)]] = 1.0
+        lam, *_ = np.linalg.lstsq(a_mat, rhs, rcond=None)
+        return lam if np.max(np.abs(a_mat @ lam - rhs)) <= 1e-12 else None
+
+    if solve(alive) is None:
+        return None
+    cost = lambda idx: sum(num_evaluations(rule, queries[i][1]) for i in idx)  # noqa: E731
+    best = _l1_support(cols, alive, [num_evaluations(rule, queries[i][1]) for i in alive])
+    best = best if best is not None and solve(best) is not None else None
+    orders = (lambda c: -c, lambda c: c, lambda c: -abs(np.log2(float(c))))  # large, small, far-from-1 scales first
+    for order in orders:  # greedy removal, costliest queries first; keep the cheapest result
+        left = list(alive)
+        for i in sorted(alive, key=lambda i: (-num_evaluations(rule, queries[i][1]), order(queries[i][0]))):
+            trial = [j for j in left if j != i]
+            if solve(trial) is not None:
+                left = trial
+        if best is None or cost(left) < cost(best):
+            best = left
+    lam = solve(best)
+    keep = [(queries[i], float(v)) for i, v in zip(best, lam) if abs(v) > 1e-14]
+    return QueryPlan(rule, tuple(Query(float(c), n) for (c, n), _ in keep), tuple(v for _, v in keep), True,
+                     "bitwise", "zero baseline (with another baseline, check bitwise_shared)")
+
+
+def _quadrature_table(quad, rule, max_steps: int = 8) -> tuple:
+    out = []
+    for n in range(RULES[rule].min_steps, max_steps + 1):
+        nodes, weights = quad(n)
+        out.append((tuple(float(v) for v in nodes), tuple(float(v) for v in weights)))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _bitwise_plan_cached(rule: str, table: tuple) -> QueryPlan | None:
+    first = RULES[rule].min_steps
+    return bitwise_plan(rule, lambda n: table[n - first], max_steps=first + len(table) - 1)
+
+
 def service_plan(service, max_steps: int = 64) -> QueryPlan:
     """The cheapest plan that is exact on ``service``'s ACTUAL nodes and weights (:meth:`IGService.quadrature`).
 
     Tries :func:`exact_plan` for every first step count up to ``max_steps``,
     re-solved on the service's nodes by :func:`realise_plan`, and returns the
     one with the fewest gradient evaluations whose shared points are
-    bit-identical in the service's arithmetic (:func:`bitwise_shared`); else
+    bit-identical in the service's arithmetic (:func:`bitwise_shared`), or, when
+    none is, the :func:`bitwise_plan` of the service's nodes; else
     the cheapest whose points coincide to float64 round-off; for a float32 service, next the cheapest whose points coincide
     to float32 round-off (its query inputs are float32 anyway); and only when
     no exact plan survives the service's rounding, the :func:`telescoping_plan`.
@@ -436,7 +565,13 @@ def service_plan(service, max_steps: int = 64) -> QueryPlan:
     # float32 service) to float32 round-off
     f64 = sorted(candidates.get("float64", []), key=lambda p: p.evaluations)
     f32 = sorted(candidates.get("float32", []), key=lambda p: p.evaluations)
-    tiers = [[p for p in f64 if bitwise_shared(p, service.quadrature, service.dtype, baseline)], f64,
+    bitwise = [p for p in f64 if bitwise_shared(p, service.quadrature, service.dtype, baseline)]
+    if not bitwise:  # no paired plan shares its points bit-identically: search the single-rounding plans
+        found = _bitwise_plan_cached(rule, _quadrature_table(service.quadrature, rule))
+        if found is not None and bitwise_shared(found, service.quadrature, service.dtype, baseline):
+            bitwise = [dataclasses.replace(found, name="bitwise@service", assumption="the service's actual nodes "
+                                           "and weights; shared points bit-identical")]
+    tiers = [bitwise, f64,
              [p for p in f32 if bitwise_shared(p, service.quadrature, service.dtype, baseline)], f32]
     for tier in tiers:
         if tier:
