@@ -262,6 +262,7 @@ def _metadata(config, ds, epochs_done, test_acc, n_train, n_test, seconds, train
         "split": ds.split,
         "seed": config.seed,
         "epochs": epochs_done,
+        "planned_epochs": config.resolved_epochs(),
         "test_accuracy": test_acc,
         "train_size": n_train,
         "test_size": n_test,

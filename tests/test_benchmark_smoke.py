@@ -53,3 +53,10 @@ def test_profile_script_names_the_expensive_thunks():
     assert len(rows) == 3, r.stdout
     assert any("conv_general_dilated" in row for row in rows), r.stdout  # conv2 dominates LeNet
     assert all(float(row.split("|")[2]) > 0 for row in rows), r.stdout
+
+
+def test_sparse_primitives_benchmark_checks_its_identity_and_prints_the_table():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_sparse_primitives.py"), "--switching", "16",
+                        "--repeats", "1", "--dtypes", "float64"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| 50 transposed convs (today's backward) |" in r.stdout and "| gather 16 patches + dot |" in r.stdout

@@ -225,3 +225,23 @@ def test_figures_are_saved_whole_and_closed(tmp_path):
     out = atomic_savefig(fig, tmp_path / "f.png", dpi=50)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["f.png"] and not plt.fignum_exists(fig.number)
+
+
+def test_an_interrupted_training_is_finished_before_it_is_evaluated(tmp_path, tiny):
+    """A per-epoch checkpoint of an interrupted run used to be evaluated as if trained (a 4-of-15-epoch LeNet)."""
+    import json
+
+    from jaxrecover.checkpoint import load_metadata
+    from jaxrecover.protocol.evaluation import _load_or_train
+
+    ckpt = tmp_path / "twolayer"
+    train_and_evaluate(TrainConfig(model="twolayer", epochs=1), ckpt, dataset=tiny, progress=False)
+    meta = load_metadata(ckpt)
+    assert meta["epochs"] == 1 and meta["planned_epochs"] == 1
+    # what an interruption after the first of two epochs leaves behind
+    path = ckpt / "checkpoint" / "metadata.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "planned_epochs": 2}))
+    with pytest.raises(CheckpointError, match=r"unfinished \(1 of 2 epochs\).*--epochs 2"):
+        _load_or_train(EvalConfig(checkpoints=str(tmp_path), train_missing=False), "twolayer", tiny, False)
+    name, variables, meta = _load_or_train(EvalConfig(checkpoints=str(tmp_path)), "twolayer", tiny, False)
+    assert name == "twolayer" and meta["epochs"] == 2 and load_metadata(ckpt)["epochs"] == 2
