@@ -60,3 +60,13 @@ def test_sparse_primitives_benchmark_checks_its_identity_and_prints_the_table():
                         "--repeats", "1", "--dtypes", "float64"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| 50 transposed convs (today's backward) |" in r.stdout and "| gather 16 patches + dot |" in r.stdout
+
+
+def test_switching_backward_benchmark_is_exact_and_prints_its_table():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_switching_backward.py"), "--n", "1",
+                        "--rounds", "1", "--checkpoint", "none", "--capacity", "21632"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    err = float(r.stdout.split("relative error against jr.IG: ")[1].split()[0])
+    assert err <= 1e-12, r.stdout  # the one-transposed-convolution backward is IG to round-off (float64)
+    assert "| switching backward |" in r.stdout and "| engine IG (jr.explain, affine stem) |" in r.stdout
