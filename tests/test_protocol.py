@@ -263,3 +263,12 @@ def test_results_doc_second_dataset_section_compares_with_mnist(tmp_path):
     assert "| twolayer | float64 | Table 3 (eq. 4) | 4.6e-14 | 4.4e-14 | 9.2e-14 | 8.8e-14 |" in text
     assert "not run yet for twolayer_nobias, lenet_nobias, lenet, resnet18" in text
     assert "idx:/nowhere n/a" in text  # a dataset that does not load is said, not guessed
+    assert "ResNet18 answer" not in text
+    # with ResNet18 (and its batch-statistics ablation) the precision study is repeated for the second dataset
+    r18 = [dict(record("idx:/nowhere", 0.9, b), model="resnet18", dtype=d) for d, b in (("float32", 2e-6),
+                                                                                        ("float64", 3e-14))]
+    abl = [dict(r, results={"B": {"mean": 1.1, "var": 0.0, "median": 1.1, "max": 1.5}}) for r in r18]
+    text = "\n".join(mod.second_dataset_section([record("mnist", 0.9655, 4.6e-14)], r18, second_dir, abl))
+    assert "### The ResNet18 answer on idx:/nowhere" in text and "#### The precision study" in text
+    assert "Experiment B, ResNet18: float32 mean 2e-06, float64 mean 3e-14" in text
+    assert "##### Ablation: BatchNorm on batch statistics" in text and "float64 does not remove it" in text
