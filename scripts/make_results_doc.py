@@ -58,6 +58,40 @@ def _background_fraction(spec: str) -> float | None:
         return None
 
 
+def _readings(main: list, second: list, ds: str, bg: dict) -> list[str]:
+    """Bullets of what moved between the datasets, every number read from the records."""
+    def pair(model, dtype, exp, stat):
+        return _get(main, model, dtype, exp, stat), _get(second, model, dtype, exp, stat)
+
+    models = [m for m in dict.fromkeys(r["model"] for r in second) if any(r["model"] == m for r in main)]
+    out = ["Read from the tables above (MNIST -> " + ds + "):", ""]
+    if bg.get("mnist") is not None and bg.get(ds) is not None:
+        out.append(f"* Background: {bg['mnist']:.1%} of MNIST's test pixels are 0 (the baseline), {bg[ds]:.1%} of "
+                   f"{ds}'s (max-pool ties come from such constant windows).")
+    t1 = [(m, *pair(m, "float64", "table1", "mean")) for m in models]
+    out.append("* VG vs IG_50 (Table 1, float64 mean): " + "; ".join(
+        f"{m} {_fmt(a)} -> {_fmt(b)}" for m, a, b in t1 if a is not None and b is not None) + ".")
+    exact = [(m, e, *pair(m, "float64", e, "mean")) for m in models for e in ("A", "B")]
+    exact = [(m, e, a, b) for m, e, a, b in exact if a is not None and b is not None]
+    if exact:
+        worst = max(max(a, b) for _, _, a, b in exact)
+        out.append("* The exact recoveries in float64 " + ("stay at round-off on both datasets" if worst < 1e-10 else
+                                                          f"reach {_fmt(worst)} at worst") + " (mean, "
+                   + "; ".join(f"{m} {EXPERIMENT_NAMES[e].split(' (')[1].rstrip(')')} {_fmt(a)} -> {_fmt(b)}"
+                               for m, e, a, b in exact) + ").")
+    f32 = [(m, e, *pair(m, "float32", e, "max")) for m in models for e in ("A", "B")]
+    f32 = [(m, e, a, b) for m, e, a, b in f32 if a is not None and b is not None]
+    if f32:
+        out.append("* float32 worst images (max distance): " + "; ".join(
+            f"{m} {EXPERIMENT_NAMES[e].split(' (')[1].rstrip(')')} {_fmt(a)} -> {_fmt(b)}" for m, e, a, b in f32) + ".")
+    c = [(m, *pair(m, "float64", "C", "mean")) for m in models]
+    c = [(m, a, b) for m, a, b in c if a is not None and b is not None]
+    if c:
+        out.append("* The approximation eq. (3) (float64 mean): " + "; ".join(f"{m} {_fmt(a)} -> {_fmt(b)}"
+                                                                                 for m, a, b in c) + ".")
+    return out
+
+
 def second_dataset_section(main: list, second: list, second_dir: Path, second_abl: list | None = None) -> list[str]:
     """The Fashion-MNIST section: accuracies beside MNIST's, the same tables, and what changed, all from JSON."""
     from jaxrecover.models import MODEL_NAMES
@@ -92,7 +126,7 @@ def second_dataset_section(main: list, second: list, second_dir: Path, second_ab
                 a, b = r1["results"][e], r2["results"][e]
                 lines.append(f"| {r2['model']} | {r2['dtype']} | {name} | {_fmt(a['mean'])} | {_fmt(b['mean'])} | "
                              f"{_fmt(a['max'])} | {_fmt(b['max'])} |")
-    lines += ["", markdown_report(second)]
+    lines += ["", *_readings(main, second, ds, bg), "", markdown_report(second)]
     if any(r["model"] == "resnet18" for r in second):
         lines += [f"### The ResNet18 answer on {ds}", ""] + resnet18_study(second, second_abl or [], "####")
     return lines
