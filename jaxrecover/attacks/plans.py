@@ -401,10 +401,8 @@ def _is_power_of_two(r: Fraction) -> bool:
     return r > 0 and r.numerator & (r.numerator - 1) == 0 and r.denominator & (r.denominator - 1) == 0
 
 
-def _l1_support(cols, idx, costs):
-    """Columns of the basic solution of ``min sum cost |lambda|`` s.t. weight 1 at ``t = 1``, 0 elsewhere (an LP)."""
-    from scipy.optimize import linprog
-
+def _weight_system(cols, idx):
+    """``(A, e)``: ``A[p, j]`` the weight column ``idx[j]`` puts on point ``p``, ``e`` 1 at ``t = 1`` (key 1)."""
     keys = sorted({k for i in idx for k in cols[i]}, key=str)
     row = {k: r for r, k in enumerate(keys)}
     a_mat = np.zeros((len(keys), len(idx)))
@@ -413,6 +411,14 @@ def _l1_support(cols, idx, costs):
             a_mat[row[k], j] = w
     rhs = np.zeros(len(keys))
     rhs[row[Fraction(1)]] = 1.0
+    return a_mat, rhs
+
+
+def _l1_support(cols, idx, costs):
+    """Columns of the basic solution of ``min sum cost |lambda|`` s.t. weight 1 at ``t = 1``, 0 elsewhere (an LP)."""
+    from scipy.optimize import linprog
+
+    a_mat, rhs = _weight_system(cols, idx)
     c = np.asarray(costs, np.float64)
     res = linprog(np.concatenate([c, c]), A_eq=np.hstack([a_mat, -a_mat]), b_eq=rhs, bounds=(0, None),
                   method="highs")
@@ -480,14 +486,7 @@ def bitwise_plan(rule: str, quad=None, max_steps: int = 8, odd_factors=(1, 3, 5,
     def solve(idx):
         if not idx or not any(Fraction(1) in cols[i] for i in idx):
             return None
-        keys = sorted({k for i in idx for k in cols[i]}, key=str)
-        row = {k: r for r, k in enumerate(keys)}
-        a_mat = np.zeros((len(keys), len(idx)))
-        for j, i in enumerate(idx):
-            for k, w in cols[i].items():
-                a_mat[row[k], j] = w
-        rhs = np.zeros(len(keys))
-        rhs[row[Fraction(1)]] = 1.0
+        a_mat, rhs = _weight_system(cols, idx)
         lam, *_ = np.linalg.lstsq(a_mat, rhs, rcond=None)
         return lam if np.max(np.abs(a_mat @ lam - rhs)) <= 1e-12 else None
 

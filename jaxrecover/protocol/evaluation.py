@@ -73,23 +73,17 @@ def _checkpoint_dir(cfg: EvalConfig, model: str) -> Path:
     return Path(cfg.checkpoints) / f"{model}{suffix}"
 
 
-def _unfinished(ckpt: Path) -> tuple[int, int] | None:
-    """``(epochs done, epochs planned)`` of a checkpoint whose training was interrupted, else None (checkpoints
-    written before ``planned_epochs`` was recorded count as finished)."""
-    meta = load_metadata(ckpt)
-    done, planned = int(meta.get("epochs", 0)), int(meta.get("planned_epochs", 0))
-    return (done, planned) if done < planned else None
-
-
 def _load_or_train(cfg: EvalConfig, model: str, dataset, progress: bool):
     ckpt = _checkpoint_dir(cfg, model)
-    if checkpoint_exists(ckpt) and (left := _unfinished(ckpt)) is not None:
+    meta = load_metadata(ckpt) if checkpoint_exists(ckpt) else {}
+    # checkpoints written before planned_epochs was recorded count as finished
+    done, planned = int(meta.get("epochs", 0)), int(meta.get("planned_epochs", 0))
+    if meta and done < planned:
         # an interrupted training run: finish it (its own settings; a mismatch is train_and_evaluate's error)
         if jax.process_count() > 1 or not cfg.train_missing:
-            raise CheckpointError(f"the checkpoint in {ckpt} is unfinished ({left[0]} of {left[1]} epochs); finish "
-                                  f"it (python train.py --model {model} --epochs {left[1]} --out {ckpt}) first")
-        meta = load_metadata(ckpt)
-        train_and_evaluate(TrainConfig(model=model, dataset=cfg.dataset, epochs=left[1], seed=meta.get("seed", cfg.seed),
+            raise CheckpointError(f"the checkpoint in {ckpt} is unfinished ({done} of {planned} epochs); finish "
+                                  f"it (python train.py --model {model} --epochs {planned} --out {ckpt}) first")
+        train_and_evaluate(TrainConfig(model=model, dataset=cfg.dataset, epochs=planned, seed=meta.get("seed", cfg.seed),
                                        max_train=meta.get("max_train")), ckpt, dataset=dataset, progress=progress)
     if not checkpoint_exists(ckpt):
         if jax.process_count() > 1:
