@@ -18,7 +18,8 @@ from .pattern_store import fitted_patterns, load_patterns, save_patterns  # noqa
 from .attacks import (AssumedBaseline, IGService, Query, QueryBudgetExceeded, QueryPlan, ServiceWrapper,  # noqa: E402
                       SimulatedIGService, StepCountRefused, approx_plan, attack, best_plan, exact_plan,
                       identify_service, minimal_plan, nobias_plan, paper_plan, plan_residual, query_inputs, recover,
-                      recover_eq2, recover_eq3, recover_eq4, recover_fixed_steps, recover_from_outputs,
+                      recover_eq2, recover_eq3, recover_eq4, recover_fixed_steps, recover_fixed_steps_from_kinks,
+                      recover_from_outputs,
                       recover_input_baseline, recover_random_steps, service_plan, extract_two_layer,
                       boundary_attributions, BoundaryBaseline, recover_from_big)
 from .data import Dataset, load_dataset, normalize  # noqa: E402
@@ -46,7 +47,7 @@ __all__ = [
     "Query", "QueryPlan", "exact_plan", "minimal_plan", "paper_plan", "nobias_plan", "approx_plan",
     "plan_residual", "query_inputs", "recover", "recover_eq2", "recover_eq3", "recover_eq4", "attack",
     "IGService", "SimulatedIGService", "ServiceWrapper", "AssumedBaseline", "QueryBudgetExceeded", "StepCountRefused",
-    "service_plan", "best_plan", "recover_fixed_steps", "identify_service", "recover_from_outputs",
+    "service_plan", "best_plan", "recover_fixed_steps", "recover_fixed_steps_from_kinks", "identify_service", "recover_from_outputs",
     "recover_input_baseline", "recover_random_steps", "extract_two_layer", "BoundaryBaseline", "recover_from_big",
     # metrics
     "normalized_distance", "cosine_similarity", "relative_error", "spearman", "top_fraction_overlap", "summarize",

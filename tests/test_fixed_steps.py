@@ -43,6 +43,46 @@ def test_fixed_step_recovery_respects_the_budget():
     assert svc.queries <= 20
 
 
+@pytest.mark.parametrize("kind,rule", [("dense2", "riemann_right"), ("conv", "gausslegendre"),
+                                       ("conv", "riemann_right"), ("dense4", "riemann_trapezoid")])
+def test_fixed_step_recovery_from_kinks_is_exact(kind, rule):
+    """The kinks of the reported outputs locate every breakpoint; each jump is a difference of two answers."""
+    logit_fn, p, shape = make_net(kind, jax.random.key(5), bias=True)
+    x = jax.random.normal(jax.random.key(6), (3, *shape), jnp.float64)
+    t = jnp.array([0, 1, 2])
+    b = 0.1 * jax.random.normal(jax.random.key(7), shape, jnp.float64)
+    svc = jr.SimulatedIGService(logit_fn, p, rule=rule, steps=50, fixed_steps=True, baseline=b)
+    vg, mask, rep = R.recover_fixed_steps_from_kinks(svc, x, t, grid=2048)
+    truth = jr.explain(jr.VG(), logit_fn, p, x, t)
+    assert vg.dtype == jnp.float64 and bool(mask.all())
+    assert _rel(vg, truth) <= 1e-12, rep
+    assert min(rep.kinks) > 0 and max(rep.slope_residual) <= 1e-9 and max(rep.check_residual) <= 1e-12
+    assert svc.queries == sum(rep.queries) == sum(rep.explanations) + sum(rep.values)
+    # far fewer explanations than the bisection's answers, the rest are output values (forward passes)
+    assert max(rep.explanations) <= 2 * max(rep.kinks) + 2 + 4
+
+
+def test_kinks_recovery_needs_output_values_and_a_fixed_baseline():
+    logit_fn, p, shape = make_net("dense2", jax.random.key(5), bias=True)
+    x = jax.random.normal(jax.random.key(6), (1, *shape), jnp.float64)
+    svc = jr.SimulatedIGService(logit_fn, p, steps=50, fixed_steps=True, budget=100)
+    with pytest.raises(R.QueryBudgetExceeded):  # the grid of output values is charged
+        R.recover_fixed_steps_from_kinks(svc, x, jnp.array([0]), grid=512)
+    with pytest.raises(TypeError, match="cast x"):
+        R.recover_fixed_steps_from_kinks(svc, x.astype(jnp.float32), jnp.array([0]))
+
+
+def test_kinks_recovery_reports_a_breakpoint_it_cannot_see():
+    """A tolerance that hides the kinks leaves a decoded profile that the checks reject (nothing silently wrong)."""
+    logit_fn, p, shape = make_net("dense2", jax.random.key(5), bias=True)
+    x = jax.random.normal(jax.random.key(6), (1, *shape), jnp.float64)
+    svc = jr.SimulatedIGService(logit_fn, p, steps=50, fixed_steps=True)
+    vg, _, rep = R.recover_fixed_steps_from_kinks(svc, x, jnp.array([0]), grid=512, tol=1e3)
+    truth = jr.explain(jr.VG(), logit_fn, p, x, jnp.array([0]))
+    assert rep.kinks == [0] and _rel(vg, truth) > 1e-3
+    assert rep.slope_residual[0] > 1e-3 and rep.check_residual[0] > 1e-3
+
+
 # ----------------------------------------------------------------------------------------- identification
 @pytest.mark.parametrize("rule,steps,fixed", [("riemann_middle", 50, False), ("gausslegendre", 50, False),
                                               ("riemann_right", 50, False), ("saliency", 25, False),

@@ -12,6 +12,7 @@ from .clone import CLONE_KINDS, CloneData, clone_metrics, train_clone, victim_re
 from .extraction import (Extraction, ExtractionIncomplete, canonical_two_layer, extract_two_layer, extraction_fidelity,
                          two_layer_logits, two_layer_variables)
 from .fixed_steps import FixedStepsReport, recover_fixed_steps
+from .kinks import KinkReport, recover_fixed_steps_from_kinks
 from .lattice import LatticeReport, lattice_attack, lattice_queries
 from .input_baseline import ChainReport, recover_input_baseline
 from .outputs import OutputsReport, recover_from_outputs
@@ -27,7 +28,7 @@ __all__ = [
     "Query", "QueryPlan", "exact_plan", "minimal_plan", "nobias_plan", "approx_plan", "paper_plan",
     "plan_residual", "plan_measure", "realise_plan", "actual_residual", "telescoping_plan", "service_plan", "bitwise_shared", "bitwise_plan",
     "best_plan", "estimate_boundary_point", "recover_from_big", "BoundaryPointReport", "boundary_attributions",
-    "BoundaryBaseline", "recover_fixed_steps", "FixedStepsReport", "recover_input_baseline", "ChainReport",
+    "BoundaryBaseline", "recover_fixed_steps", "FixedStepsReport", "recover_fixed_steps_from_kinks", "KinkReport", "recover_input_baseline", "ChainReport",
     "recover_from_outputs", "OutputsReport", "recover_random_steps", "RandomStepsReport", "lattice_attack", "lattice_queries", "LatticeReport", "identify_service", "infer_baseline", "Identification",
     "query_input", "query_inputs", "recover", "recover_eq2", "recover_eq3", "recover_eq4", "attack",
     "IGService", "SimulatedIGService", "ServiceWrapper", "AssumedBaseline", "QueryBudgetExceeded", "StepCountRefused",
