@@ -25,7 +25,7 @@ a bracket or lies inside one:
 so no error is carried from one jump to the next (solving for the gradient
 gap after gap instead, ``G_k = (T(s_k) - lower echoes) / w_top``, is a
 deconvolution whose errors grow by ``sum w_j / w_top`` per step: 49x for
-riemann_right, ~550x for gausslegendre's small end weights; measured unstable
+riemann_right, ~690x for gausslegendre's small end weights; measured unstable
 on a small conv net). Where every pair has other echoes crossing, brackets
 below ``k`` are allowed and their (already read) jumps subtracted. Then
 ``VG = g(0+) + sum_{t_k < 1} Delta_k`` with ``g(0+) = T(s_0) / sum_j w_j`` for
