@@ -70,7 +70,8 @@ def _fmt(col, v):
     if col in ("mean", "max", "slope_res", "check_res") and v != "":
         return f"{v:.2e}"
     if isinstance(v, float):
-        return f"{v:.0f}" if col in ("kinks", "explanations", "values") else f"{v:.3g}"
+        return f"{v:.0f}" if col in ("kinks", "explanations", "values") or (col == "wall_s" and v >= 10) \
+            else f"{v:.3g}"
     return str(v)
 
 

@@ -325,7 +325,7 @@ def recover_fixed_steps_from_kinks(service, x, target, *, grid: int = 16384, tol
       x: ``[N, ...]`` inputs in the service's dtype; target: ``[N]`` classes.
       grid: segments of the first grid of ``phi`` (a few per breakpoint is enough; runs of several kinks are
         resampled).
-      tol: round-off of one output value, relative to ``max |phi|`` (default ``16 eps``: measured on trained LeNet, float64, the second differences of phi away from kinks stay below 5 eps max|phi|).
+      tol: round-off of one output value, relative to ``max |phi|`` (default ``16 eps``, a few times the round-off of phi's second differences away from kinks on trained LeNet).
       checks: extra answers at random scales that verify the decoded profile.
       chunk: output values per service call.
       seed: seed of the check scales.
