@@ -203,6 +203,34 @@ def test_9_figures_show_every_run_written_into_one_out(tmp_path):
     assert "| twolayer_nobias | mnist (4) | float64 |" in report and "| twolayer | mnist (4) | float64 |" in report
 
 
+def test_9_a_run_without_its_figure_arrays_keeps_the_figure_of_every_model(tmp_path, monkeypatch):
+    """A checkout holds every run's JSON but only some *.fig4.npz: the full Figure 4 is not redrawn from a few."""
+    import warnings
+
+    from PIL import Image
+
+    common = dict(dtypes=("float64",), n=4, steps=4, checkpoints=str(tmp_path / "ckpt"), out=str(tmp_path / "out"),
+                  epochs=1, max_train=128, chunk_size=4, fig5_n=4)
+    evaluate(EvalConfig(models=("twolayer_nobias", "twolayer"), **common), progress=False)
+    out = tmp_path / "out"
+    full = (out / "fig4_float64.png").read_bytes()
+    (out / "twolayer_nobias_float64_faithful_n4_m4.fig4.npz").unlink()
+    from jaxrecover.protocol import figures
+
+    drawn5 = []
+    real5 = figures.figure5
+    monkeypatch.setattr(figures, "figure5",
+                        lambda per_model, *a: drawn5.append(sorted(per_model)) or real5(per_model, *a))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate(EvalConfig(models=("twolayer",), **common), progress=False)
+    assert (out / "fig4_float64.png").read_bytes() == full  # left as it was
+    assert any("twolayer_nobias_float64_faithful_n4_m4.fig4.npz not in" in str(w.message) for w in caught)
+    with Image.open(out / "fig4_float64_twolayer.png") as im, Image.open(out / "fig4_float64.png") as whole:
+        assert im.height < whole.height  # twolayer's two rows only
+    assert drawn5 == [["twolayer", "twolayer_nobias"]]  # Figure 5 comes from the JSON of both runs
+
+
 def test_marked_block_is_replaced_and_the_rest_kept(tmp_path):
     from jaxrecover.fileio import write_marked_block
     doc = tmp_path / "DOC.md"

@@ -5,7 +5,8 @@ of :mod:`jaxrecover.experiments` on the first N test images, and writes
 
 * ``OUT/<model>_<dtype>_<mode>_n<N>_m<m>.json`` - one file per run;
 * ``OUT/<model>_<dtype>_<mode>_n<N>_m<m>.fig4.npz`` - the Figure 4 arrays of that run;
-* ``OUT/fig4_<dtype>.png`` and ``OUT/fig5_<dtype>.png`` - the figures, of every run in ``OUT``;
+* ``OUT/fig4_<dtype>.png`` and ``OUT/fig5_<dtype>.png`` - the figures, of every run in ``OUT`` (see
+  :func:`_draw_figures` for a folder whose runs lack their Figure 4 arrays);
 * ``OUT/report.md`` - the tables, ours beside the paper's, built from the JSON.
 
 Runs resume: distances are saved after every chunk to a ``.partial.npz``
@@ -21,6 +22,7 @@ import functools
 import hashlib
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -214,30 +216,44 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
 def _draw_figures(out: Path, steps: int, a: float) -> None:
     """Figures 4 and 5 of EVERY run in ``out`` with this m and a (several evaluate calls may share ``out``).
 
-    Per model and dtype the run with the most images is shown.
+    Per model and dtype the run with the most images is shown. Figure 5 is drawn
+    from the runs' JSON (which carries its summary). Figure 4 needs each run's
+    ``<run>.fig4.npz``; where some run of a dtype lacks it (a checkout that has
+    the JSON but not the arrays), the models that have it are drawn to
+    ``fig4_<dtype>_<models>.png`` and ``fig4_<dtype>.png`` is left as it was, so
+    a partial rerun never replaces a figure of every model by one of a few.
     """
     from .figures import figure4, figure5
 
     runs = {}
-    for fig_path in out.glob("*.fig4.npz"):
-        json_path = out / (fig_path.name.removesuffix(".fig4.npz") + ".json")
+    for json_path in out.glob("*.json"):
         try:
             rec = json.loads(json_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            continue  # a figure file without its result: not shown
-        if rec.get("steps") != steps or rec.get("a") != a or rec.get("mode") == "bn-batch-stats":
+            continue  # not a result: not shown
+        if not isinstance(rec, dict) or "fig5" not in rec or rec.get("steps") != steps or rec.get("a") != a \
+                or rec.get("mode") == "bn-batch-stats":
             continue
         key = (rec["model"], rec["dtype"])
         if key not in runs or rec["n"] > runs[key][0]["n"]:
-            runs[key] = (rec, fig_path)
+            runs[key] = (rec, json_path.with_suffix(".fig4.npz"))
     order = {m: i for i, m in enumerate(MODEL_NAMES)}
     for dtype in sorted({d for _, d in runs}):
         keys = sorted((k for k in runs if k[1] == dtype), key=lambda k: order.get(k[0], 99))
         per_model = {}
         for k in keys:
-            with np.load(runs[k][1]) as z:
-                per_model[k[0]] = (z["x"], {name: z[name] for name in z.files if name != "x"})
-        figure4(per_model, out / f"fig4_{dtype}.png", dtype, steps, a)
+            if runs[k][1].exists():
+                with np.load(runs[k][1]) as z:
+                    per_model[k[0]] = (z["x"], {name: z[name] for name in z.files if name != "x"})
+        missing = [k for k in keys if k[0] not in per_model]
+        if not missing:
+            figure4(per_model, out / f"fig4_{dtype}.png", dtype, steps, a)
+        elif per_model:
+            name = f"fig4_{dtype}_{'_'.join(per_model)}.png"
+            figure4(per_model, out / name, dtype, steps, a)
+            warnings.warn(f"Figure 4 ({dtype}): {', '.join(runs[k][1].name for k in missing)} not in {out}; drew "
+                          f"{name} and left fig4_{dtype}.png as it was (rerun evaluate.py for "
+                          f"{', '.join(k[0] for k in missing)} to redraw it)", stacklevel=2)
         figure5({k[0]: runs[k][0]["fig5"] for k in keys}, out / f"fig5_{dtype}.png", dtype)
 
 
