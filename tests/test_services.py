@@ -75,7 +75,12 @@ def test_service_aware_plan_recovers_vg_from_captum_float64(twolayer64, rule):
     naive = R.exact_plan(rule, 50)
     if rule != "gausslegendre":  # the ideal plan on Captum's float32 nodes/weights does not cancel
         assert R.actual_residual(naive, svc.quadrature) > 1e-9
-    assert R.actual_residual(plan, svc.quadrature) <= 1e-12 or plan.name.startswith("telescoping")
+    if plan.exact:
+        assert R.actual_residual(plan, svc.quadrature) <= 1e-12
+    else:  # riemann_middle: no plan keeps its shared points on Captum's float32 nodes; the cheapest that does so
+        # to float32 round-off (5 evaluations), with its assumption stated, before the 54-evaluation telescoping
+        assert rule == "riemann_middle" and plan.name.endswith("~f32") and plan.evaluations == 5
+        assert "boundary" in plan.assumption
 
 
 def test_captum_service_float32_and_softmax(twolayer64):
