@@ -146,9 +146,13 @@ def test_12_corrupt_metadata_and_sigint_are_one_line(tmp_path, trained):
     assert r.returncode == 2 and "metadata" in r.stderr and "corrupt" in r.stderr and "Traceback" not in r.stderr
     # 100 epochs: still training after 20 s however warm the caches are (with the default epochs a warm machine
     # finished before the signal came, and the test saw exit code 0)
+    # the child gets SIGINT's default action whatever this test inherited: a shell starts a job in the background
+    # ('&') with SIGINT ignored, its children inherit that and Python then installs no KeyboardInterrupt handler
+    # (a CI dry run started with '&' saw train.py train to the end: exit 0)
     p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--model", "lenet", "--max-train", "2048",
                           "--epochs", "100", "--out", str(tmp_path / "sig"), "--quiet"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(20)
     # a SIGINT that lands inside XLA's compiler is handled when it returns (minutes on a loaded 2-core machine);
     # press Ctrl-C again every 20 s, as a user would, for up to 10 minutes
