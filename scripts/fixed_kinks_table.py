@@ -127,7 +127,7 @@ def main():
                                  ("kinks + jump pairs", lambda: kink_row(name, v, x, t, vg, rule, args.grid))):
                 done = [r for r in old if r["method"] == method and all(_get(r, k) == c for k, c in common.items())]
                 rows.append(done[0] if done else {**common, **make()})
-                print({k: rows[-1][k] for k in COLS}, flush=True)
+                print({k: rows[-1].get(k, "") for k in COLS}, flush=True)
                 keep = [r for r in old if not any(all(_get(r, k) == _get(q, k) for k in (*common, "method"))
                                                   for q in rows)]
                 atomic_write_text(args.out, json.dumps({"commands": commands, "rows": keep + rows}, indent=1))
