@@ -62,6 +62,20 @@ def test_fixed_step_recovery_from_kinks_is_exact(kind, rule):
     assert max(rep.explanations) <= 2 * max(rep.kinks) + 2 + 4
 
 
+def test_kinks_merges_every_unisolated_bracket_in_one_pass():
+    """Brackets no pair of queries isolates are merged into their nearer neighbour, all in one pass (the pairs
+    are recomputed once per pass, not once per merge); one next to a merge waits for the next pass."""
+    from jaxrecover.attacks.kinks import _merge
+
+    lo = np.array([0.10, 0.20, 0.30, 0.50, 0.90])
+    hi = lo + 0.01
+    lo2, hi2, n = _merge(lo, hi, [2, 4])  # 2 -> its nearer neighbour 1 (0.09 < 0.19), 4 -> 3
+    assert n == 2 and lo2.tolist() == [0.10, 0.20, 0.50] and np.allclose(hi2, [0.11, 0.31, 0.91])
+    lo3, hi3, n = _merge(lo, hi, [1, 2, 3, 4])  # 4 -> 3, then 2 -> 1; 1 and 3 touched: next pass
+    assert n == 2 and lo3.size == 3
+    assert np.all(lo3[1:] > hi3[:-1]) and lo3[0] == 0.10 and hi3[-1] == hi[-1]  # still ordered, same span
+
+
 def test_kinks_recovery_needs_output_values_and_a_fixed_baseline():
     logit_fn, p, shape = make_net("dense2", jax.random.key(5), bias=True)
     x = jax.random.normal(jax.random.key(6), (1, *shape), jnp.float64)

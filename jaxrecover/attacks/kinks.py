@@ -304,15 +304,25 @@ def _jump_queries(lo, hi, ratios, weights, candidates, t_max, fractions=(0.0, 0.
     return out
 
 
-def _merge(lo, hi, k):
-    """Brackets with bracket ``k`` merged into its nearer neighbour (their jumps are then read as one)."""
-    left = lo[k] - hi[k - 1] if k > 0 else np.inf
-    right = lo[k + 1] - hi[k] if k + 1 < lo.size else np.inf
-    other = k - 1 if left <= right else k + 1
-    a, c = min(k, other), max(k, other)
-    lo2 = np.delete(lo, c)
-    hi2 = np.delete(hi, a)
-    return lo2, hi2
+def _merge(lo, hi, bad):
+    """Each bracket of ``bad`` merged into its nearer neighbour (their jumps are then read as one), in one pass.
+
+    From the top down, so the indices below a merge keep their meaning; a bracket next to one merged in this
+    pass is left for the next (its pairs are recomputed first). Returns ``(lo, hi, merges)``.
+    """
+    merges, floor = 0, lo.size
+    for k in sorted(bad, reverse=True):
+        if k >= floor or lo.size < 2:
+            continue
+        left = lo[k] - hi[k - 1] if k > 0 else np.inf
+        right = lo[k + 1] - hi[k] if k + 1 < lo.size else np.inf
+        other = k - 1 if left <= right else k + 1
+        if other >= floor:
+            continue
+        a, c = min(k, other), max(k, other)
+        lo, hi = np.delete(lo, c), np.delete(hi, a)
+        merges, floor = merges + 1, a
+    return lo, hi, merges
 
 
 def recover_fixed_steps_from_kinks(service, x, target, *, grid: int = 16384, tol: float | None = None,
@@ -368,7 +378,7 @@ def recover_fixed_steps_from_kinks(service, x, target, *, grid: int = 16384, tol
         tol_i = rel_tol * max(float(np.max(np.abs(phi))), 1e-300)
         lo, hi = _locate_kinks(phi_of, t, phi, tol_i)
         merged = 0
-        for _ in range(lo.size + 1):
+        while True:  # rounds: every bracket no pair isolates is merged, then the pairs are recomputed once
             pairs = _jump_queries(lo, hi, ratios, weights, candidates, t_max * (1 + 2 / grid))
             needed = hi < 1.0  # the jumps g(1) is made of (a bracket holding 1 is read from the answer at 1)
             bad = [k for k in range(lo.size) if needed[k] and pairs[k] is None]
@@ -377,8 +387,8 @@ def recover_fixed_steps_from_kinks(service, x, target, *, grid: int = 16384, tol
             if lo.size < 2:
                 raise ValueError(f"example {i}: the kink at t = {lo[bad[0]]:.6g} admits no pair of queries that "
                                  "isolates its jump; raise grid or lower tol")
-            lo, hi = _merge(lo, hi, bad[0])  # read two neighbouring jumps as one
-            merged += 1
+            lo, hi, n_merged = _merge(lo, hi, bad)  # read neighbouring jumps as one
+            merged += n_merged
         use = [k for k in range(lo.size) if needed[k]]
         at_one = bool(np.any((lo <= 1.0) & (hi >= 1.0)))
         s0 = 0.5 * (lo[0] if lo.size else 1.0)  # all echoes below the first kink: T = W g(0+)
