@@ -1,7 +1,8 @@
 """White-box audit of the kink location behind R.recover_fixed_steps_from_kinks (float64, zero baseline).
 
 Locates the kinks of f along the ray of one MNIST test image from output values, exactly as the recovery does,
-then checks with autodiff that the gradient is constant inside every gap between brackets (three points per gap)
+then checks with autodiff that the gradient is constant inside every gap between brackets (three points per gap,
+plus the two points next to the brackets where the recovery's jump pairs read the gradient)
 and prints the gaps where it is not, with the size of the change there.
 
 Usage:  python scripts/kinks_audit.py [--model lenet] [--image 0] [--grid 16384]
@@ -53,17 +54,25 @@ def main():
 
     a = np.concatenate([[0.0], hi])
     c = np.concatenate([lo, [1.0]])
+    # the points where a jump pair reads the gradient next to a bracket (R.recover_fixed_steps_from_kinks puts
+    # them a quarter of the bracket's width outside it): a breakpoint between them and the bracket is never read
+    width = hi - lo
+    m_a = np.concatenate([[0.0], 0.25 * width + 1e-15 * hi])
+    m_c = np.concatenate([0.25 * width + 1e-15 * hi, [0.0]])
     keep = c > a
-    a, c = a[keep], c[keep]
+    a, c, m_a, m_c = a[keep], c[keep], m_a[keep], m_c[keep]
+    m_a, m_c = np.minimum(m_a, 0.5 * (c - a)), np.minimum(m_c, 0.5 * (c - a))
+    m_a = np.where(a == 0.0, 1e-3 * (c - a), m_a)  # not the baseline itself: the recovery reads g(0+) mid-gap
     fr = np.array([0.001, 0.5, 0.999])
-    G = g((a[:, None] + fr[None] * (c - a)[:, None]).reshape(-1)).reshape(a.size, 3, -1)
+    pts = np.concatenate([(a + m_a)[:, None], a[:, None] + fr[None] * (c - a)[:, None], (c - m_c)[:, None]], axis=1)
+    G = g(pts.reshape(-1)).reshape(a.size, pts.shape[1], -1)
     change = np.max(np.abs(G - G[:, :1]), axis=(1, 2))
     scale = float(np.max(np.abs(G)))
     bad = np.flatnonzero(change > 1e-9 * scale)
     print(f"gaps checked: {a.size}; gaps where the gradient still changes: {bad.size} (max |g| on the ray {scale:.3g})")
     for k in bad:
         print(f"  gap [{a[k]:.9g}, {c[k]:.9g}]: max change {change[k]:.3g}, "
-              f"change of phi's slope {abs(float((G[k, 2] - G[k, 0]) @ x.reshape(-1))):.3g}")
+              f"change of phi's slope {abs(float((G[k, -1] - G[k, 0]) @ x.reshape(-1))):.3g}")
 
 
 if __name__ == "__main__":
