@@ -268,9 +268,9 @@ def _heavy_nodes(nodes, weights):
 
     A light node divides the round-off of two answers by its small weight (gausslegendre's end nodes at
     m = 50: about 1/690 of the largest, so ~1e-13 per jump in float64), but it is the only reader for a jump
-    where every heavy node's pair would move the echo of a node ABOVE it across another bracket (on trained
-    LeNet with gausslegendre 16 of 7,213 brackets; merging them into neighbours only moved the conflict, and
-    the merges swallowed the whole ray). The top node's other echoes all lie below it."""
+    where every heavy node's pair would move the echo of a node ABOVE it across another bracket (seen on trained
+    LeNet with gausslegendre, where merging such brackets into neighbours only moved the conflict). The top
+    node's other echoes all lie below it."""
     top = float(nodes.max())
     pos = nodes > 0
     heavy = np.flatnonzero((weights >= 0.5 * weights.max()) & pos)
@@ -303,18 +303,30 @@ def _jump_queries(lo, hi, ratios, weights, candidates, t_max, fractions=(0.0, 0.
                 gb, ib = _gap_of(s_hi * ratios, lo, hi)
                 if ia.any() or ib.any() or gb[j] != ga[j] + 1 or ga[j] != k:
                     continue
-                moved = np.flatnonzero(others[j] & (ga != gb))
-                if moved.size == 0:
-                    chosen = (s_lo, s_hi, int(j), [])
+                pair, clean = _judge_pair(k, j, s_lo, ga, s_hi, gb, others, weights, fallback is None)
+                if clean:
+                    chosen = pair
                     break
-                if fallback is None and np.all(gb[moved] <= k):  # crosses only brackets below k
-                    fallback = (s_lo, s_hi, int(j), [(weights[i], c) for i in moved for c in range(ga[i], gb[i])])
+                fallback = fallback or pair
             if chosen is not None:
                 break
         if chosen is None and fallback is None:
             chosen = _wider_pair(k, lo, hi, ratios, weights, candidates, t_max, below, above, others)
         out.append(chosen if chosen is not None else fallback)
     return out
+
+
+def _judge_pair(k, j, s_lo, ga, s_hi, gb, others, weights, want_fallback):
+    """``(pair, clean)`` for node ``j``'s pair ``(s_lo, s_hi)`` around bracket ``k`` (``ga``/``gb``: the gaps of
+    every echo at the two scales): clean when no other echo moves across a bracket; else, when
+    ``want_fallback`` and every moved echo crosses only brackets below ``k``, the pair with those crossings
+    ``(w_i, c)`` (their jumps, read before, are subtracted); else ``(None, False)``."""
+    moved = np.flatnonzero(others[j] & (ga != gb))
+    if moved.size == 0:
+        return (s_lo, s_hi, int(j), []), True
+    if want_fallback and np.all(gb[moved] <= k):
+        return (s_lo, s_hi, int(j), [(weights[i], c) for i in moved for c in range(ga[i], gb[i])]), False
+    return None, False
 
 
 def _wider_pair(k, lo, hi, ratios, weights, candidates, t_max, below, above, others, steps=24):
@@ -343,11 +355,10 @@ def _wider_pair(k, lo, hi, ratios, weights, candidates, t_max, below, above, oth
             if ib.any() or gb[j] != k + 1:
                 continue
             for s_lo, ga in ok_lo:
-                moved = np.flatnonzero(others[j] & (ga != gb))
-                if moved.size == 0:
-                    return (s_lo, s_hi, int(j), [])
-                if fallback is None and np.all(gb[moved] <= k):
-                    fallback = (s_lo, s_hi, int(j), [(weights[i], c) for i in moved for c in range(ga[i], gb[i])])
+                pair, clean = _judge_pair(k, j, s_lo, ga, s_hi, gb, others, weights, fallback is None)
+                if clean:
+                    return pair
+                fallback = fallback or pair
         if fallback is not None:
             return fallback
     return None
