@@ -97,6 +97,35 @@ def test_kinks_recovery_reports_a_breakpoint_it_cannot_see():
     assert rep.slope_residual[0] > 1e-3 and rep.check_residual[0] > 1e-3
 
 
+def _hidden_breakpoint_net(t_hidden):
+    """``f(t x)``, ``x = 1``, has a strong kink at ``t = 0.5`` and, at ``t_hidden``, two units switching whose
+    effects on ``f`` cancel (slope change ``1 * 1 - 0.5 * 2 = 0``): a jump ``(1, -1, 0, 0)`` of the gradient that
+    the output values do not show (as seen next to a strong kink on trained LeNet)."""
+    a = jnp.array([[0.25, 0.25, 0.25, 0.25], [1.0, 0, 0, 0], [0, 2.0, 0, 0], [0.5, -0.3, 0.2, 0.6]], jnp.float64)
+    c = jnp.array([0.5, t_hidden, 2 * t_hidden, 0.0], jnp.float64)
+
+    def logit_fn(p, z):
+        u = jax.nn.relu(p["a"] @ z - p["c"])
+        y = u[0] + u[1] - 0.5 * u[2] + 0.3 * (p["a"][3] @ z)
+        return jnp.stack([y, -y])
+
+    return logit_fn, {"a": a, "c": c}
+
+
+@pytest.mark.parametrize("t_hidden", [0.5 - 3e-8, 0.5 + 2e-9])
+def test_kinks_recovery_reads_a_hidden_breakpoint_next_to_a_kink(t_hidden):
+    """Each jump is read across a window reaching well into the gaps beside its bracket, so a breakpoint hiding
+    next to a kink is counted with it (a window of a quarter of the bracket's width missed the (1, -1) jump)."""
+    logit_fn, p = _hidden_breakpoint_net(t_hidden)
+    x, t = jnp.ones((1, 4), jnp.float64), jnp.array([0])
+    svc = jr.SimulatedIGService(logit_fn, p, rule="riemann_right", steps=50, fixed_steps=True)
+    vg, _, rep = R.recover_fixed_steps_from_kinks(svc, x, t, grid=2048)
+    truth = jr.explain(jr.VG(), logit_fn, p, x, t)
+    assert rep.kinks == [1]  # the hidden breakpoint makes no kink of its own
+    assert np.allclose(np.asarray(truth), [[1.4, -0.84, 0.31, 0.43]], atol=1e-12)
+    assert _rel(vg, truth) <= 1e-12, (np.asarray(vg), rep)
+
+
 # ----------------------------------------------------------------------------------------- identification
 @pytest.mark.parametrize("rule,steps,fixed", [("riemann_middle", 50, False), ("gausslegendre", 50, False),
                                               ("riemann_right", 50, False), ("saliency", 25, False),

@@ -17,8 +17,8 @@ Between the brackets the gradient is constant. The answer with the service's
 fixed ``m`` at the scale that puts its top node at ``t = s`` is
 ``T(s) = sum_j w_j g(s r_j)`` (``r_j = a_j / a_top``). Each jump ``Delta_k`` of
 ``g`` across bracket ``k`` is read from two answers whose scales put one heavy
-node's echo just below and just above the bracket while no other echo crosses
-a bracket or lies inside one:
+node's echo below and above the bracket while no other echo crosses a bracket
+or lies inside one:
 
     Delta_k = (T(s_hi) - T(s_lo)) / w_j,
 
@@ -34,15 +34,24 @@ the answer at ``s = 1`` through its top node instead). Cost: about
 ``2 K + 2`` explanations for ``K`` kinks plus the output values of the grid and
 its refinement.
 
+The two echoes are placed as far into the gaps beside the bracket as the
+other echoes allow (up to 45 % of each gap): their difference holds every
+breakpoint between them, also one that ``phi`` does not show (on trained
+LeNet, a weak breakpoint just below a strong kink, missed by a window of a
+quarter of the bracket's width).
+
 Checks (in :class:`KinkReport`): the decoded ``G_k . d`` must equal the slope of
 ``phi`` on every grid segment inside gap ``k`` (``slope_residual``), and
 ``checks`` extra answers at random scales must equal what the decoded profile
-predicts (``check_residual``). Both catch a breakpoint that ``phi`` does not show
-(a gradient change with ``Delta . d = 0`` leaves no kink). Such breakpoints are
-not generic: where one unit ``u`` switches (a ReLU, or a max-pool's argmax),
-``Delta = (df/du) grad u`` and the slope of ``phi`` changes by
-``(df/du) (du/dt)``, zero only when the switch changes nothing; hiding one needs
-several units switching at the same ``t`` with cancelling effects on ``phi``. Assumptions: the
+predicts (``check_residual``). A breakpoint that ``phi`` does not show (a
+gradient change with ``Delta . d = 0`` leaves no kink) and that no window holds
+is caught by the second when a check's echoes straddle it (not by the first:
+it changes ``G`` but not ``G . d``); one showing a kink the grid missed, by
+both. Hidden breakpoints are not generic: where one unit ``u`` switches (a
+ReLU, or a max-pool's argmax), ``Delta = (df/du) grad u`` and the slope of
+``phi`` changes by ``(df/du) (du/dt)``, zero only when the switch changes
+nothing; hiding one needs several units switching at about the same ``t`` with
+cancelling effects on ``phi``, or effects below round-off. Assumptions: the
 baseline is inside a linear region (``g(b) = g(0+)``; see :mod:`.fixed_steps`
 for why this is needed by any fixed-m recovery) and no breakpoint lies in
 ``t < 2^-40 / grid`` (the grid is geometric towards the baseline, uniform after ``1 / grid``).
@@ -279,39 +288,56 @@ def _heavy_nodes(nodes, weights):
                            light[np.argsort(-nodes[light], kind="stable")]]), top
 
 
-def _jump_queries(lo, hi, ratios, weights, candidates, t_max, fractions=(0.0, 0.01, 0.1, 0.45)):
+def _jump_queries(lo, hi, ratios, weights, candidates, t_max,
+                  fractions=(0.45, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0)):
     """For each bracket ``k``: two scales below and above it in the frame of one heavy node ``j`` (its echo
     crosses bracket ``k``), as ``(s_lo, s_hi, j, crossings)``; None where none fits. No echo may fall inside a
-    bracket; the other echoes should cross none (tried first: each candidate node, the scales next to the
-    bracket, then further into the gaps beside it), else only brackets below ``k``, listed in ``crossings`` as
-    ``(w_i, c)`` so that their jumps, read before, are subtracted."""
+    bracket; the other echoes should cross none, else only brackets below ``k``, listed in ``crossings`` as
+    ``(w_i, c)`` so that their jumps, read before, are subtracted.
+
+    The pair reads ``g(s_hi r_j) - g(s_lo r_j)``: every breakpoint between its two echoes, including one that
+    ``phi`` does not show (a unit switching with almost no effect on ``f``, seen next to a strong kink on trained
+    LeNet), so the WIDEST clean window is taken: margins of ``fractions`` of the gaps beside the bracket, the
+    largest first (the last, 0, is a quarter of the bracket's width). The narrowest window that has other echoes
+    crossing only lower brackets is the fallback (the fewest jumps subtracted)."""
     out = []
-    others = [np.arange(ratios.size) != j for j in range(ratios.size)]
+    cand = np.asarray(candidates)
     for k in range(lo.size):
         width = hi[k] - lo[k]
         below = lo[k] - (hi[k - 1] if k else 0.0)
-        above = (lo[k + 1] if k + 1 < lo.size else np.inf) - hi[k]
+        above = lo[k + 1] - hi[k] if k + 1 < lo.size else max(1.0 - hi[k], width)  # the last: up to t = 1
         chosen, fallback = None, None
         for f in fractions:
-            near = 0.25 * width + 1e-15 * hi[k]
-            m_lo, m_hi = (min(near, 0.5 * below), min(near, 0.5 * above)) if f == 0 else (f * below, f * above)
-            for j in candidates:
-                s_lo, s_hi = (lo[k] - m_lo) / ratios[j], (hi[k] + m_hi) / ratios[j]
-                if s_hi > t_max or not np.isfinite(s_hi):
-                    continue
-                ga, ia = _gap_of(s_lo * ratios, lo, hi)
-                gb, ib = _gap_of(s_hi * ratios, lo, hi)
-                if ia.any() or ib.any() or gb[j] != ga[j] + 1 or ga[j] != k:
-                    continue
-                pair, clean = _judge_pair(k, j, s_lo, ga, s_hi, gb, others, weights, fallback is None)
-                if clean:
-                    chosen = pair
-                    break
-                fallback = fallback or pair
-            if chosen is not None:
+            if f == 0:
+                near = 0.25 * width + 1e-15 * hi[k]
+                m_lo, m_hi = min(near, 0.5 * below), min(near, 0.5 * above)
+            else:
+                m_lo, m_hi = f * below, f * above
+            with np.errstate(invalid="ignore", over="ignore"):
+                s_lo, s_hi = (lo[k] - m_lo) / ratios[cand], (hi[k] + m_hi) / ratios[cand]
+            ok = np.isfinite(s_hi) & (s_hi <= t_max)
+            if not ok.any():
+                continue
+            c_ok = cand[ok]
+            ga, ia = _gap_of(s_lo[ok, None] * ratios[None], lo, hi)  # [candidates, nodes]
+            gb, ib = _gap_of(s_hi[ok, None] * ratios[None], lo, hi)
+            rows = np.arange(c_ok.size)
+            own_a, own_b = ga[rows, c_ok], gb[rows, c_ok]
+            valid = ~ia.any(1) & ~ib.any(1) & (own_a == k) & (own_b == k + 1)
+            moved = ga != gb
+            moved[rows, c_ok] = False
+            clean = valid & ~moved.any(1)
+            if clean.any():
+                r = int(np.argmax(clean))
+                chosen = (s_lo[ok][r], s_hi[ok][r], int(c_ok[r]), [])
                 break
+            low = valid & np.all(~moved | (gb <= k), axis=1)
+            if low.any():  # narrower windows come later and replace it
+                r = int(np.argmax(low))
+                fallback = (s_lo[ok][r], s_hi[ok][r], int(c_ok[r]),
+                            [(weights[i], c) for i in np.flatnonzero(moved[r]) for c in range(ga[r, i], gb[r, i])])
         if chosen is None and fallback is None:
-            chosen = _wider_pair(k, lo, hi, ratios, weights, candidates, t_max, below, above, others)
+            chosen = _wider_pair(k, lo, hi, ratios, weights, candidates, t_max, below, above)
         out.append(chosen if chosen is not None else fallback)
     return out
 
@@ -329,11 +355,12 @@ def _judge_pair(k, j, s_lo, ga, s_hi, gb, others, weights, want_fallback):
     return None, False
 
 
-def _wider_pair(k, lo, hi, ratios, weights, candidates, t_max, below, above, others, steps=24):
+def _wider_pair(k, lo, hi, ratios, weights, candidates, t_max, below, above, steps=24):
     """A pair for bracket ``k`` with the two scales chosen apart: any scale below and any above that put no echo
     inside a bracket, the closest first (the symmetric margins of :func:`_jump_queries` can all be spoiled by
     some echo landing inside one of thousands of brackets). Same conditions; None if none fits."""
     fr = np.linspace(0.5 / steps, 0.5, steps)
+    others = [np.arange(ratios.size) != j for j in range(ratios.size)]
     for j in candidates:
         room = min(above, t_max * ratios[j] - hi[k])  # the last bracket: up to t_max in node j's frame
         if room <= 0:
