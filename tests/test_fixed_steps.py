@@ -126,6 +126,42 @@ def test_kinks_recovery_reads_a_hidden_breakpoint_next_to_a_kink(t_hidden):
     assert _rel(vg, truth) <= 1e-12, (np.asarray(vg), rep)
 
 
+def test_kinks_recovery_splits_a_bracket_too_wide_for_any_pair_with_answers(monkeypatch):
+    """A bracket wider than the spacing of every node's echoes (riemann_right: 2 % of t) admits no pair; its
+    breakpoints are then located with answers (the top echo moved through it, bisection on each unexplained
+    change) and the recovery stays exact. Here the output values' brackets are replaced by two such wide ones,
+    around the kink at 0.1234 and around the two at 0.5 and 0.5008; while the top echo crosses 0.5, the echoes of
+    nodes 12 and 13 sit inside the first bracket, so which echo crossed must be told apart."""
+    from jaxrecover.attacks import kinks
+
+    a = jnp.array([[0.25, 0.25, 0.25, 0.25], [1.0, 0, 0, 0], [0, 2.0, 0, 0], [0.5, -0.3, 0.2, 0.6]], jnp.float64)
+    p = {"a": a, "c": jnp.array([0.5, 0.5008, 0.2468, 0.0], jnp.float64)}
+
+    def logit_fn(p, z):
+        u = jax.nn.relu(p["a"] @ z - p["c"])
+        y = u[0] + u[1] - 0.7 * u[2] + 0.3 * (p["a"][3] @ z)
+        return jnp.stack([y, -y])
+
+    located, locate = [], kinks._locate_kinks
+
+    def wide(phi_of, t, phi, tol, **kw):
+        located.append(locate(phi_of, t, phi, tol, **kw))
+        return np.array([0.118, 0.49]), np.array([0.131, 0.515])
+
+    split = kinks._split_by_answers
+    parts = []
+    monkeypatch.setattr(kinks, "_split_by_answers", lambda *a, **k: parts.append(split(*a, **k)) or parts[-1])
+    monkeypatch.setattr(kinks, "_locate_kinks", wide)
+    x, t = jnp.ones((1, 4), jnp.float64), jnp.array([0])
+    svc = jr.SimulatedIGService(logit_fn, p, rule="riemann_right", steps=50, fixed_steps=True)
+    vg, _, rep = R.recover_fixed_steps_from_kinks(svc, x, t, grid=2048)
+    truth = jr.explain(jr.VG(), logit_fn, p, x, t)
+    assert np.allclose(located[0][0], [0.1234, 0.5, 0.5008], atol=1e-12)  # what the output values showed
+    assert [np.mean(b) for part in parts for b in part] == pytest.approx([0.1234, 0.5, 0.5008], abs=1e-15)
+    assert rep.kinks == [3] and _rel(vg, truth) <= 1e-12, (np.asarray(vg), rep)
+    assert svc.queries == sum(rep.queries) == sum(rep.explanations) + sum(rep.values)
+
+
 # ----------------------------------------------------------------------------------------- identification
 @pytest.mark.parametrize("rule,steps,fixed", [("riemann_middle", 50, False), ("gausslegendre", 50, False),
                                               ("riemann_right", 50, False), ("saliency", 25, False),

@@ -391,6 +391,74 @@ def _wider_pair(k, lo, hi, ratios, weights, candidates, t_max, below, above, ste
     return None
 
 
+def _split_by_answers(answer_of, lo, hi, k, ratios, weights, top, rel=1e-12, max_events=256):
+    """The breakpoints inside bracket ``k``, located with answers instead of output values, as tiny brackets
+    ``[(lo, hi), ...]``; None where this fails.
+
+    For a bracket too wide for any pair (a run of kinks the output values could not separate, wider than the
+    spacing of the rule's echoes): the top node's echo is moved up through it (``answer_of(s)``: answers at the
+    scales that put the top node at ``t = s``). Each change of the answer that the breakpoints found so far do
+    not explain is located by bisection in ``s`` to a few ulps: an echo crossing a breakpoint. It is the top
+    echo crossing the next breakpoint of the bracket, unless another echo is then inside another bracket (its
+    breakpoints are crossed on the way too): then the one whose position, put under a heavy node's echo in two
+    more answers just below and above it, changes the answer there. Its jump, ``(T(s+) - T(s-)) / w``, explains the
+    same breakpoint's later crossings by the other echoes, and the scan goes on until the answer above the
+    bracket is explained. A change is one beyond ``rel max |T|``. Two breakpoints crossed at the same scale
+    (measure zero) would be read as one. Every breakpoint found this way is read again by a jump pair
+    afterwards; a wrong attribution shows in the checks. Cost: about 45 answers per change."""
+    below = lo[k] - (hi[k - 1] if k else 0.0)
+    above = lo[k + 1] - hi[k] if k + 1 < lo.size else max(1.0 - hi[k], hi[k] - lo[k])
+    mu = 0.25 * min(below, above, hi[k] - lo[k])
+    s_a, s_b = (lo[k] - mu) / ratios[top], (hi[k] + mu) / ratios[top]
+    others = np.flatnonzero(np.arange(ratios.size) != top)
+    events, inside_k = [], []  # (t_lo, t_hi, jump) located so far; the brackets they give inside bracket k
+
+    def explained(s_ref, t_ref, s):
+        e = t_ref.copy()
+        for a, c, jump in events:  # echoes that moved across a located breakpoint between s_ref and s
+            crossed = (s_ref * ratios < a) & (s * ratios > c)
+            e += np.sum(weights[crossed]) * jump
+        return e
+
+    s_ref, t_ref = s_a, answer_of([s_a])[0]
+    t_end = answer_of([s_b])[0]
+    thr = rel * max(float(np.max(np.abs(t_ref))), float(np.max(np.abs(t_end))), 1e-300)
+    while np.max(np.abs(t_end - explained(s_ref, t_ref, s_b))) > thr:
+        if len(events) == max_events:
+            return None
+        s_lo, s_hi, r_hi = s_ref, s_b, t_end
+        while s_hi - s_lo > 4 * np.spacing(s_hi):
+            s_mid = 0.5 * (s_lo + s_hi)
+            r_mid = answer_of([s_mid])[0]
+            if np.max(np.abs(r_mid - explained(s_ref, t_ref, s_mid))) > thr:
+                s_hi, r_hi = s_mid, r_mid
+            else:
+                s_lo = s_mid
+        pad = 2 * np.spacing(s_hi)
+        e_lo, e_hi = (s_lo - pad) * ratios[others], (s_hi + pad) * ratios[others]
+        c = np.searchsorted(hi, e_lo, "left")
+        in_other = (c < lo.size) & (c != k) & (lo[np.minimum(c, lo.size - 1)] <= e_hi)
+        owner = top
+        if in_other.any():  # which echo crossed: a breakpoint at its position changes an answer in another frame
+            owner = None
+            for o in [top] + others[in_other].tolist():
+                j = next(n for n in np.argsort(-weights) if n != o and ratios[n] > 0)
+                probe = answer_of(np.array([s_lo - pad, s_hi + pad]) * ratios[o] / ratios[j])
+                if np.max(np.abs(probe[1] - probe[0])) > thr:
+                    owner = o
+                    break
+            if owner is None:
+                return None
+        if owner == top and not lo[k] - mu < s_lo * ratios[top] < hi[k] + mu:
+            return None
+        jump = (r_hi - explained(s_ref, t_ref, s_hi)) / weights[owner]
+        events.append(((s_lo - pad) * ratios[owner], (s_hi + pad) * ratios[owner], jump))
+        if owner == top:
+            inside_k.append(events[-1][:2])
+        s_ref, t_ref = s_hi, r_hi
+    return inside_k or None
+
+
 def _merge(lo, hi, bad):
     """Each bracket of ``bad`` merged into its nearer neighbour (their jumps are then read as one), in one pass.
 
@@ -434,8 +502,8 @@ def recover_fixed_steps_from_kinks(service, x, target, *, grid: int = 16384, tol
 
     Raises:
       ValueError: the rule has no positive node with weight, or a kink admits no pair of queries that
-        isolates its jump even after merging it with a few neighbours (a bracket wider than the spacing of the
-        rule's echoes, e.g. gausslegendre's dense top nodes on trained LeNet: raise ``grid`` or lower ``tol``).
+        isolates its jump even after its bracket was searched with answers (:func:`_split_by_answers`, for
+        brackets wider than the spacing of the rule's echoes) and merged with a few neighbours.
     """
     x, target = attack_inputs(service, x, target)
     eps = float(np.finfo(np.dtype(service.dtype)).eps)
@@ -465,18 +533,35 @@ def recover_fixed_steps_from_kinks(service, x, target, *, grid: int = 16384, tol
         phi = phi_of(t)
         tol_i = rel_tol * max(float(np.max(np.abs(phi))), 1e-300)
         lo, hi = _locate_kinks(phi_of, t, phi, tol_i)
-        merged, found = 0, lo.size
-        while True:  # rounds: every bracket no pair isolates is merged, then the pairs are recomputed once
+        merged, found, split, tried = 0, lo.size, 0, set()
+
+        def answer_of(s):
+            s = np.asarray(s, np.float64)
+            return np.asarray(_answers(service, b, d, int(target[i]), s / a_top)).reshape(s.size, -1)
+
+        while True:  # rounds: every bracket no pair isolates is split or merged, then the pairs are recomputed once
             pairs = _jump_queries(lo, hi, ratios, weights, candidates, t_max * (1 + 2 / grid))
             needed = hi < 1.0  # the jumps g(1) is made of (a bracket holding 1 is read from the answer at 1)
             bad = [k for k in range(lo.size) if needed[k] and pairs[k] is None]
             if not bad:
                 break
+            q_split = service.queries
+            parts = {k: _split_by_answers(answer_of, lo, hi, k, ratios, weights, top)
+                     for k in bad if (lo[k], hi[k]) not in tried}
+            tried.update((lo[k], hi[k]) for k in bad)
+            split += service.queries - q_split
+            if any(v is not None for v in parts.values()):  # too wide for a pair: located with answers instead
+                for k in sorted(parts, reverse=True):
+                    if parts[k] is not None:
+                        sub = np.asarray(parts[k])
+                        lo = np.concatenate([lo[:k], sub[:, 0], lo[k + 1:]])
+                        hi = np.concatenate([hi[:k], sub[:, 1], hi[k + 1:]])
+                continue
             if lo.size < 2 or merged > max(8, found // 100):  # merging widens a bracket: it must settle quickly
                 raise ValueError(
                     f"example {i}: the kink bracket [{lo[bad[0]]:.6g}, {hi[bad[0]]:.6g}] admits no pair of queries "
-                    f"that isolates its jump ({merged} merges of neighbouring brackets did not help: other nodes' "
-                    "echoes fall inside it); raise grid or lower tol")
+                    f"that isolates its jump (searching it with answers and {merged} merges of neighbouring "
+                    "brackets did not help: other nodes' echoes fall inside it); raise grid or lower tol")
             lo, hi, n_merged = _merge(lo, hi, bad)  # read neighbouring jumps as one
             merged += n_merged
         use = [k for k in range(lo.size) if needed[k]]
@@ -522,7 +607,7 @@ def recover_fixed_steps_from_kinks(service, x, target, *, grid: int = 16384, tol
             scale = max(float(np.max(np.abs(np.where(mask, T, 0.0)))), 1e-300)
             check_res = np.nanmax([check_res, float(np.max(np.abs(np.where(mask, T - pred, 0.0)))) / scale])
         rep.queries.append(service.queries - q0)
-        rep.explanations.append(int(scales.size))
+        rep.explanations.append(int(scales.size) + split)
         rep.values.append(phi_of.count)
         rep.kinks.append(int(lo.size))
         rep.gaps_used.append(n + 1)
