@@ -2,8 +2,9 @@
 
 Locates the kinks of f along the ray of one MNIST test image from output values, exactly as the recovery does,
 then checks with autodiff that the gradient is constant inside every gap between brackets (three points per gap,
-plus the two points next to the brackets where the recovery's jump pairs read the gradient)
-and prints the gaps where it is not, with the size of the change there.
+plus the two points a quarter of a bracket's width outside each bracket) and prints the gaps where it is not, with
+the size of the change there and the part of it between the windows where the recovery's jump pairs read the
+gradient (a change inside a window is read with that bracket's jump; one between two windows is missed).
 
 Usage:  python scripts/kinks_audit.py [--model lenet] [--image 0] [--grid 16384]
 Needs a trained checkpoint in checkpoints/<model>.
@@ -54,25 +55,46 @@ def main():
 
     a = np.concatenate([[0.0], hi])
     c = np.concatenate([lo, [1.0]])
-    # the points where a jump pair reads the gradient next to a bracket (R.recover_fixed_steps_from_kinks puts
-    # them a quarter of the bracket's width outside it): a breakpoint between them and the bracket is never read
+    # the points next to each bracket, a quarter of its width outside it (the narrowest window a jump pair uses)
     width = hi - lo
     m_a = np.concatenate([[0.0], 0.25 * width + 1e-15 * hi])
     m_c = np.concatenate([0.25 * width + 1e-15 * hi, [0.0]])
+    # where the recovery's jump pairs actually read the gradient (R.recover_fixed_steps_from_kinks takes the
+    # widest window the other echoes allow): a change between two windows is never read
+    nodes, weights = (np.asarray(q, np.float64) for q in svc.quadrature(svc.steps))
+    candidates, a_top = K._heavy_nodes(nodes, weights)
+    ratios = nodes / a_top
+    pairs = K._jump_queries(lo, hi, ratios, weights, candidates, 1.0 / ratios[candidates[0]] * (1 + 2 / args.grid))
+    read_lo = np.array([p[0] * ratios[p[2]] if p else np.nan for p in pairs])  # t below bracket k
+    read_hi = np.array([p[1] * ratios[p[2]] if p else np.nan for p in pairs])  # t above bracket k
+    w_a = np.concatenate([[0.0], read_hi])  # gap k is read from w_a[k] (above bracket k-1) to w_c[k]
+    w_c = np.concatenate([read_lo, [1.0]])
     keep = c > a
-    a, c, m_a, m_c = a[keep], c[keep], m_a[keep], m_c[keep]
+    a, c, m_a, m_c, w_a, w_c = a[keep], c[keep], m_a[keep], m_c[keep], w_a[keep], w_c[keep]
     m_a, m_c = np.minimum(m_a, 0.5 * (c - a)), np.minimum(m_c, 0.5 * (c - a))
     m_a = np.where(a == 0.0, 1e-3 * (c - a), m_a)  # not the baseline itself: the recovery reads g(0+) mid-gap
+    w_a = np.where(a == 0.0, a + m_a, w_a)
     fr = np.array([0.001, 0.5, 0.999])
-    pts = np.concatenate([(a + m_a)[:, None], a[:, None] + fr[None] * (c - a)[:, None], (c - m_c)[:, None]], axis=1)
-    G = g(pts.reshape(-1)).reshape(a.size, pts.shape[1], -1)
-    change = np.max(np.abs(G - G[:, :1]), axis=(1, 2))
+    pts = np.concatenate([(a + m_a)[:, None], a[:, None] + fr[None] * (c - a)[:, None], (c - m_c)[:, None],
+                          w_a[:, None], w_c[:, None]], axis=1)
+    G = g(np.nan_to_num(pts.reshape(-1), nan=0.5)).reshape(a.size, pts.shape[1], -1)
+    change = np.max(np.abs(G[:, :5] - G[:, :1]), axis=(1, 2))
     scale = float(np.max(np.abs(G)))
+    # between the windows: w_a, w_c and the interior samples inside [w_a, w_c]
+    within = np.concatenate([np.ones((a.size, 1), bool), (pts[:, 1:4] >= pts[:, 5:6]) & (pts[:, 1:4] <= pts[:, 6:7]),
+                             np.ones((a.size, 1), bool)], axis=1)
+    inner = G[:, [5, 1, 2, 3, 6]]
+    diff = np.where(within[..., None], np.abs(inner - inner[:, :1]), 0.0)
+    unread = np.where(np.isfinite(w_a) & np.isfinite(w_c), np.max(diff, axis=(1, 2)), np.nan)
     bad = np.flatnonzero(change > 1e-9 * scale)
     print(f"gaps checked: {a.size}; gaps where the gradient still changes: {bad.size} (max |g| on the ray {scale:.3g})")
     for k in bad:
         print(f"  gap [{a[k]:.9g}, {c[k]:.9g}]: max change {change[k]:.3g}, "
-              f"change of phi's slope {abs(float((G[k, -1] - G[k, 0]) @ x.reshape(-1))):.3g}")
+              f"change of phi's slope {abs(float((G[k, 4] - G[k, 0]) @ x.reshape(-1))):.3g}; "
+              f"between the jump pairs' windows: {unread[k]:.3g}")
+    worst = np.nanmax(unread) if np.isfinite(unread).any() else float("nan")
+    print(f"changes between the jump pairs' windows (what the recovery cannot read): "
+          f"{int(np.sum(unread > 1e-9 * scale))} gaps, max {worst:.3g}")
 
 
 if __name__ == "__main__":
