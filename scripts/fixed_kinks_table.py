@@ -39,7 +39,7 @@ def kink_row(name, v, x, t, vg, rule, grid):
             "evaluations": int(svc.evaluations // x.shape[0]), "mean": float(d.mean()), "max": float(d.max()),
             "per_image": d.tolist(), "failures>1e-6": int(np.sum(d > 1e-6)),
             "slope_res": float(max(rep.slope_residual)), "check_res": float(max(rep.check_residual)),
-            "merged": int(sum(rep.merged)), "wall_s": round(time.time() - t0, 1)}
+            "merged": int(sum(rep.merged)), "searched": int(sum(rep.searched)), "wall_s": round(time.time() - t0, 1)}
 
 
 def eq3_row(name, v, x, t, vg, rule):

@@ -57,6 +57,7 @@ def test_fixed_step_recovery_from_kinks_is_exact(kind, rule):
     assert vg.dtype == jnp.float64 and bool(mask.all())
     assert _rel(vg, truth) <= 1e-12, rep
     assert min(rep.kinks) > 0 and max(rep.slope_residual) <= 1e-9 and max(rep.check_residual) <= 1e-12
+    assert rep.searched == [0, 0, 0]  # every bracket of these nets has a pair
     assert svc.queries == sum(rep.queries) == sum(rep.explanations) + sum(rep.values)
     # far fewer explanations than the bisection's answers, the rest are output values (forward passes)
     assert max(rep.explanations) <= 2 * max(rep.kinks) + 2 + 4
@@ -158,7 +159,7 @@ def test_kinks_recovery_splits_a_bracket_too_wide_for_any_pair_with_answers(monk
     truth = jr.explain(jr.VG(), logit_fn, p, x, t)
     assert np.allclose(located[0][0], [0.1234, 0.5, 0.5008], atol=1e-12)  # what the output values showed
     assert [np.mean(b) for part in parts for b in part] == pytest.approx([0.1234, 0.5, 0.5008], abs=1e-15)
-    assert rep.kinks == [3] and _rel(vg, truth) <= 1e-12, (np.asarray(vg), rep)
+    assert rep.kinks == [3] and rep.searched == [2] and _rel(vg, truth) <= 1e-12, (np.asarray(vg), rep)
     assert svc.queries == sum(rep.queries) == sum(rep.explanations) + sum(rep.values)
 
 

@@ -82,6 +82,8 @@ class KinkReport:
       kinks: brackets of breakpoints found on ``(0, 1]``.
       gaps_used: gaps between kinks whose gradient was decoded.
       merged: neighbouring kinks read as one jump because no pair of queries separated them.
+      searched: brackets too wide for any pair whose breakpoints were located with answers (their answers are
+        counted in ``explanations``).
       slope_residual: max over grid segments of ``|G . d - slope of phi|`` relative to ``max |slope|``
         (NaN when no grid segment lies in a decoded gap: nothing was checked).
       check_residual: max over the check answers of ``|T - predicted T|`` relative to ``max |T|`` (NaN when
@@ -97,6 +99,7 @@ class KinkReport:
     merged: list[int]
     slope_residual: list[float]
     check_residual: list[float]
+    searched: list[int] = dataclasses.field(default_factory=list)
     assumptions: str = ""
 
 
@@ -535,7 +538,7 @@ def recover_fixed_steps_from_kinks(service, x, target, *, grid: int = 16384, tol
         phi = phi_of(t)
         tol_i = rel_tol * max(float(np.max(np.abs(phi))), 1e-300)
         lo, hi = _locate_kinks(phi_of, t, phi, tol_i)
-        merged, found, split, tried = 0, lo.size, 0, set()
+        merged, found, split, searched, tried = 0, lo.size, 0, 0, set()
 
         def answer_of(s):
             s = np.asarray(s, np.float64)
@@ -552,6 +555,7 @@ def recover_fixed_steps_from_kinks(service, x, target, *, grid: int = 16384, tol
                      for k in bad if (lo[k], hi[k]) not in tried}
             tried.update((lo[k], hi[k]) for k in bad)
             split += service.queries - q_split
+            searched += sum(v is not None for v in parts.values())
             if any(v is not None for v in parts.values()):  # too wide for a pair: located with answers instead
                 for k in sorted(parts, reverse=True):
                     if parts[k] is not None:
@@ -614,6 +618,7 @@ def recover_fixed_steps_from_kinks(service, x, target, *, grid: int = 16384, tol
         rep.kinks.append(int(lo.size))
         rep.gaps_used.append(n + 1)
         rep.merged.append(merged)
+        rep.searched.append(searched)
         rep.slope_residual.append(slope_res)
         rep.check_residual.append(check_res)
     rep.assumptions = ("piecewise-linear net; output values reported with each explanation; baseline inside a "
