@@ -180,3 +180,20 @@ def test_captum_gradient_is_the_twins_autograd_and_bitwise_plans_recover_it_on_m
     assert R.bitwise_shared(plan, svc.quadrature, jnp.float64)
     rec, mask = R.attack(svc, plan, x, t)
     assert _rel(jnp.where(mask, rec, 0.0), jnp.where(mask, g, 0.0)) <= 1e-12
+
+
+def test_ulp_sensitivity_script_prints_its_table_and_riemann_middle_never_evaluates_at_x():
+    """scripts/ulp_sensitivity.py (SERVICES.md's evidence that riemann_middle cannot reach round-off on max-pool
+    nets): runs on random weights, and the riemann_middle plan's largest point is never x bit-identically."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ulp_sensitivity.py"
+    r = subprocess.run([sys.executable, str(script), "--models", "lenet", "--n", "2", "--random"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| lenet | random init"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[-1] == "0 of 2" and cells[-3].startswith("paired-m3@service~f32")
+    jax_down = [float(v) for v in cells[5].split(" / ")]
+    assert max(jax_down) <= 1e-15     # JAX's VG moves by round-off only (XLA computes tied windows identically)
