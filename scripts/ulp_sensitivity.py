@@ -11,7 +11,7 @@ Prints, per model (trained ``checkpoints/<model>``, or random-init weights with 
    changes with the constant, so max-pool's choice among tied windows depends on the rounding of the input.
 2. The gradient one ulp away: for the first N test images, the paper's distance between the twin's autograd VG at
    ``x`` and at ``x`` with every pixel moved by one float64 ulp (towards zero, then away from zero), and the same
-   for the JAX model (whose ties are broken by the same first-index rule at every point).
+   for the JAX model (XLA computes the tied windows identically, so its VG should move by round-off only).
 3. The point Captum evaluates instead of ``x``: the plan ``jr.best_plan`` picks for Captum riemann_middle shares its
    points only to float32 round-off and its largest point is ``fl(a c x)`` with float32 node ``a`` and scale ``c``,
    never ``x`` itself (on-ray proof in SERVICES.md); the distance between the twin's VG at ``x`` and at that point.
