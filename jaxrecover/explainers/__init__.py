@@ -3,7 +3,8 @@
 from .baselines import BlurBaseline, RandomBaseline, is_input_dependent
 from .boundary import BIG, BSG, BSM
 from .gradients import (OUTPUTS, completeness_delta, integrate, integrated_gradients,
-                        integrated_gradients_affine_stem, path_gradients, path_points, select_output,
+                        integrated_gradients_affine_stem,
+                        integrated_gradients_relu_conv, path_gradients, path_points, select_output,
                         vanilla_gradient)
 from .methods import IG, VG, Explainer, explainer_dataclass
 from .patterns import (ESTIMATORS, LayerStats, PatternAttribution, PatternNet, fit_patterns, kernel_from_pattern,
@@ -13,7 +14,8 @@ from .quadrature import RULES, QuadratureRule, get_rule, num_evaluations, quadra
 __all__ = [
     "RULES", "QuadratureRule", "get_rule", "quadrature", "num_evaluations",
     "OUTPUTS", "select_output", "vanilla_gradient", "path_points", "path_gradients", "integrate",
-    "integrated_gradients", "integrated_gradients_affine_stem", "completeness_delta",
+    "integrated_gradients", "integrated_gradients_affine_stem", "integrated_gradients_relu_conv",
+    "completeness_delta",
     "Explainer", "VG", "IG", "explainer_dataclass", "BlurBaseline", "RandomBaseline", "is_input_dependent",
     "ESTIMATORS", "LayerStats", "layer_stats", "patterns_from_stats", "fit_patterns", "kernel_layers", "PatternNet",
     "PatternAttribution", "signal_quality", "kernel_from_pattern",

@@ -31,6 +31,7 @@ __all__ = [
     "integrate",
     "integrated_gradients",
     "integrated_gradients_affine_stem",
+    "integrated_gradients_relu_conv",
     "completeness_delta",
 ]
 
@@ -119,6 +120,52 @@ def integrated_gradients_affine_stem(
     grads = path_gradients(body, s_x, stem(baseline), nodes)
     (total,) = stem_transpose(ops.weighted_sum(weights, grads))
     return (x - baseline) * total
+
+
+def _conv_valid(h, kernel):
+    return ops.conv_general_dilated(h, kernel, (1, 1), ((0, 0), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def integrated_gradients_relu_conv(
+    stem: Callable[[jax.Array], jax.Array],
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    head: Callable[[jax.Array], jax.Array],
+    x: jax.Array,
+    baseline: jax.Array | None = None,
+    *,
+    steps: int = 50,
+    rule: str = "riemann_right",
+) -> jax.Array:
+    """IG of ``f(x) = head(conv(relu(stem(x)), kernel) + bias)`` for an AFFINE ``stem``, with the convolution
+    carried along the path sparsely (the native kernels of :mod:`jaxrecover.native.relu_conv`).
+
+    ``stem`` maps one example to an ``(H, W, C)`` map; the convolution is stride-1 VALID NHWC/HWIO; ``head``
+    maps its ``(OH, OW, O)`` output to the explained scalar. The stem's outputs on the path are
+    ``s0 + a_k d`` (:func:`integrated_gradients_affine_stem`), so only the units whose ReLU switches between
+    consecutive nodes cost convolution work: two convolutions and one transposed convolution per example
+    instead of m of each, plus a kernel slice per switch. Equal to :func:`integrated_gradients` up to
+    round-off (tests/test_sparse_path.py); needs :func:`jaxrecover.native.available`.
+    """
+    from ..native import relu_conv  # the FFI targets are registered by native.available()
+
+    nodes, weights = quadrature(rule, steps)
+    baseline = jnp.zeros_like(x) if baseline is None else baseline
+    s_x, stem_transpose = jax.vjp(stem, x)
+    s0 = stem(baseline)
+    d = s_x - s0
+    on = path_points(s_x, s0, nodes) > 0
+    mask = on.astype(jnp.uint8)
+    zero = jnp.zeros((), x.dtype)
+    first = _conv_valid(jnp.stack([jnp.where(on[0], d, zero), jnp.where(on[0], s0, zero)]), kernel)
+    b0 = first[1] if bias is None else first[1] + bias.reshape((1, 1, -1))
+    u = relu_conv.path_forward(s0, d, mask, jnp.asarray(nodes, x.dtype), first[0], b0, kernel)
+    cot = jax.vmap(jax.grad(head))(u)
+    total, correction = relu_conv.path_backward(cot, jnp.asarray(weights, x.dtype), mask, kernel)
+    _, conv_transpose = jax.vjp(lambda h: _conv_valid(h, kernel), s0[None])
+    (through,) = conv_transpose(total[None])
+    (grad_x,) = stem_transpose(jnp.where(on[-1], through[0], zero) + correction)
+    return (x - baseline) * grad_x
 
 
 def completeness_delta(f, x, baseline, attribution) -> jax.Array:

@@ -23,8 +23,9 @@ from typing import Any
 
 import jax
 
-from .gradients import (integrated_gradients, integrated_gradients_affine_stem, select_output,
-                        vanilla_gradient)
+from .. import native
+from .gradients import (integrated_gradients, integrated_gradients_affine_stem, integrated_gradients_relu_conv,
+                        select_output, vanilla_gradient)
 from .quadrature import get_rule, num_evaluations, quadrature
 
 __all__ = ["Explainer", "VG", "IG", "explainer_dataclass"]
@@ -83,11 +84,18 @@ class IG(Explainer):
         every built-in model does), compute it once per example instead of once
         per path point (:func:`integrated_gradients_affine_stem`): the same IG up
         to round-off. False differentiates the whole model at every point.
+      sparse_path: when the model's stem is followed by ReLU -> convolution
+        (``model.relu_conv``: LeNet) and the native kernels are available
+        (:func:`jaxrecover.native.available`: the CPU backend and a C++ compiler),
+        carry that convolution along the path from ReLU switch to switch
+        (:func:`integrated_gradients_relu_conv`): the same IG up to round-off,
+        several times faster on CPU. Needs ``factor_stem``.
     """
 
     steps: int = 50
     rule: str = "riemann_right"
     factor_stem: bool = True
+    sparse_path: bool = True
     name = "ig"
 
     def __post_init__(self):
@@ -100,6 +108,13 @@ class IG(Explainer):
 
     def __call__(self, model, params, x, target, baseline=None, output="logit"):
         split = getattr(model, "affine_stem", None) if self.factor_stem else None
+        relu_conv = getattr(model, "relu_conv", None) if split is not None and self.sparse_path else None
+        if relu_conv is not None and native.available():
+            kernel, bias = relu_conv.conv(params)
+            return integrated_gradients_relu_conv(
+                lambda z: split.stem(params, z), kernel, bias,
+                lambda u: select_output(relu_conv.head(params, u), target, output),
+                x, baseline, steps=self.steps, rule=self.rule)
         if split is not None:
             return integrated_gradients_affine_stem(
                 lambda z: split.stem(params, z), lambda h: select_output(split.body(params, h), target, output),

@@ -1,13 +1,13 @@
 """The paper's models (Flax) and the one interface everything else sees (:class:`Model`)."""
 
-from .interface import (Model, StemSplit, as_model, cast_variables, check_float_dtype, init_variables,
+from .interface import (Model, ReluConvSplit, StemSplit, as_model, cast_variables, check_float_dtype, init_variables,
                         make_batched_logit_fn, make_model, param_count, tree_dtypes)
 from .nets import (INPUT_SHAPE, MODEL_NAMES, NUM_CLASSES, PARTS, BasicBlock, LeNet, ResNet18, TwoLayerNet,
                    get_model)
 
 __all__ = [
-    "Model", "StemSplit", "make_model", "as_model", "make_batched_logit_fn", "init_variables", "cast_variables",
-    "check_float_dtype", "param_count", "tree_dtypes",
+    "Model", "StemSplit", "ReluConvSplit", "make_model", "as_model", "make_batched_logit_fn", "init_variables",
+    "cast_variables", "check_float_dtype", "param_count", "tree_dtypes",
     "MODEL_NAMES", "INPUT_SHAPE", "NUM_CLASSES", "PARTS", "TwoLayerNet", "LeNet", "ResNet18", "BasicBlock",
     "get_model",
 ]

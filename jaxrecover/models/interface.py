@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .nets import INPUT_SHAPE, get_model
+from .nets import HEAD, INPUT_SHAPE, LeNet, get_model
 
-__all__ = ["Model", "StemSplit", "make_model", "as_model", "make_batched_logit_fn", "init_variables",
+__all__ = ["Model", "StemSplit", "ReluConvSplit", "make_model", "as_model", "make_batched_logit_fn", "init_variables",
            "cast_variables", "check_float_dtype", "param_count", "tree_dtypes"]
 
 Variables = Any
@@ -40,6 +40,16 @@ class StemSplit(NamedTuple):
 
     stem: Callable[[Variables, jax.Array], jax.Array]
     body: Callable[[Variables, jax.Array], jax.Array]
+
+
+class ReluConvSplit(NamedTuple):
+    """``body(v, h) == head(v, conv(relu(h), kernel) + bias)`` for ONE stem output ``h``, where
+    ``(kernel, bias) = conv(v)`` is a stride-1 VALID NHWC/HWIO convolution (bias None: no bias).
+
+    The split IG's sparse path needs (:func:`jaxrecover.explainers.integrated_gradients_relu_conv`)."""
+
+    conv: Callable[[Variables], tuple[jax.Array, jax.Array | None]]
+    head: Callable[[Variables, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -54,6 +64,7 @@ class Model:
       logit_fn: ``(params, x[*input_shape]) -> logits[C]``.
       name: the model's name.
       affine_stem: the split into an affine first layer and the rest, or None.
+      relu_conv: the split of ``affine_stem.body`` into ReLU -> convolution -> the rest (LeNet), or None.
       module: the Flax module behind it (None for a plain function); needed by
         :meth:`kernels` and :meth:`activations`.
       input_shape: the shape of one example, or None when unknown.
@@ -62,6 +73,7 @@ class Model:
     logit_fn: Callable[[Variables, jax.Array], jax.Array]
     name: str = "custom"
     affine_stem: StemSplit | None = None
+    relu_conv: ReluConvSplit | None = None
     module: nn.Module | None = None
     input_shape: tuple[int, ...] | None = None
 
@@ -140,7 +152,18 @@ def _build(module: nn.Module, name: str) -> Model:
     def body(variables, h):
         return module.apply(variables, h[None], train=False, part="body")[0]
 
-    return Model(logit_fn, name=name, affine_stem=StemSplit(stem, body), module=module, input_shape=INPUT_SHAPE)
+    relu_conv = None
+    if isinstance(module, LeNet):
+        def conv(variables):
+            layer = variables["params"]["Conv_1"]
+            return layer["kernel"], layer.get("bias")
+
+        def head(variables, u):
+            return module.apply(variables, u[None], train=False, part=HEAD)[0]
+
+        relu_conv = ReluConvSplit(conv, head)
+    return Model(logit_fn, name=name, affine_stem=StemSplit(stem, body), relu_conv=relu_conv, module=module,
+                 input_shape=INPUT_SHAPE)
 
 
 def make_model(model: nn.Module | str) -> Model:
@@ -189,12 +212,34 @@ def make_batched_logit_fn(model: nn.Module | str) -> Callable[[Variables, jax.Ar
     return logit_fn
 
 
-def init_variables(model: nn.Module | str, key: jax.Array, dtype=jnp.float32) -> Variables:
-    """Initialise ``{'params': ..., ['batch_stats': ...]}`` in ``dtype``."""
+def init_variables(model: nn.Module | str, key: jax.Array, dtype=jnp.float32, *, biases: str = "zeros"
+                   ) -> Variables:
+    """Initialise ``{'params': ..., ['batch_stats': ...]}`` in ``dtype``.
+
+    ``biases``: ``"zeros"`` (Flax's default: a bias-free ReLU net is positively homogeneous, so every IG path
+    point has the same gradient) or ``"torch"``: every Conv/Dense bias drawn like PyTorch's default,
+    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with ``fan_in`` from the layer's kernel (BatchNorm untouched), so
+    ReLUs switch along IG's path as in trained nets (what benchmarks of IG should time).
+    """
+    if biases not in ("zeros", "torch"):
+        raise ValueError(f"biases must be 'zeros' or 'torch', got {biases!r}")
     if isinstance(model, str):
         model = get_model(model)
-    variables = model.init(key, jnp.zeros((1, *INPUT_SHAPE), jnp.float32), train=False)
-    return cast_variables(dict(variables), dtype)
+    variables = dict(model.init(key, jnp.zeros((1, *INPUT_SHAPE), jnp.float32), train=False))
+    if biases == "torch":
+        layers = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(variables["params"])[0]]
+        kernels = {tuple(map(str, path[:-1])): leaf for path, leaf in layers if getattr(path[-1], "key", "") == "kernel"}
+        keys = iter(jax.random.split(jax.random.fold_in(key, 1), len(layers)))
+
+        def draw(path, leaf):
+            kernel = kernels.get(tuple(map(str, path[:-1])))
+            if getattr(path[-1], "key", "") != "bias" or kernel is None:
+                return leaf
+            bound = 1.0 / np.sqrt(np.prod(kernel.shape[:-1]))
+            return jax.random.uniform(next(keys), leaf.shape, leaf.dtype, -bound, bound)
+
+        variables["params"] = jax.tree_util.tree_map_with_path(draw, variables["params"])
+    return cast_variables(variables, dtype)
 
 
 def check_float_dtype(dtype) -> jnp.dtype:

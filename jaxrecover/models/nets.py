@@ -3,6 +3,8 @@
 Models take NHWC images ``(N, 28, 28, 1)`` and return logits ``(N, 10)``.
 Every model's ``__call__`` takes ``part``: ``"all"`` (the model), ``"stem"`` (its
 first, affine layer only) or ``"body"`` (the rest, applied to a stem output);
+LeNet also takes ``"head"`` (everything after its second convolution, applied
+to that convolution's pre-activation output: the sparse IG path's split);
 layers are named explicitly so the three share one set of variables. Layers are
 built with ``dtype=None`` so they compute in the dtype of their parameters and
 inputs. Nothing downstream sees these modules: :func:`jaxrecover.models.make_model`
@@ -25,6 +27,8 @@ INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 #: What a model's ``__call__(..., part=...)`` can return.
 PARTS = ("all", "stem", "body")
+#: LeNet's extra part: the layers after conv2, applied to conv2's pre-activation output.
+HEAD = "head"
 
 
 def Conv(*args, **kwargs) -> nn.Conv:
@@ -32,9 +36,9 @@ def Conv(*args, **kwargs) -> nn.Conv:
     return nn.Conv(*args, conv_general_dilated=ops.conv_general_dilated, **kwargs)
 
 
-def _check_part(part: str) -> None:
-    if part not in PARTS:
-        raise ValueError(f"unknown model part {part!r}; choose one of: {', '.join(PARTS)}")
+def _check_part(part: str, extra: tuple[str, ...] = ()) -> None:
+    if part not in PARTS + extra:
+        raise ValueError(f"unknown model part {part!r}; choose one of: {', '.join(PARTS + extra)}")
 
 
 class TwoLayerNet(nn.Module):
@@ -65,13 +69,14 @@ class LeNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False, part: str = "all"):
-        _check_part(part)
-        if part != "body":
+        _check_part(part, (HEAD,))
+        if part not in ("body", HEAD):
             x = Conv(32, (3, 3), padding="VALID", use_bias=self.use_bias, name="Conv_0")(x)
             if part == "stem":
                 return x
-        x = nn.relu(Conv(64, (3, 3), padding="VALID", use_bias=self.use_bias, name="Conv_1")(nn.relu(x)))
-        x = ops.max_pool(x, (2, 2), strides=(2, 2))
+        if part != HEAD:
+            x = Conv(64, (3, 3), padding="VALID", use_bias=self.use_bias, name="Conv_1")(nn.relu(x))
+        x = ops.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(128, use_bias=self.use_bias, name="Dense_0")(x))
         return nn.Dense(self.num_classes, use_bias=self.use_bias, name="Dense_1")(x)

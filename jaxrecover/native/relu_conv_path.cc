@@ -1,0 +1,272 @@
+// Sparse ReLU -> convolution along a straight path: the two XLA FFI kernels of
+// jaxrecover.native (see relu_conv.py there for the identities and the JAX side).
+//
+// Along IG's path the pre-activations z_k = s0 + a_k d of a ReLU layer are
+// affine in a_k, so between consecutive path points only a few units switch.
+// The forward kernel keeps A = conv(M_k * d) and B = conv(M_k * s0) + bias and
+// updates them with each switching unit's kernel slice (3x3x64 multiply-adds for
+// LeNet's conv2) instead of convolving every point; U_k = a_k A + B. The
+// backward kernel returns T = sum_k w_k V_k and the correction
+// -sum_j Delta_j * convT(Q_j), Q_j = sum_{k<j} w_k V_k (summation by parts), so
+// that sum_k w_k M_k * convT(V_k) = M_last * convT(T) + correction for ANY
+// sequence of masks. Convolutions: NHWC / HWIO, stride 1, VALID.
+//
+// Every operand carries a leading batch dimension of size B or 1 (broadcast),
+// as jax.ffi.ffi_call(..., vmap_method="expand_dims") passes them.
+
+#include <cstdint>
+#include <algorithm>
+#include <atomic>
+#include <thread>
+#include <cstring>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Geometry {
+  int64_t m, h, w, c, kh, kw, o, oh, ow;
+};
+
+// Element offset of batch item b in an operand whose leading dimension is B or 1.
+inline int64_t Step(const ffi::AnyBuffer& buf, int64_t per_item) {
+  return buf.dimensions()[0] == 1 ? 0 : per_item;
+}
+
+// Runs fn(0), ..., fn(n - 1): fn(0) on the calling thread, the others on XLA's intra-op pool (inline where
+// there is none), and returns when all are done.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& fn) {
+  std::atomic<int64_t> left(n - 1);
+  for (int64_t t = 1; t < n; ++t) {
+    pool.Schedule([&fn, &left, t] {
+      fn(t);
+      left.fetch_sub(1, std::memory_order_release);
+    });
+  }
+  fn(0);
+  while (left.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+}
+
+// The units whose mask differs between two consecutive points, eight bytes at a time; calls visit(u).
+template <typename F>
+inline void ForEachChange(const uint8_t* now, const uint8_t* before, int64_t units, const F& visit) {
+  int64_t u = 0;
+  for (; u + 8 <= units; u += 8) {
+    uint64_t x, y;
+    std::memcpy(&x, now + u, 8);
+    std::memcpy(&y, before + u, 8);
+    if (x == y) continue;
+    for (int64_t v = u; v < u + 8; ++v)
+      if (now[v] != before[v]) visit(v);
+  }
+  for (; u < units; ++u)
+    if (now[u] != before[u]) visit(u);
+}
+
+// Output channels [lo, hi) of one task: the work of every task touches only its own channels.
+inline void Slice(int64_t o, int64_t tasks, int64_t t, int64_t* lo, int64_t* hi) {
+  *lo = o * t / tasks;
+  *hi = o * (t + 1) / tasks;
+}
+
+inline int64_t Tasks(ffi::ThreadPool& pool, int64_t o) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  return std::max<int64_t>(1, std::min<int64_t>(threads, o / 16));
+}
+
+template <typename T>
+void Forward(ffi::ThreadPool& pool, const Geometry& g, int64_t batch, const ffi::AnyBuffer& s0,
+             const ffi::AnyBuffer& d, const ffi::AnyBuffer& mask, const ffi::AnyBuffer& nodes,
+             const ffi::AnyBuffer& a0, const ffi::AnyBuffer& b0, const ffi::AnyBuffer& kernel,
+             ffi::Result<ffi::AnyBuffer>& out) {
+  const int64_t units = g.h * g.w * g.c, outs = g.oh * g.ow * g.o, tasks = Tasks(pool, g.o);
+  for (int64_t b = 0; b < batch; ++b) {
+    const T* s0p = s0.typed_data<T>() + b * Step(s0, units);
+    const T* dp = d.typed_data<T>() + b * Step(d, units);
+    const uint8_t* mp = mask.typed_data<uint8_t>() + b * Step(mask, g.m * units);
+    const T* ap = nodes.typed_data<T>() + b * Step(nodes, g.m);
+    const T* kp = kernel.typed_data<T>() + b * Step(kernel, g.kh * g.kw * g.c * g.o);
+    const T* a0p = a0.typed_data<T>() + b * Step(a0, outs);
+    const T* b0p = b0.typed_data<T>() + b * Step(b0, outs);
+    T* up = out->typed_data<T>() + b * g.m * outs;
+    ParallelFor(pool, tasks, [&](int64_t t) {
+      int64_t lo, hi;
+      Slice(g.o, tasks, t, &lo, &hi);
+      const int64_t n = hi - lo, pixels = g.oh * g.ow;
+      std::vector<T> A(pixels * n), B(pixels * n);  // this task's channels, pixel-major
+      for (int64_t px = 0; px < pixels; ++px)
+        for (int64_t o = 0; o < n; ++o) {
+          A[px * n + o] = a0p[px * g.o + lo + o];
+          B[px * n + o] = b0p[px * g.o + lo + o];
+        }
+      for (int64_t k = 0; k < g.m; ++k) {
+        if (k > 0) {
+          const uint8_t* now = mp + k * units;
+          ForEachChange(now, now - units, units, [&](int64_t u) {
+            const T sign = now[u] ? T(1) : T(-1);
+            const T dv = sign * dp[u], sv = sign * s0p[u];
+            const int64_t ch = u % g.c, col = (u / g.c) % g.w, row = u / (g.c * g.w);
+            for (int64_t i = 0; i < g.kh; ++i) {
+              const int64_t p = row - i;
+              if (p < 0 || p >= g.oh) continue;
+              for (int64_t j = 0; j < g.kw; ++j) {
+                const int64_t q = col - j;
+                if (q < 0 || q >= g.ow) continue;
+                const T* __restrict wr = kp + ((i * g.kw + j) * g.c + ch) * g.o + lo;
+                T* __restrict ar = A.data() + (p * g.ow + q) * n;
+                T* __restrict br = B.data() + (p * g.ow + q) * n;
+                for (int64_t o = 0; o < n; ++o) {
+                  ar[o] += dv * wr[o];
+                  br[o] += sv * wr[o];
+                }
+              }
+            }
+          });
+        }
+        const T a = ap[k];
+        T* __restrict uk = up + k * outs + lo;
+        for (int64_t px = 0; px < pixels; ++px)
+          for (int64_t o = 0; o < n; ++o) uk[px * g.o + o] = a * A[px * n + o] + B[px * n + o];
+      }
+    });
+  }
+}
+
+template <typename T>
+void Backward(ffi::ThreadPool& pool, const Geometry& g, int64_t batch, const ffi::AnyBuffer& cot,
+              const ffi::AnyBuffer& weights, const ffi::AnyBuffer& mask, const ffi::AnyBuffer& kernel,
+              ffi::Result<ffi::AnyBuffer>& total, ffi::Result<ffi::AnyBuffer>& corr) {
+  const int64_t units = g.h * g.w * g.c, outs = g.oh * g.ow * g.o, tasks = Tasks(pool, g.o);
+  std::vector<T> parts(tasks * units);  // each task's partial correction (its channels' share of each dot)
+  for (int64_t b = 0; b < batch; ++b) {
+    const T* vp = cot.typed_data<T>() + b * Step(cot, g.m * outs);
+    const T* wp = weights.typed_data<T>() + b * Step(weights, g.m);
+    const uint8_t* mp = mask.typed_data<uint8_t>() + b * Step(mask, g.m * units);
+    const T* kp = kernel.typed_data<T>() + b * Step(kernel, g.kh * g.kw * g.c * g.o);
+    T* tp = total->typed_data<T>() + b * outs;
+    T* cp = corr->typed_data<T>() + b * units;
+    ParallelFor(pool, tasks, [&](int64_t t) {
+      int64_t lo, hi;
+      Slice(g.o, tasks, t, &lo, &hi);
+      const int64_t n = hi - lo, pixels = g.oh * g.ow;
+      std::vector<T> Q(pixels * n, T(0)), acc(n);
+      T* part = parts.data() + t * units;
+      std::fill(part, part + units, T(0));
+      for (int64_t j = 1; j < g.m; ++j) {
+        const T wprev = wp[j - 1];
+        const T* __restrict vprev = vp + (j - 1) * outs + lo;
+        for (int64_t px = 0; px < pixels; ++px)
+          for (int64_t o = 0; o < n; ++o) Q[px * n + o] += wprev * vprev[px * g.o + o];
+        const uint8_t* now = mp + j * units;
+        ForEachChange(now, now - units, units, [&](int64_t u) {
+          const int64_t ch = u % g.c, col = (u / g.c) % g.w, row = u / (g.c * g.w);
+          T* __restrict ac = acc.data();
+          std::fill(ac, ac + n, T(0));
+          for (int64_t i = 0; i < g.kh; ++i) {
+            const int64_t p = row - i;
+            if (p < 0 || p >= g.oh) continue;
+            for (int64_t jj = 0; jj < g.kw; ++jj) {
+              const int64_t q = col - jj;
+              if (q < 0 || q >= g.ow) continue;
+              const T* __restrict wr = kp + ((i * g.kw + jj) * g.c + ch) * g.o + lo;
+              const T* __restrict qr = Q.data() + (p * g.ow + q) * n;
+              for (int64_t o = 0; o < n; ++o) ac[o] += wr[o] * qr[o];
+            }
+          }
+          T val = 0;
+          for (int64_t o = 0; o < n; ++o) val += ac[o];
+          part[u] += now[u] ? -val : val;  // -Delta_j * convT(Q_j), this task's channels
+        });
+      }
+      const T wlast = wp[g.m - 1];
+      const T* vlast = vp + (g.m - 1) * outs + lo;
+      for (int64_t px = 0; px < pixels; ++px)
+        for (int64_t o = 0; o < n; ++o) tp[px * g.o + lo + o] = Q[px * n + o] + wlast * vlast[px * g.o + o];
+    });
+    for (int64_t u = 0; u < units; ++u) {
+      T sum = 0;
+      for (int64_t t = 0; t < tasks; ++t) sum += parts[t * units + u];
+      cp[u] = sum;
+    }
+  }
+}
+
+ffi::Error Check(bool ok, const char* what) {
+  return ok ? ffi::Error::Success() : ffi::Error(ffi::ErrorCode::kInvalidArgument, what);
+}
+
+// s0, d: [B|1, H, W, C]; mask: [B|1, M, H, W, C] u8; nodes: [B|1, M]; a0, b0: [B|1, OH, OW, O];
+// kernel: [B|1, KH, KW, C, O]; out: [B, M, OH, OW, O].
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer s0, ffi::AnyBuffer d, ffi::AnyBuffer mask, ffi::AnyBuffer nodes,
+                       ffi::AnyBuffer a0, ffi::AnyBuffer b0, ffi::AnyBuffer kernel,
+                       ffi::Result<ffi::AnyBuffer> out) {
+  auto od = out->dimensions(), kd = kernel.dimensions(), sd = s0.dimensions();
+  if (od.size() != 5 || kd.size() != 5 || sd.size() != 4 || mask.dimensions().size() != 5)
+    return Check(false, "relu_conv_path_fwd: unexpected ranks");
+  Geometry g{od[1], sd[1], sd[2], sd[3], kd[1], kd[2], od[4], od[2], od[3]};
+  if (g.oh != g.h - g.kh + 1 || g.ow != g.w - g.kw + 1 || kd[3] != g.c || kd[4] != g.o)
+    return Check(false, "relu_conv_path_fwd: shapes are not a stride-1 VALID convolution");
+  if (mask.element_type() != ffi::DataType::U8) return Check(false, "relu_conv_path_fwd: mask must be uint8");
+  switch (out->element_type()) {
+    case ffi::DataType::F32:
+      Forward<float>(pool, g, od[0], s0, d, mask, nodes, a0, b0, kernel, out);
+      return ffi::Error::Success();
+    case ffi::DataType::F64:
+      Forward<double>(pool, g, od[0], s0, d, mask, nodes, a0, b0, kernel, out);
+      return ffi::Error::Success();
+    default:
+      return Check(false, "relu_conv_path_fwd: float32 or float64 only");
+  }
+}
+
+// cot: [B|1, M, OH, OW, O]; weights: [B|1, M]; mask: [B|1, M, H, W, C] u8; kernel: [B|1, KH, KW, C, O];
+// total: [B, OH, OW, O]; corr: [B, H, W, C].
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer cot, ffi::AnyBuffer weights, ffi::AnyBuffer mask, ffi::AnyBuffer kernel,
+                        ffi::Result<ffi::AnyBuffer> total, ffi::Result<ffi::AnyBuffer> corr) {
+  auto vd = cot.dimensions(), kd = kernel.dimensions(), cd = corr->dimensions();
+  if (vd.size() != 5 || kd.size() != 5 || cd.size() != 4 || mask.dimensions().size() != 5)
+    return Check(false, "relu_conv_path_bwd: unexpected ranks");
+  Geometry g{vd[1], cd[1], cd[2], cd[3], kd[1], kd[2], vd[4], vd[2], vd[3]};
+  if (g.oh != g.h - g.kh + 1 || g.ow != g.w - g.kw + 1 || kd[3] != g.c || kd[4] != g.o)
+    return Check(false, "relu_conv_path_bwd: shapes are not a stride-1 VALID convolution");
+  if (mask.element_type() != ffi::DataType::U8) return Check(false, "relu_conv_path_bwd: mask must be uint8");
+  const int64_t batch = cd[0];
+  switch (corr->element_type()) {
+    case ffi::DataType::F32:
+      Backward<float>(pool, g, batch, cot, weights, mask, kernel, total, corr);
+      return ffi::Error::Success();
+    case ffi::DataType::F64:
+      Backward<double>(pool, g, batch, cot, weights, mask, kernel, total, corr);
+      return ffi::Error::Success();
+    default:
+      return Check(false, "relu_conv_path_bwd: float32 or float64 only");
+  }
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JrReluConvPathFwd, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JrReluConvPathBwd, BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());

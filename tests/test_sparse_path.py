@@ -1,0 +1,150 @@
+"""The native sparse ReLU -> convolution path of IG (jaxrecover.native, IG(sparse_path=True)).
+
+Oracles are exact identities in float64: the kernels against the dense computation they replace (for ANY
+mask sequence, not only the single switch a straight path gives), and the whole IG against plain autodiff
+(every point differentiated through the whole model) on LeNet with non-zero biases, so units do switch.
+"""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxrecover as jr
+from jaxrecover import native
+from jaxrecover.explainers import integrated_gradients, select_output
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                reason="no C++ compiler: the sparse path cannot be built here")
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _lenet(dtype):
+    return jr.make_model("lenet"), jr.init_variables("lenet", jax.random.key(0), dtype, biases="torch")
+
+
+def test_native_kernels_build_on_this_machine():
+    assert native.available(), native.status()
+    assert native.status().startswith("native sparse path: on")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_kernels_equal_the_dense_sums_for_any_masks(dtype):
+    """Forward U_k and backward (T, correction) against dense convolutions, masks switching back and forth."""
+    from jaxrecover.native import relu_conv
+
+    assert native.available()
+    ks = jax.random.split(jax.random.key(3), 6)
+    m, (h, w, c), o = 7, (9, 8, 5), 6
+    s0 = jax.random.normal(ks[0], (h, w, c), dtype)
+    d = jax.random.normal(ks[1], (h, w, c), dtype)
+    mask = jax.random.bernoulli(ks[2], 0.5, (m, h, w, c)).astype(jnp.uint8)  # many units switch twice or more
+    nodes = jnp.linspace(0.1, 1.0, m, dtype=dtype)
+    kernel = jax.random.normal(ks[3], (3, 3, c, o), dtype)
+    bias = jax.random.normal(ks[4], (o,), dtype)
+    cot = jax.random.normal(ks[5], (m, h - 2, w - 2, o), dtype)
+    weights = jnp.linspace(0.5, 1.5, m, dtype=dtype)
+
+    def conv(a):
+        return jax.lax.conv_general_dilated(a, kernel, (1, 1), "VALID", dimension_numbers=DN,
+                                            precision=jax.lax.Precision.HIGHEST)
+
+    def conv_t(g):
+        return jax.vjp(conv, jnp.zeros((g.shape[0], h, w, c), dtype))[1](g)[0]
+
+    u_ref, t_ref, corr_ref = relu_conv.dense_reference(s0, d, mask, nodes, kernel, bias, cot, weights, conv, conv_t)
+    on = mask[0].astype(dtype)
+    first = conv(jnp.stack([on * d, on * s0]))
+    u = relu_conv.path_forward(s0, d, mask, nodes, first[0], first[1] + bias.reshape(1, 1, -1), kernel)
+    t, corr = relu_conv.path_backward(cot, weights, mask, kernel)
+    tol = 1e-12 if dtype == jnp.float64 else 1e-4
+    for got, want in ((u, u_ref), (t, t_ref), (corr, corr_ref)):
+        assert got.dtype == dtype and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("rule", ["riemann_right", "riemann_trapezoid", "gausslegendre", "riemann_middle"])
+def test_sparse_ig_equals_plain_autodiff_float64(rule):
+    """IG(sparse_path=True) == IG by autodiff through the whole model at every point: float64, random
+    baselines, every output kind, through the batch engine (micro-batch loop, chunks, padding)."""
+    model, v = _lenet(jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (3, 28, 28, 1), jnp.float64)
+    b = 0.3 * jax.random.normal(jax.random.key(2), (3, 28, 28, 1), jnp.float64)
+    t = jnp.asarray([1, 4, 9], jnp.int32)
+    for output in ("logit", "logprob"):
+        kw = dict(baseline=b, output=output, chunk_size=2)
+        fast = jr.explain(jr.IG(steps=9, rule=rule), model, v, x, t, **kw)
+        plain = jr.explain(jr.IG(steps=9, rule=rule, factor_stem=False), model, v, x, t, **kw)
+        assert fast.dtype == jnp.float64
+        np.testing.assert_allclose(fast, plain, rtol=1e-10, atol=1e-12 * float(jnp.abs(plain).max()))
+
+
+def test_units_do_switch_in_the_oracle():
+    """The float64 oracle above is not vacuous: on its nets many first-layer units switch along the path."""
+    model, v = _lenet(jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (28, 28, 1), jnp.float64)
+    s0, sx = model.affine_stem.stem(v, jnp.zeros_like(x)), model.affine_stem.stem(v, x)
+    on = (s0[None] + jnp.linspace(0.1, 1.0, 9).reshape(-1, 1, 1, 1) * (sx - s0)[None]) > 0
+    assert int(jnp.sum(on[1:] != on[:-1])) > 500
+
+
+def test_sparse_ig_float32_is_as_close_to_float64_as_the_dense_path():
+    model, v = _lenet(jnp.float32)
+    v64 = jr.cast_variables(v, jnp.float64)
+    x = jax.random.normal(jax.random.key(4), (4, 28, 28, 1), jnp.float32)
+    t = jnp.asarray([0, 2, 5, 7], jnp.int32)
+    truth = jr.explain(jr.IG(), model, v64, x.astype(jnp.float64), t)
+    fast = jr.explain(jr.IG(), model, v, x, t)
+    dense = jr.explain(jr.IG(sparse_path=False), model, v, x, t)
+    assert fast.dtype == jnp.float32
+
+    def err(a):
+        return float(jnp.mean(jnp.abs(a.astype(jnp.float64) - truth)) / jnp.mean(jnp.abs(truth)))
+
+    assert err(fast) < 1e-5 and err(fast) <= 2 * err(dense) + 1e-7
+
+
+def test_single_example_call_and_vmap_agree():
+    model, v = _lenet(jnp.float64)
+    x = jax.random.normal(jax.random.key(5), (2, 28, 28, 1), jnp.float64)
+    ig = jr.IG(steps=5)
+    one = jnp.stack([ig(model, v, x[i], 3, jnp.zeros_like(x[i])) for i in range(2)])
+    batched = jax.jit(jax.vmap(lambda xi: ig(model, v, xi, 3, jnp.zeros_like(xi))))(x)
+    f = lambda z: select_output(model(v, z), 3, "logit")  # noqa: E731
+    plain = jnp.stack([integrated_gradients(f, x[i], steps=5) for i in range(2)])
+    np.testing.assert_allclose(one, plain, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(batched, plain, rtol=1e-10, atol=1e-13)
+
+
+def test_switched_off_by_environment_falls_back_to_the_dense_path(monkeypatch):
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    assert not native.available()
+    assert "off" in native.status() and native.ENV_SWITCH in native.status()
+    model, v = _lenet(jnp.float64)
+    x = jax.random.normal(jax.random.key(6), (28, 28, 1), jnp.float64)
+    ir = jax.jit(lambda z: jr.IG(steps=5)(model, v, z, 1, jnp.zeros_like(z))).lower(x).as_text()
+    assert "jr_relu_conv_path" not in ir
+    monkeypatch.delenv(native.ENV_SWITCH)
+    ir = jax.jit(lambda z: jr.IG(steps=5)(model, v, z, 1, jnp.zeros_like(z))).lower(x).as_text()
+    assert "jr_relu_conv_path" in ir
+
+
+def test_built_library_is_keyed_and_complete():
+    """The cached library's name carries a hash of source, jaxlib, compiler and CPU; no temporary is left."""
+    path = native.library_path(native._compiler())
+    assert path.exists() and path.stat().st_size > 0
+    assert not [p for p in path.parent.iterdir() if p.name.startswith("tmp")]
+
+
+def test_a_non_valid_geometry_is_a_clear_error():
+    from jaxrecover.native import relu_conv
+
+    assert native.available()
+    mask = jnp.zeros((3, 6, 6, 2), jnp.uint8)
+    kernel = jnp.zeros((3, 3, 2, 4))
+    wrong = jnp.zeros((3, 5, 5, 4))  # a VALID 3x3 convolution of 6x6 gives 4x4, not 5x5
+    with pytest.raises(Exception, match="stride-1 VALID"):
+        jax.block_until_ready(relu_conv.path_backward(wrong, jnp.ones(3), mask, kernel))
