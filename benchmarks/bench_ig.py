@@ -115,11 +115,11 @@ def _captum(name, variables, x, y, steps, chunk, repeats, sweep):
     return t_same, t_best, best_batch, from_nchw(out.detach().numpy()), logits_t
 
 
-def bench(models, dtypes, n, steps, chunk, repeats, captum, protocol_n, mem_chunks, captum_sweep=()):
+def bench(models, dtypes, n, steps, chunk, repeats, captum, protocol_n, mem_chunks, captum_sweep=(), biases="torch"):
     rows, proto_rows, mem_rows = [], [], []
     for name in models:
         f = make_model(name)
-        v32 = init_variables(name, jax.random.key(0), jnp.float32)
+        v32 = init_variables(name, jax.random.key(0), jnp.float32, biases=biases)
         for dt in dtypes:
             v = cast_variables(v32, dt)
             x, y = _inputs(n, np.dtype(dt))
@@ -211,12 +211,16 @@ def main(argv=None):
     p.add_argument("--mem-chunks", type=int, nargs="*", default=[8, 32, 128])
     p.add_argument("--no-captum", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny configuration (seconds) for CI")
+    p.add_argument("--biases", choices=("torch", "zeros"), default="torch",
+                   help="random-init biases: PyTorch's default (ReLUs switch along IG's path, as in trained nets) "
+                        "or Flax's zeros (every path point has the same gradient; the tables of docs/PERFORMANCE.md "
+                        "sections 1-5 were printed that way, before the native sparse path: add JAXRECOVER_NATIVE=0)")
     a = p.parse_args(argv)
     if a.smoke:
         a.models, a.dtypes, a.n, a.steps, a.chunk_size, a.repeats = ["twolayer", "lenet"], ["float32"], 4, 4, 2, 1
         a.protocol_n, a.mem_chunks, a.captum_sweep = 2, [2, 4], [4]
     rows, proto, mem = bench(a.models, a.dtypes, a.n, a.steps, a.chunk_size, a.repeats, not a.no_captum,
-                             a.protocol_n, a.mem_chunks, a.captum_sweep)
+                             a.protocol_n, a.mem_chunks, a.captum_sweep, a.biases)
     print_tables(rows, proto, mem, a)
     return 0
 

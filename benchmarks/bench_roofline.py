@@ -1,20 +1,26 @@
 """IG against the machine's own limit, and against Captum in interleaved rounds (docs/PERFORMANCE.md, issue 18).
 
-For each model and dtype, on N images with m steps (riemann_right, logit of the label, random-init weights):
+For each model and dtype, on N images with m steps (riemann_right, logit of the label, random-init weights
+with PyTorch's default biases, ``init_variables(..., biases="torch")``: with Flax's zero biases a ReLU net is
+positively homogeneous, every path point has the same gradient and no ReLU switches along the path, which
+would flatter the sparse path; ``--biases zeros`` gives that case):
 
 1. The attainable rate of this machine, measured in the same run: the best of several large square matmuls
    through XLA (GFLOP/s, ``2 n^3`` FLOPs each), per dtype.
-2. The FLOPs of one explanation: XLA's own count (``compiled.cost_analysis()["flops"]``) of the compiled IG
-   chunk the engine runs, divided by the chunk's examples (forward, input gradient and the weighting - what XLA
-   executes, not a hand count).
-3. IG's throughput as a fraction of the roofline: ``(expl/s x FLOPs/expl) / attainable GFLOP/s``.
+2. The FLOPs of one explanation, counted from the model: XLA's own count (``compiled.cost_analysis()["flops"]``)
+   of the compiled DENSE IG of one image (``IG(sparse_path=False)``: forward and input gradient of the model at
+   the m points, and the weighting - plain IG's arithmetic, not a hand count).
+3. IG's throughput as a fraction of that roofline: ``(expl/s x FLOPs/expl) / attainable GFLOP/s``, for the
+   library's default IG ("ours") and for the dense path. The sparse path (LeNet, ``jaxrecover.native``) does
+   fewer operations than plain IG, so its fraction is an EFFECTIVE one (plain IG's FLOPs at the sparse path's
+   rate) and may exceed 100 %; the dense path's is the hardware fraction of what it executes.
 4. Ours against Captum (``IntegratedGradients``, riemann_right) at Captum's BEST internal batch: each size of
    ``--captum-sweep`` (points per internal batch) is timed once and the fastest kept (``--captum-batch B``
-   fixes it instead); then ``--rounds`` interleaved rounds (ours, Captum, ours, Captum, ...), each ratio the
-   median of the per-round ratios, printed with its min-max.
+   fixes it instead); then ``--rounds`` interleaved rounds (ours, dense, Captum, ours, dense, Captum, ...), each
+   ratio the median of the per-round ratios, printed with its min-max.
 
 Usage: python benchmarks/bench_roofline.py [--models lenet,resnet18] [--dtypes float32,float64] [--n 64]
-                                           [--steps 50] [--rounds 5]
+                                           [--steps 50] [--rounds 5] [--biases torch|zeros]
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxrecover import ops  # noqa: E402
+from jaxrecover import native, ops  # noqa: E402
 from jaxrecover.engine import auto_chunk_size, auto_micro_batch, explain  # noqa: E402
 from jaxrecover.engine.batch import _explain_chunk  # noqa: E402
 from jaxrecover.explainers import IG  # noqa: E402
@@ -58,11 +64,11 @@ def attainable_gflops(dtype, sizes=(1024, 2048, 3072), repeats=3) -> tuple[float
 
 
 def flops_per_explanation(f, v, x, y, steps) -> float:
-    """XLA's FLOP count of one explanation compiled without the micro-batch loop (XLA counts a loop's body once,
-    not once per trip)."""
+    """XLA's FLOP count of one DENSE explanation (plain IG's arithmetic), compiled without the micro-batch loop
+    (XLA counts a loop's body once, not once per trip)."""
     xs, ys = x[:1], y[:1]
-    compiled = _explain_chunk.lower(IG(steps=steps), f, v, xs, ys, jnp.zeros_like(xs), output="logit",
-                                    micro_batch=None).compile()
+    compiled = _explain_chunk.lower(IG(steps=steps, sparse_path=False), f, v, xs, ys, jnp.zeros_like(xs),
+                                    output="logit", micro_batch=None).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
@@ -75,6 +81,8 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--biases", choices=("torch", "zeros"), default="torch",
+                    help="random-init biases: PyTorch's default (ReLUs switch along the path) or Flax's zeros")
     ap.add_argument("--captum-batch", type=int, default=None,
                     help="Captum's internal batch in points (default: the fastest of --captum-sweep)")
     ap.add_argument("--captum-sweep", default=None,
@@ -88,18 +96,19 @@ def main(argv=None):
 
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads, "
           f"JAX {jax.__version__} ({jax.default_backend()}); N={a.n}, m={a.steps}, {a.rounds} interleaved rounds; "
-          f"command: python benchmarks/bench_roofline.py {' '.join(sys.argv[1:] if argv is None else argv)}\n")
+          f"biases {a.biases}; {native.status()}; command: python benchmarks/bench_roofline.py {' '.join(sys.argv[1:] if argv is None else argv)}\n")
     peaks = {}
     for dt in a.dtypes.split(","):
         peaks[dt] = attainable_gflops(jnp.dtype(dt))
         print(f"attainable {dt}: {peaks[dt][0]:.1f} GFLOP/s (XLA matmul {peaks[dt][1]}^2)")
-    print("\n| model | dtype | GFLOP / expl (XLA count) | ours expl/s | ours GFLOP/s | fraction of roofline | "
-          "Captum expl/s (best internal batch) | ours / Captum, median (min-max) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| model | dtype | GFLOP / expl (dense IG, XLA count) | path | ours expl/s | ours GFLOP/s (model FLOPs) | "
+          "fraction of roofline | dense path expl/s | dense fraction | Captum expl/s (best internal batch) | "
+          "ours / Captum, median (min-max) | dense / Captum, median (min-max) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     for name in a.models.split(","):
         f = make_model(name)
-        v32 = init_variables(name, jax.random.key(0), jnp.float32)
+        v32 = init_variables(name, jax.random.key(0), jnp.float32, biases=a.biases)
         for dt in a.dtypes.split(","):
             v = cast_variables(v32, dt)
             x = jnp.asarray(rng.standard_normal((a.n, 28, 28, 1)), dt)
@@ -113,14 +122,21 @@ def main(argv=None):
             yt = torch.from_numpy(np.array(y)).long()
             ig = IntegratedGradients(twin)
 
+            sparse = f.relu_conv is not None and native.available()
+
             def ours():
                 jax.block_until_ready(explain(IG(steps=a.steps), f, v, x, y, chunk_size=chunk))
+
+            def dense():
+                jax.block_until_ready(explain(IG(steps=a.steps, sparse_path=False), f, v, x, y, chunk_size=chunk))
 
             def captum(batch):
                 ig.attribute(xt, baselines=torch.zeros_like(xt), target=yt, n_steps=a.steps, method="riemann_right",
                              internal_batch_size=batch)
 
             ours()  # compile / warm up
+            if sparse:
+                dense()
             if a.captum_batch:
                 batch = a.captum_batch
                 captum(batch)
@@ -134,18 +150,28 @@ def main(argv=None):
                     captum(b)
                     swept[b] = time.perf_counter() - t0
                 batch = min(swept, key=swept.get)
-            t_ours, t_captum = [], []
+            t_ours, t_dense, t_captum = [], [], []
+            runs = ((ours, t_ours),) + (((dense, t_dense),) if sparse else ()) + ((lambda: captum(batch), t_captum),)
             for _ in range(a.rounds):
-                for fn, ts in ((ours, t_ours), (lambda: captum(batch), t_captum)):
+                for fn, ts in runs:
                     t0 = time.perf_counter()
                     fn()
                     ts.append(time.perf_counter() - t0)
-            ratios = [c / o for o, c in zip(t_ours, t_captum)]
-            per_s = a.n / statistics.median(t_ours)
-            gflops = per_s * flops / 1e9
-            print(f"| {name} | {dt} | {flops / 1e9:.2f} | {per_s:.1f} | {gflops:.0f} | {gflops / peaks[dt][0]:.0%} | "
-                  f"{a.n / statistics.median(t_captum):.1f} ({batch}) | {statistics.median(ratios):.2f}x "
-                  f"({min(ratios):.2f}-{max(ratios):.2f}) |", flush=True)
+            t_dense = t_dense or t_ours  # no sparse path: the default IG is the dense one
+
+            def ratio(ts):
+                r = [c / o for o, c in zip(ts, t_captum)]
+                return f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})"
+
+            def rate(ts):
+                per_s = a.n / statistics.median(ts)
+                return per_s, per_s * flops / 1e9 / peaks[dt][0]
+
+            (per_s, frac), (dense_s, dense_frac) = rate(t_ours), rate(t_dense)
+            print(f"| {name} | {dt} | {flops / 1e9:.2f} | {'sparse' if sparse else 'dense'} | {per_s:.1f} | "
+                  f"{per_s * flops / 1e9:.0f} | {frac:.0%}{' (effective)' if sparse else ''} | {dense_s:.1f} | "
+                  f"{dense_frac:.0%} | {a.n / statistics.median(t_captum):.1f} ({batch}) | {ratio(t_ours)} | "
+                  f"{ratio(t_dense)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,11 @@ Prints the most expensive fusions/ops of one run of ``explain(IG(...))`` (random
 images), each with its total milliseconds, call count and the JAX operation it came from (the HLO metadata),
 so a slow lowering (a convolution, a reduction taken by YNNPACK, a select-and-scatter) is named, not guessed.
 
+Weights: random init with PyTorch's default biases (``--biases torch``; zeros make every path point's gradient
+the same); ``--dense`` profiles IG without the native sparse path (LeNet).
+
 Usage: python benchmarks/profile_ig.py [--model lenet] [--dtype float64] [--n 8] [--steps 50] [--top 12]
+                                       [--biases torch|zeros] [--dense]
 """
 
 from __future__ import annotations
@@ -38,16 +42,19 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--biases", choices=("torch", "zeros"), default="torch")
+    ap.add_argument("--dense", action="store_true", help="IG(sparse_path=False)")
     a = ap.parse_args(argv)
     f = make_model(a.model)
-    v = cast_variables(init_variables(a.model, jax.random.key(0), jnp.float32), a.dtype)
+    v = cast_variables(init_variables(a.model, jax.random.key(0), jnp.float32, biases=a.biases), a.dtype)
+    ig = IG(steps=a.steps, sparse_path=not a.dense)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((a.n, 28, 28, 1)), a.dtype)
     y = jnp.asarray(rng.integers(0, 10, a.n), jnp.int32)
     micro = auto_micro_batch(f, v, x[0], a.steps)
 
     def run():
-        return jax.block_until_ready(explain(IG(steps=a.steps), f, v, x, y, chunk_size=a.n, micro_batch=micro))
+        return jax.block_until_ready(explain(ig, f, v, x, y, chunk_size=a.n, micro_batch=micro))
 
     run()  # compile
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,7 +69,7 @@ def main(argv=None):
         if e.get("ph") == "X" and not name.startswith(("$", "ThunkExecutor", "Pjit", "Common", "Slinky")):
             total[name] += e.get("dur", 0)
             calls[name] += 1
-    hlo = _explain_chunk.lower(IG(steps=a.steps), f, v, x, y, jnp.zeros_like(x), output="logit",
+    hlo = _explain_chunk.lower(ig, f, v, x, y, jnp.zeros_like(x), output="logit",
                                micro_batch=micro).compile().as_text()
     origin = {}
     for line in hlo.splitlines():

@@ -42,11 +42,12 @@ def test_roofline_benchmark_smoke():
     # XLA's count of one LeNet explanation with m = 2: about 48 MFLOP per path point (conv2's forward and input
     # gradient dominate), so about 0.1 GFLOP
     assert 0.05 <= float(row.split("|")[3]) <= 0.2, row
+    assert row.split("|")[4].strip() == "sparse", row  # the native path runs wherever a compiler is
 
 
 def test_profile_script_names_the_expensive_thunks():
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_ig.py"), "--model", "lenet",
-                        "--dtype", "float64", "--n", "1", "--steps", "2", "--top", "3"],
+                        "--dtype", "float64", "--n", "1", "--steps", "2", "--top", "3", "--dense"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| thunk")]

@@ -19,6 +19,8 @@
 #include <atomic>
 #include <thread>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -36,19 +38,32 @@ inline int64_t Step(const ffi::AnyBuffer& buf, int64_t per_item) {
   return buf.dimensions()[0] == 1 ? 0 : per_item;
 }
 
-// Runs fn(0), ..., fn(n - 1): fn(0) on the calling thread, the others on XLA's intra-op pool (inline where
-// there is none), and returns when all are done.
+// Runs fn(0), ..., fn(n - 1) on the calling thread and on XLA's intra-op pool (inline where there is none) and
+// returns when all are done. Deadlock-free when the caller is itself a pool thread: every participant claims
+// indices from a shared counter, so the caller never waits for work nobody has started; a pool task that
+// starts late finds nothing left and touches nothing but the shared counters it co-owns.
+struct Claims {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t n = 0;
+  const std::function<void(int64_t)>* fn = nullptr;
+};
+
+inline void Work(Claims& c) {
+  for (int64_t i; (i = c.next.fetch_add(1, std::memory_order_acq_rel)) < c.n;) {
+    (*c.fn)(i);
+    c.done.fetch_add(1, std::memory_order_acq_rel);
+  }
+}
+
 template <typename F>
 void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& fn) {
-  std::atomic<int64_t> left(n - 1);
-  for (int64_t t = 1; t < n; ++t) {
-    pool.Schedule([&fn, &left, t] {
-      fn(t);
-      left.fetch_sub(1, std::memory_order_release);
-    });
-  }
-  fn(0);
-  while (left.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+  const std::function<void(int64_t)> f = fn;
+  auto claims = std::make_shared<Claims>();
+  claims->n = n;
+  claims->fn = &f;
+  for (int64_t t = 1; t < n; ++t) pool.Schedule([claims] { Work(*claims); });
+  Work(*claims);
+  while (claims->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
 // The units whose mask differs between two consecutive points, eight bytes at a time; calls visit(u).
