@@ -21,6 +21,11 @@ would flatter the sparse path; ``--biases zeros`` gives that case):
 
 Usage: python benchmarks/bench_roofline.py [--models lenet,resnet18] [--dtypes float32,float64] [--n 64]
                                            [--steps 50] [--rounds 5] [--biases torch|zeros]
+                                           [--trained checkpoints]
+
+``--trained DIR``: trained weights from ``DIR/<model>`` (``python train.py --model M --out DIR/M``) and the first N
+MNIST test images with their labels instead of random weights and random-normal images (how many ReLUs switch
+along the path is what the sparse path's speed depends on).
 """
 
 from __future__ import annotations
@@ -81,6 +86,8 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--trained", default=None, metavar="DIR",
+                    help="trained checkpoints DIR/<model> and MNIST test images instead of random ones")
     ap.add_argument("--biases", choices=("torch", "zeros"), default="torch",
                     help="random-init biases: PyTorch's default (ReLUs switch along the path) or Flax's zeros")
     ap.add_argument("--captum-batch", type=int, default=None,
@@ -96,7 +103,8 @@ def main(argv=None):
 
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads, "
           f"JAX {jax.__version__} ({jax.default_backend()}); N={a.n}, m={a.steps}, {a.rounds} interleaved rounds; "
-          f"biases {a.biases}; {native.status()}; command: python benchmarks/bench_roofline.py {' '.join(sys.argv[1:] if argv is None else argv)}\n")
+          f"{('trained weights from ' + a.trained + '/<model>, MNIST test images') if a.trained else 'biases ' + a.biases}; "
+          f"{native.status()}; command: python benchmarks/bench_roofline.py {' '.join(sys.argv[1:] if argv is None else argv)}\n")
     peaks = {}
     for dt in a.dtypes.split(","):
         peaks[dt] = attainable_gflops(jnp.dtype(dt))
@@ -108,11 +116,19 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     for name in a.models.split(","):
         f = make_model(name)
-        v32 = init_variables(name, jax.random.key(0), jnp.float32, biases=a.biases)
+        if a.trained:
+            import jaxrecover as jr
+
+            _, v32, _ = jr.load_trained(os.path.join(a.trained, name), model=name)
+            ds = jr.load_dataset("mnist")
+            images, labels = jr.normalize(ds.test_images[:a.n], dtype=np.float64), ds.test_labels[:a.n]
+        else:
+            v32 = init_variables(name, jax.random.key(0), jnp.float32, biases=a.biases)
+            images, labels = rng.standard_normal((a.n, 28, 28, 1)), rng.integers(0, 10, a.n)
         for dt in a.dtypes.split(","):
             v = cast_variables(v32, dt)
-            x = jnp.asarray(rng.standard_normal((a.n, 28, 28, 1)), dt)
-            y = jnp.asarray(rng.integers(0, 10, a.n), jnp.int32)
+            x = jnp.asarray(images, dt)
+            y = jnp.asarray(labels, jnp.int32)
             micro = auto_micro_batch(f, v, x[0], a.steps)
             chunk = auto_chunk_size(f, v, x[0], a.steps, a.n, micro_batch=micro)
             flops = flops_per_explanation(f, v, x, y, a.steps)

@@ -41,7 +41,8 @@ inline int64_t Step(const ffi::AnyBuffer& buf, int64_t per_item) {
 // Runs fn(0), ..., fn(n - 1) on the calling thread and on XLA's intra-op pool (inline where there is none) and
 // returns when all are done. Deadlock-free when the caller is itself a pool thread: every participant claims
 // indices from a shared counter, so the caller never waits for work nobody has started; a pool task that
-// starts late finds nothing left and touches nothing but the shared counters it co-owns.
+// starts late finds nothing left and touches only the counters it co-owns. (Threads of our own were slower
+// inside IG: they competed with XLA's spinning pool threads for the two cores.)
 struct Claims {
   std::atomic<int64_t> next{0}, done{0};
   int64_t n = 0;
@@ -89,7 +90,7 @@ inline void Slice(int64_t o, int64_t tasks, int64_t t, int64_t* lo, int64_t* hi)
 }
 
 inline int64_t Tasks(ffi::ThreadPool& pool, int64_t o) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());  // XLA's intra-op parallelism
   return std::max<int64_t>(1, std::min<int64_t>(threads, o / 16));
 }
 
