@@ -136,12 +136,15 @@ def integrated_gradients_relu_conv(
     *,
     steps: int = 50,
     rule: str = "riemann_right",
+    pool: int = 0,
 ) -> jax.Array:
-    """IG of ``f(x) = head(conv(relu(stem(x)), kernel) + bias)`` for an AFFINE ``stem``, with the convolution
-    carried along the path sparsely (the native kernels of :mod:`jaxrecover.native.relu_conv`).
+    """IG of ``f(x) = head(P(conv(relu(stem(x)), kernel) + bias))`` for an AFFINE ``stem``, with the
+    convolution carried along the path sparsely (the native kernels of :mod:`jaxrecover.native.relu_conv`).
 
-    ``stem`` maps one example to an ``(H, W, C)`` map; the convolution is stride-1 VALID NHWC/HWIO; ``head``
-    maps its ``(OH, OW, O)`` output to the explained scalar. The stem's outputs on the path are
+    ``stem`` maps one example to an ``(H, W, C)`` map; the convolution is stride-1 VALID NHWC/HWIO; ``P`` is
+    the identity (``pool`` 0) or ``max_pool(relu(.))`` with window = stride = ``pool`` (computed inside the
+    kernels, first-maximum gradient as :func:`jaxrecover.ops.max_pool`); ``head`` maps ``P``'s output to the
+    explained scalar. The stem's outputs on the path are
     ``s0 + a_k d`` (:func:`integrated_gradients_affine_stem`), so only the units whose ReLU switches between
     consecutive nodes cost convolution work: two convolutions and one transposed convolution per example
     instead of m of each, plus a kernel slice per switch. Equal to :func:`integrated_gradients` up to
@@ -159,9 +162,11 @@ def integrated_gradients_relu_conv(
     zero = jnp.zeros((), x.dtype)
     first = _conv_valid(jnp.stack([jnp.where(on[0], d, zero), jnp.where(on[0], s0, zero)]), kernel)
     b0 = first[1] if bias is None else first[1] + bias.reshape((1, 1, -1))
-    u = relu_conv.path_forward(s0, d, mask, jnp.asarray(nodes, x.dtype), first[0], b0, kernel)
-    cot = jax.vmap(jax.grad(head))(u)
-    total, correction = relu_conv.path_backward(cot, jnp.asarray(weights, x.dtype), mask, kernel)
+    out = relu_conv.path_forward(s0, d, mask, jnp.asarray(nodes, x.dtype), first[0], b0, kernel, pool=pool)
+    out, routes = out if pool else (out, None)
+    cot = jax.vmap(jax.grad(head))(out)
+    total, correction = relu_conv.path_backward(cot, jnp.asarray(weights, x.dtype), mask, kernel, routes,
+                                                pool=pool)
     _, conv_transpose = jax.vjp(lambda h: _conv_valid(h, kernel), s0[None])
     (through,) = conv_transpose(total[None])
     (grad_x,) = stem_transpose(jnp.where(on[-1], through[0], zero) + correction)

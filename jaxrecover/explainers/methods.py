@@ -114,7 +114,7 @@ class IG(Explainer):
             return integrated_gradients_relu_conv(
                 lambda z: split.stem(params, z), kernel, bias,
                 lambda u: select_output(relu_conv.head(params, u), target, output),
-                x, baseline, steps=self.steps, rule=self.rule)
+                x, baseline, steps=self.steps, rule=self.rule, pool=relu_conv.pool)
         if split is not None:
             return integrated_gradients_affine_stem(
                 lambda z: split.stem(params, z), lambda h: select_output(split.body(params, h), target, output),

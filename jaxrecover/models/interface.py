@@ -43,13 +43,16 @@ class StemSplit(NamedTuple):
 
 
 class ReluConvSplit(NamedTuple):
-    """``body(v, h) == head(v, conv(relu(h), kernel) + bias)`` for ONE stem output ``h``, where
-    ``(kernel, bias) = conv(v)`` is a stride-1 VALID NHWC/HWIO convolution (bias None: no bias).
+    """``body(v, h) == head(v, P(conv(relu(h), kernel) + bias))`` for ONE stem output ``h``, where
+    ``(kernel, bias) = conv(v)`` is a stride-1 VALID NHWC/HWIO convolution (bias None: no bias) and ``P`` is
+    the identity (``pool`` 0) or ``max_pool(relu(.))`` with window = stride = ``pool`` and the first-maximum
+    gradient of :func:`jaxrecover.ops.max_pool`.
 
     The split IG's sparse path needs (:func:`jaxrecover.explainers.integrated_gradients_relu_conv`)."""
 
     conv: Callable[[Variables], tuple[jax.Array, jax.Array | None]]
     head: Callable[[Variables, jax.Array], jax.Array]
+    pool: int = 0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -161,7 +164,7 @@ def _build(module: nn.Module, name: str) -> Model:
         def head(variables, u):
             return module.apply(variables, u[None], train=False, part=HEAD)[0]
 
-        relu_conv = ReluConvSplit(conv, head)
+        relu_conv = ReluConvSplit(conv, head, pool=2)
     return Model(logit_fn, name=name, affine_stem=StemSplit(stem, body), relu_conv=relu_conv, module=module,
                  input_shape=INPUT_SHAPE)
 

@@ -3,8 +3,8 @@
 Models take NHWC images ``(N, 28, 28, 1)`` and return logits ``(N, 10)``.
 Every model's ``__call__`` takes ``part``: ``"all"`` (the model), ``"stem"`` (its
 first, affine layer only) or ``"body"`` (the rest, applied to a stem output);
-LeNet also takes ``"head"`` (everything after its second convolution, applied
-to that convolution's pre-activation output: the sparse IG path's split);
+LeNet also takes ``"head"`` (everything after its second convolution's ReLU and
+max-pool, applied to their output: the sparse IG path's split);
 layers are named explicitly so the three share one set of variables. Layers are
 built with ``dtype=None`` so they compute in the dtype of their parameters and
 inputs. Nothing downstream sees these modules: :func:`jaxrecover.models.make_model`
@@ -27,7 +27,7 @@ INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 #: What a model's ``__call__(..., part=...)`` can return.
 PARTS = ("all", "stem", "body")
-#: LeNet's extra part: the layers after conv2, applied to conv2's pre-activation output.
+#: LeNet's extra part: the layers after conv2's ReLU and max-pool, applied to their output.
 HEAD = "head"
 
 
@@ -76,7 +76,7 @@ class LeNet(nn.Module):
                 return x
         if part != HEAD:
             x = Conv(64, (3, 3), padding="VALID", use_bias=self.use_bias, name="Conv_1")(nn.relu(x))
-        x = ops.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+            x = ops.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(128, use_bias=self.use_bias, name="Dense_0")(x))
         return nn.Dense(self.num_classes, use_bias=self.use_bias, name="Dense_1")(x)

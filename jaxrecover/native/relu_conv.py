@@ -24,33 +24,45 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["path_forward", "path_backward"]
 
 
-def _call(name, out, *args):
-    return jax.ffi.ffi_call(name, out, vmap_method="sequential")(*args)
+def _call(name, out, *args, pool):
+    return jax.ffi.ffi_call(name, out, vmap_method="sequential")(*args, pool=np.int64(pool))
 
 
-def path_forward(s0, d, mask, nodes, a0, b0, kernel):
-    """``U_k = a_k A_k + B_k`` for every node: ``(m, OH, OW, O)``.
+def path_forward(s0, d, mask, nodes, a0, b0, kernel, pool: int = 0):
+    """``U_k = a_k A_k + B_k`` for every node, ``(m, OH, OW, O)``; with ``pool`` p > 0 instead
+    ``(relu(max_pool_p(U_k)), first)``, both ``(m, OH // p, OW // p, O)``: the value of ``max_pool(relu(U_k))``
+    (window = stride = p) and the row-major tap of each window's first maximum (255 where that maximum is
+    <= 0: no gradient), what :func:`path_backward` routes the cotangents by.
 
     Args (one example): ``s0, d`` ``(H, W, C)``; ``mask`` ``(m, H, W, C)`` uint8 (1 where ``s0 + a_k d > 0``);
     ``nodes`` ``(m,)``; ``a0 = conv(mask[0] d)``, ``b0 = conv(mask[0] s0) + bias``, ``(OH, OW, O)``; ``kernel``
     ``(KH, KW, C, O)`` (HWIO). All floats in one dtype (float32 or float64).
     """
-    m, (kh, kw, _, o), (h, w, _) = mask.shape[0], kernel.shape, s0.shape
-    out = jax.ShapeDtypeStruct((1, m, h - kh + 1, w - kw + 1, o), s0.dtype)
-    return _call("jr_relu_conv_path_fwd", out, s0[None], d[None], mask[None], nodes[None], a0[None], b0[None],
-                 kernel[None])[0]
+    m, (oh, ow, o) = mask.shape[0], a0.shape
+    shape = (1, m, oh // pool, ow // pool, o) if pool else (1, m, oh, ow, o)
+    outs = (jax.ShapeDtypeStruct(shape, s0.dtype), jax.ShapeDtypeStruct(shape if pool else (1,), jnp.uint8))
+    out, first = _call("jr_relu_conv_path_fwd", outs, s0[None], d[None], mask[None], nodes[None], a0[None],
+                       b0[None], kernel[None], pool=pool)
+    return (out[0], first[0]) if pool else out[0]
 
 
-def path_backward(cot, weights, mask, kernel):
-    """``(T, correction)``: ``T = sum_k w_k cot_k`` ``(OH, OW, O)`` and ``-sum_j Delta_j conv^T(Q_j)``
-    ``(H, W, C)``, for ``cot`` ``(m, OH, OW, O)``, ``weights`` ``(m,)``, ``mask`` ``(m, H, W, C)`` uint8."""
+def path_backward(cot, weights, mask, kernel, first=None, pool: int = 0):
+    """``(T, correction)``: ``T = sum_k w_k V_k`` ``(OH, OW, O)`` and ``-sum_j Delta_j conv^T(Q_j)``
+    ``(H, W, C)``, for ``weights`` ``(m,)``, ``mask`` ``(m, H, W, C)`` uint8 and the cotangents ``cot`` of
+    :func:`path_forward`'s output: ``V_k = cot_k`` ``(m, OH, OW, O)``, or with ``pool`` p the pooled
+    cotangents routed to each window's ``first`` maximum."""
     _, h, w, c = mask.shape
-    shapes = (jax.ShapeDtypeStruct((1,) + cot.shape[1:], cot.dtype), jax.ShapeDtypeStruct((1, h, w, c), cot.dtype))
-    total, corr = _call("jr_relu_conv_path_bwd", shapes, cot[None], weights[None], mask[None], kernel[None])
+    kh, kw, _, o = kernel.shape
+    shapes = (jax.ShapeDtypeStruct((1, h - kh + 1, w - kw + 1, o), cot.dtype),
+              jax.ShapeDtypeStruct((1, h, w, c), cot.dtype))
+    first = jnp.zeros((1,), jnp.uint8) if first is None else first
+    total, corr = _call("jr_relu_conv_path_bwd", shapes, cot[None], first[None], weights[None], mask[None],
+                        kernel[None], pool=pool)
     return total[0], corr[0]
 
 

@@ -94,12 +94,19 @@ inline int64_t Tasks(ffi::ThreadPool& pool, int64_t o) {
   return std::max<int64_t>(1, std::min<int64_t>(threads, o / 16));
 }
 
+// No pooling: out[k] = U_k. Pooling by p (window = stride = p): out[k] = relu(max-pool(U_k)) and first[k] = the
+// row-major index of each window's FIRST maximum, or kNoGradient where that maximum is <= 0 (relu's gradient is
+// 0 there): the value and gradient of max_pool(relu(U_k)) with the first-maximum rule (ops.max_pool).
+constexpr uint8_t kNoGradient = 255;
+
 template <typename T>
 void Forward(ffi::ThreadPool& pool, const Geometry& g, int64_t batch, const ffi::AnyBuffer& s0,
              const ffi::AnyBuffer& d, const ffi::AnyBuffer& mask, const ffi::AnyBuffer& nodes,
              const ffi::AnyBuffer& a0, const ffi::AnyBuffer& b0, const ffi::AnyBuffer& kernel,
-             ffi::Result<ffi::AnyBuffer>& out) {
+             T* out_data, int64_t pool_size, uint8_t* first_data) {
   const int64_t units = g.h * g.w * g.c, outs = g.oh * g.ow * g.o, tasks = Tasks(pool, g.o);
+  const int64_t ph = pool_size ? g.oh / pool_size : g.oh, pw = pool_size ? g.ow / pool_size : g.ow;
+  const int64_t pooled = ph * pw * g.o;
   for (int64_t b = 0; b < batch; ++b) {
     const T* s0p = s0.typed_data<T>() + b * Step(s0, units);
     const T* dp = d.typed_data<T>() + b * Step(d, units);
@@ -108,12 +115,14 @@ void Forward(ffi::ThreadPool& pool, const Geometry& g, int64_t batch, const ffi:
     const T* kp = kernel.typed_data<T>() + b * Step(kernel, g.kh * g.kw * g.c * g.o);
     const T* a0p = a0.typed_data<T>() + b * Step(a0, outs);
     const T* b0p = b0.typed_data<T>() + b * Step(b0, outs);
-    T* up = out->typed_data<T>() + b * g.m * outs;
+    T* up = out_data + b * g.m * pooled;
+    uint8_t* fp = first_data ? first_data + b * g.m * pooled : nullptr;
     ParallelFor(pool, tasks, [&](int64_t t) {
       int64_t lo, hi;
       Slice(g.o, tasks, t, &lo, &hi);
       const int64_t n = hi - lo, pixels = g.oh * g.ow;
-      std::vector<T> A(pixels * n), B(pixels * n);  // this task's channels, pixel-major
+      std::vector<T> A(pixels * n), B(pixels * n), best(n);  // A, B: this task's channels, pixel-major
+      std::vector<uint8_t> tap(n);
       for (int64_t px = 0; px < pixels; ++px)
         for (int64_t o = 0; o < n; ++o) {
           A[px * n + o] = a0p[px * g.o + lo + o];
@@ -144,22 +153,63 @@ void Forward(ffi::ThreadPool& pool, const Geometry& g, int64_t batch, const ffi:
           });
         }
         const T a = ap[k];
-        T* __restrict uk = up + k * outs + lo;
-        for (int64_t px = 0; px < pixels; ++px)
-          for (int64_t o = 0; o < n; ++o) uk[px * g.o + o] = a * A[px * n + o] + B[px * n + o];
+        if (!pool_size) {
+          T* __restrict uk = up + k * outs + lo;
+          for (int64_t px = 0; px < pixels; ++px)
+            for (int64_t o = 0; o < n; ++o) uk[px * g.o + o] = a * A[px * n + o] + B[px * n + o];
+          continue;
+        }
+        T* __restrict rk = up + k * pooled + lo;
+        uint8_t* __restrict fk = fp + k * pooled + lo;
+        for (int64_t pr = 0; pr < ph; ++pr)
+          for (int64_t pc = 0; pc < pw; ++pc) {
+            T* __restrict bv = best.data();
+            uint8_t* __restrict at = tap.data();
+            for (int64_t i = 0; i < pool_size; ++i)
+              for (int64_t j = 0; j < pool_size; ++j) {  // channels innermost: vectorised selects
+                const int64_t px = (pr * pool_size + i) * g.ow + pc * pool_size + j;
+                const T* __restrict ar = A.data() + px * n;
+                const T* __restrict br = B.data() + px * n;
+                const uint8_t here = static_cast<uint8_t>(i * pool_size + j);
+                if (here == 0) {
+                  for (int64_t o = 0; o < n; ++o) {
+                    bv[o] = a * ar[o] + br[o];
+                    at[o] = 0;
+                  }
+                  continue;
+                }
+                for (int64_t o = 0; o < n; ++o) {
+                  const T u = a * ar[o] + br[o];
+                  const bool better = u > bv[o];  // strict: ties keep the earlier tap
+                  bv[o] = better ? u : bv[o];
+                  at[o] = better ? here : at[o];
+                }
+              }
+            const int64_t e = (pr * pw + pc) * g.o;
+            for (int64_t o = 0; o < n; ++o) {
+              rk[e + o] = bv[o] > 0 ? bv[o] : T(0);
+              fk[e + o] = bv[o] > 0 ? at[o] : kNoGradient;
+            }
+          }
       }
     });
   }
 }
 
+// cot: the cotangents of the forward's out (U_k, or the pooled relu); with pooling they are routed back to each
+// window's first maximum (first, kNoGradient: nowhere) before entering the prefix sums.
 template <typename T>
 void Backward(ffi::ThreadPool& pool, const Geometry& g, int64_t batch, const ffi::AnyBuffer& cot,
               const ffi::AnyBuffer& weights, const ffi::AnyBuffer& mask, const ffi::AnyBuffer& kernel,
-              ffi::Result<ffi::AnyBuffer>& total, ffi::Result<ffi::AnyBuffer>& corr) {
+              ffi::Result<ffi::AnyBuffer>& total, ffi::Result<ffi::AnyBuffer>& corr, int64_t pool_size,
+              const uint8_t* first_data) {
   const int64_t units = g.h * g.w * g.c, outs = g.oh * g.ow * g.o, tasks = Tasks(pool, g.o);
+  const int64_t ph = pool_size ? g.oh / pool_size : g.oh, pw = pool_size ? g.ow / pool_size : g.ow;
+  const int64_t pooled = ph * pw * g.o;
   std::vector<T> parts(tasks * units);  // each task's partial correction (its channels' share of each dot)
   for (int64_t b = 0; b < batch; ++b) {
-    const T* vp = cot.typed_data<T>() + b * Step(cot, g.m * outs);
+    const T* vp = cot.typed_data<T>() + b * Step(cot, g.m * pooled);
+    const uint8_t* fp = first_data ? first_data + b * g.m * pooled : nullptr;
     const T* wp = weights.typed_data<T>() + b * Step(weights, g.m);
     const uint8_t* mp = mask.typed_data<uint8_t>() + b * Step(mask, g.m * units);
     const T* kp = kernel.typed_data<T>() + b * Step(kernel, g.kh * g.kw * g.c * g.o);
@@ -172,11 +222,27 @@ void Backward(ffi::ThreadPool& pool, const Geometry& g, int64_t batch, const ffi
       std::vector<T> Q(pixels * n, T(0)), acc(n);
       T* part = parts.data() + t * units;
       std::fill(part, part + units, T(0));
+      auto add = [&](int64_t k, T* __restrict dst) {  // dst (this task's channels) += w_k * V_k
+        const T wk = wp[k];
+        if (!pool_size) {
+          const T* __restrict vk = vp + k * outs + lo;
+          for (int64_t px = 0; px < pixels; ++px)
+            for (int64_t o = 0; o < n; ++o) dst[px * n + o] += wk * vk[px * g.o + o];
+          return;
+        }
+        const T* __restrict vk = vp + k * pooled + lo;
+        const uint8_t* __restrict fk = fp + k * pooled + lo;
+        for (int64_t pr = 0; pr < ph; ++pr)
+          for (int64_t pc = 0; pc < pw; ++pc)
+            for (int64_t o = 0; o < n; ++o) {
+              const int64_t e = (pr * pw + pc) * g.o + o;
+              if (fk[e] == kNoGradient) continue;
+              const int64_t i = fk[e] / pool_size, j = fk[e] % pool_size;
+              dst[((pr * pool_size + i) * g.ow + pc * pool_size + j) * n + o] += wk * vk[e];
+            }
+      };
       for (int64_t j = 1; j < g.m; ++j) {
-        const T wprev = wp[j - 1];
-        const T* __restrict vprev = vp + (j - 1) * outs + lo;
-        for (int64_t px = 0; px < pixels; ++px)
-          for (int64_t o = 0; o < n; ++o) Q[px * n + o] += wprev * vprev[px * g.o + o];
+        add(j - 1, Q.data());
         const uint8_t* now = mp + j * units;
         ForEachChange(now, now - units, units, [&](int64_t u) {
           const int64_t ch = u % g.c, col = (u / g.c) % g.w, row = u / (g.c * g.w);
@@ -198,10 +264,9 @@ void Backward(ffi::ThreadPool& pool, const Geometry& g, int64_t batch, const ffi
           part[u] += now[u] ? -val : val;  // -Delta_j * convT(Q_j), this task's channels
         });
       }
-      const T wlast = wp[g.m - 1];
-      const T* vlast = vp + (g.m - 1) * outs + lo;
+      add(g.m - 1, Q.data());
       for (int64_t px = 0; px < pixels; ++px)
-        for (int64_t o = 0; o < n; ++o) tp[px * g.o + lo + o] = Q[px * n + o] + wlast * vlast[px * g.o + o];
+        for (int64_t o = 0; o < n; ++o) tp[px * g.o + lo + o] = Q[px * n + o];
     });
     for (int64_t u = 0; u < units; ++u) {
       T sum = 0;
@@ -215,48 +280,67 @@ ffi::Error Check(bool ok, const char* what) {
   return ok ? ffi::Error::Success() : ffi::Error(ffi::ErrorCode::kInvalidArgument, what);
 }
 
-// s0, d: [B|1, H, W, C]; mask: [B|1, M, H, W, C] u8; nodes: [B|1, M]; a0, b0: [B|1, OH, OW, O];
-// kernel: [B|1, KH, KW, C, O]; out: [B, M, OH, OW, O].
-ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer s0, ffi::AnyBuffer d, ffi::AnyBuffer mask, ffi::AnyBuffer nodes,
-                       ffi::AnyBuffer a0, ffi::AnyBuffer b0, ffi::AnyBuffer kernel,
-                       ffi::Result<ffi::AnyBuffer> out) {
-  auto od = out->dimensions(), kd = kernel.dimensions(), sd = s0.dimensions();
-  if (od.size() != 5 || kd.size() != 5 || sd.size() != 4 || mask.dimensions().size() != 5)
-    return Check(false, "relu_conv_path_fwd: unexpected ranks");
-  Geometry g{od[1], sd[1], sd[2], sd[3], kd[1], kd[2], od[4], od[2], od[3]};
+ffi::Error CheckGeometry(const Geometry& g, ffi::Span<const int64_t> kd, int64_t pool_size, int64_t ph, int64_t pw,
+                         const char* name) {
   if (g.oh != g.h - g.kh + 1 || g.ow != g.w - g.kw + 1 || kd[3] != g.c || kd[4] != g.o)
-    return Check(false, "relu_conv_path_fwd: shapes are not a stride-1 VALID convolution");
-  if (mask.element_type() != ffi::DataType::U8) return Check(false, "relu_conv_path_fwd: mask must be uint8");
+    return Check(false, "relu_conv_path: shapes are not a stride-1 VALID convolution");
+  if (pool_size < 0 || pool_size > 15 || (pool_size && (ph != g.oh / pool_size || pw != g.ow / pool_size)))
+    return Check(false, "relu_conv_path: the pooled shape is not the convolution's output pooled by pool");
+  (void)name;
+  return ffi::Error::Success();
+}
+
+// s0, d: [B|1, H, W, C]; mask: [B|1, M, H, W, C] u8; nodes: [B|1, M]; a0, b0: [B|1, OH, OW, O];
+// kernel: [B|1, KH, KW, C, O]; out: [B, M, OH, OW, O] (pool 0) or [B, M, OH/p, OW/p, O] and first (pool p).
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer s0, ffi::AnyBuffer d, ffi::AnyBuffer mask,
+                       ffi::AnyBuffer nodes, ffi::AnyBuffer a0, ffi::AnyBuffer b0, ffi::AnyBuffer kernel,
+                       ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> first, int64_t pool_size) {
+  auto od = out->dimensions(), kd = kernel.dimensions(), sd = s0.dimensions(), ad = a0.dimensions();
+  if (od.size() != 5 || kd.size() != 5 || sd.size() != 4 || ad.size() != 4 || mask.dimensions().size() != 5)
+    return Check(false, "relu_conv_path_fwd: unexpected ranks");
+  Geometry g{od[1], sd[1], sd[2], sd[3], kd[1], kd[2], ad[3], ad[1], ad[2]};
+  if (!pool_size && (od[2] != g.oh || od[3] != g.ow))
+    return Check(false, "relu_conv_path: shapes are not a stride-1 VALID convolution");
+  if (auto err = CheckGeometry(g, kd, pool_size, od[2], od[3], "fwd"); err.failure()) return err;
+  if (mask.element_type() != ffi::DataType::U8 || first->element_type() != ffi::DataType::U8)
+    return Check(false, "relu_conv_path_fwd: mask and first must be uint8");
+  uint8_t* fp = pool_size ? first->typed_data<uint8_t>() : nullptr;
   switch (out->element_type()) {
     case ffi::DataType::F32:
-      Forward<float>(pool, g, od[0], s0, d, mask, nodes, a0, b0, kernel, out);
+      Forward<float>(pool, g, od[0], s0, d, mask, nodes, a0, b0, kernel, out->typed_data<float>(), pool_size, fp);
       return ffi::Error::Success();
     case ffi::DataType::F64:
-      Forward<double>(pool, g, od[0], s0, d, mask, nodes, a0, b0, kernel, out);
+      Forward<double>(pool, g, od[0], s0, d, mask, nodes, a0, b0, kernel, out->typed_data<double>(), pool_size, fp);
       return ffi::Error::Success();
     default:
       return Check(false, "relu_conv_path_fwd: float32 or float64 only");
   }
 }
 
-// cot: [B|1, M, OH, OW, O]; weights: [B|1, M]; mask: [B|1, M, H, W, C] u8; kernel: [B|1, KH, KW, C, O];
-// total: [B, OH, OW, O]; corr: [B, H, W, C].
-ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer cot, ffi::AnyBuffer weights, ffi::AnyBuffer mask, ffi::AnyBuffer kernel,
-                        ffi::Result<ffi::AnyBuffer> total, ffi::Result<ffi::AnyBuffer> corr) {
-  auto vd = cot.dimensions(), kd = kernel.dimensions(), cd = corr->dimensions();
-  if (vd.size() != 5 || kd.size() != 5 || cd.size() != 4 || mask.dimensions().size() != 5)
+// cot: [B|1, M, OH, OW, O] (pool 0) or [B|1, M, OH/p, OW/p, O] with first of the same shape (pool p);
+// weights: [B|1, M]; mask: [B|1, M, H, W, C] u8; kernel: [B|1, KH, KW, C, O]; total: [B, OH, OW, O];
+// corr: [B, H, W, C].
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer cot, ffi::AnyBuffer first, ffi::AnyBuffer weights,
+                        ffi::AnyBuffer mask, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> total,
+                        ffi::Result<ffi::AnyBuffer> corr, int64_t pool_size) {
+  auto vd = cot.dimensions(), kd = kernel.dimensions(), cd = corr->dimensions(), td = total->dimensions();
+  if (vd.size() != 5 || kd.size() != 5 || cd.size() != 4 || td.size() != 4 || mask.dimensions().size() != 5)
     return Check(false, "relu_conv_path_bwd: unexpected ranks");
-  Geometry g{vd[1], cd[1], cd[2], cd[3], kd[1], kd[2], vd[4], vd[2], vd[3]};
-  if (g.oh != g.h - g.kh + 1 || g.ow != g.w - g.kw + 1 || kd[3] != g.c || kd[4] != g.o)
-    return Check(false, "relu_conv_path_bwd: shapes are not a stride-1 VALID convolution");
-  if (mask.element_type() != ffi::DataType::U8) return Check(false, "relu_conv_path_bwd: mask must be uint8");
+  Geometry g{vd[1], cd[1], cd[2], cd[3], kd[1], kd[2], td[3], td[1], td[2]};
+  if (!pool_size && (vd[2] != g.oh || vd[3] != g.ow))
+    return Check(false, "relu_conv_path: shapes are not a stride-1 VALID convolution");
+  if (auto err = CheckGeometry(g, kd, pool_size, vd[2], vd[3], "bwd"); err.failure()) return err;
+  if (mask.element_type() != ffi::DataType::U8 || first.element_type() != ffi::DataType::U8)
+    return Check(false, "relu_conv_path_bwd: mask and first must be uint8");
+  if (pool_size && first.dimensions()[0] != vd[0]) return Check(false, "relu_conv_path_bwd: first and cot differ");
+  const uint8_t* fp = pool_size ? first.typed_data<uint8_t>() : nullptr;
   const int64_t batch = cd[0];
   switch (corr->element_type()) {
     case ffi::DataType::F32:
-      Backward<float>(pool, g, batch, cot, weights, mask, kernel, total, corr);
+      Backward<float>(pool, g, batch, cot, weights, mask, kernel, total, corr, pool_size, fp);
       return ffi::Error::Success();
     case ffi::DataType::F64:
-      Backward<double>(pool, g, batch, cot, weights, mask, kernel, total, corr);
+      Backward<double>(pool, g, batch, cot, weights, mask, kernel, total, corr, pool_size, fp);
       return ffi::Error::Success();
     default:
       return Check(false, "relu_conv_path_bwd: float32 or float64 only");
@@ -275,7 +359,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JrReluConvPathFwd, ForwardImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("pool"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JrReluConvPathBwd, BackwardImpl,
                               ffi::Ffi::Bind()
@@ -284,5 +370,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JrReluConvPathBwd, BackwardImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("pool"));
