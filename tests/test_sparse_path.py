@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jaxrecover as jr
-from jaxrecover import native
+from jaxrecover import native, ops
 from jaxrecover.explainers import integrated_gradients, select_output
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
@@ -61,7 +61,17 @@ def test_kernels_equal_the_dense_sums_for_any_masks(dtype):
     u = relu_conv.path_forward(s0, d, mask, nodes, first[0], first[1] + bias.reshape(1, 1, -1), kernel)
     t, corr = relu_conv.path_backward(cot, weights, mask, kernel)
     tol = 1e-12 if dtype == jnp.float64 else 1e-4
-    for got, want in ((u, u_ref), (t, t_ref), (corr, corr_ref)):
+    # pooled mode: max_pool(relu(U_k)) by 2 (7x6 -> 3x3, the last row dropped) and its first-maximum gradient
+    pooled, first_taps = relu_conv.path_forward(s0, d, mask, nodes, first[0], first[1] + bias.reshape(1, 1, -1),
+                                                kernel, pool=2)
+    p_cot = jax.random.normal(jax.random.key(8), pooled.shape, dtype)
+    pool_fn = jax.vmap(lambda a: ops.max_pool(jax.nn.relu(a)[None], (2, 2), strides=(2, 2))[0])
+    p_ref, route = jax.vjp(pool_fn, u_ref)
+    (v_ref,) = route(p_cot)
+    _, pt_ref, pcorr_ref = relu_conv.dense_reference(s0, d, mask, nodes, kernel, bias, v_ref, weights, conv, conv_t)
+    pt, pcorr = relu_conv.path_backward(p_cot, weights, mask, kernel, first_taps, pool=2)
+    assert first_taps.dtype == jnp.uint8 and set(np.unique(first_taps)) <= {0, 1, 2, 3, 255}
+    for got, want in ((u, u_ref), (t, t_ref), (corr, corr_ref), (pooled, p_ref), (pt, pt_ref), (pcorr, pcorr_ref)):
         assert got.dtype == dtype and got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(jnp.abs(want).max()))
 
@@ -80,6 +90,36 @@ def test_sparse_ig_equals_plain_autodiff_float64(rule):
         plain = jr.explain(jr.IG(steps=9, rule=rule, factor_stem=False), model, v, x, t, **kw)
         assert fast.dtype == jnp.float64
         np.testing.assert_allclose(fast, plain, rtol=1e-10, atol=1e-12 * float(jnp.abs(plain).max()))
+
+
+def test_sparse_ig_with_exact_max_pool_ties_equals_plain_autodiff():
+    """MNIST-like images (zero background, a bright blob): conv2's 2x2 windows over the background hold EXACTLY
+    equal values, so the first-maximum rule decides; the kernels' pooling must route like ops.max_pool."""
+    model, v = _lenet(jnp.float64)
+    yy, xx = jnp.meshgrid(jnp.arange(28.0), jnp.arange(28.0), indexing="ij")
+    blob = jnp.exp(-((yy - 13.0) ** 2 + (xx - 15.0) ** 2) / 18.0)
+    x = jnp.stack([jnp.where(blob > 0.2, 2.8 * blob, 0.0), jnp.where(blob > 0.5, 1.0, 0.0)])[..., None]
+    t = jnp.asarray([2, 8], jnp.int32)
+    fast = jr.explain(jr.IG(steps=20), model, v, x, t)
+    plain = jr.explain(jr.IG(steps=20, factor_stem=False), model, v, x, t)
+    np.testing.assert_allclose(fast, plain, rtol=1e-10, atol=1e-12 * float(jnp.abs(plain).max()))
+    h = model.affine_stem.stem(v, jnp.zeros((28, 28, 1), jnp.float64))
+    k, b = model.relu_conv.conv(v)
+    u = jax.lax.conv_general_dilated(jax.nn.relu(h)[None], k, (1, 1), "VALID", dimension_numbers=DN)[0] + b.reshape(1, 1, -1)
+    assert bool(jnp.all(u[0::2, 0::2] == u[1::2, 1::2]))  # the background really gives ties
+
+
+def test_init_variables_torch_biases():
+    v = jr.init_variables("lenet", jax.random.key(0), jnp.float32, biases="torch")
+    zeros = jr.init_variables("lenet", jax.random.key(0), jnp.float32)
+    p, z = v["params"], zeros["params"]
+    np.testing.assert_array_equal(p["Conv_1"]["kernel"], z["Conv_1"]["kernel"])  # same weights, new biases
+    for layer, fan_in in (("Conv_0", 9), ("Conv_1", 288), ("Dense_0", 9216), ("Dense_1", 128)):
+        bias = p[layer]["bias"]
+        assert bias.dtype == jnp.float32 and float(jnp.abs(bias).max()) <= 1 / np.sqrt(fan_in)
+        assert float(jnp.abs(bias).max()) > 0.5 / np.sqrt(fan_in)
+    with pytest.raises(ValueError, match="biases must be"):
+        jr.init_variables("lenet", jax.random.key(0), biases="uniform")
 
 
 def test_units_do_switch_in_the_oracle():
