@@ -79,6 +79,22 @@ def flops_per_explanation(f, v, x, y, steps) -> float:
     return float(cost["flops"])
 
 
+def relu_switches(f, v, x, steps) -> tuple[float, int, int, int]:
+    """Mask changes of the first ReLU layer between consecutive riemann_right path points, per image: (mean, min,
+    max, units). The sparse path's work grows with them; zero biases would give none."""
+    stem = f.affine_stem.stem
+    nodes = jnp.asarray(np.arange(1, steps + 1) / steps, x.dtype).reshape(-1, 1, 1, 1)
+
+    def one(xi):
+        s0, sx = stem(v, jnp.zeros_like(xi)), stem(v, xi)
+        on = (s0[None] + nodes * (sx - s0)[None]) > 0
+        return jnp.sum(on[1:] != on[:-1]), on[0].size
+
+    counts, units = jax.jit(jax.vmap(one))(x)
+    counts = np.asarray(counts)
+    return float(counts.mean()), int(counts.min()), int(counts.max()), int(units[0])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="lenet,resnet18")
@@ -114,6 +130,7 @@ def main(argv=None):
           "ours / Captum, median (min-max) | dense / Captum, median (min-max) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
+    notes = []
     for name in a.models.split(","):
         f = make_model(name)
         if a.trained:
@@ -188,6 +205,12 @@ def main(argv=None):
                   f"{per_s * flops / 1e9:.0f} | {frac:.0%}{' (effective)' if sparse else ''} | {dense_s:.1f} | "
                   f"{dense_frac:.0%} | {a.n / statistics.median(t_captum):.1f} ({batch}) | {ratio(t_ours)} | "
                   f"{ratio(t_dense)} |", flush=True)
+            if sparse:
+                mean, lo, hi, units = relu_switches(f, v, x, a.steps)
+                notes.append(f"{name} {dt}: first-layer ReLU switches between consecutive path points, per image: "
+                             f"mean {mean:.0f} (min {lo}, max {hi}) of {units} units")
+    for line in notes:
+        print(f"\n* {line}" if line is notes[0] else f"* {line}")
 
 
 if __name__ == "__main__":

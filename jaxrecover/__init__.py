@@ -8,11 +8,13 @@ The public API, by layer (docs/ARCHITECTURE.md):
 * attacks    - query plans, ``recover``, ``attack(service, plan, x, target)``, IG service objects
 * protocol   - the paper's Tables 1-4 and Figures 4-5 (``evaluate``)
 * data, training, checkpoint, metrics - the foundation
+* native     - the compiled sparse-path kernels of LeNet's IG on the CPU (``native.status()``)
 """
 
 __version__ = "0.2.0"
 
-from . import adversarial, attacks, checkpoint, data, engine, explainers, metrics, models, protocol, training  # noqa: E402
+from . import (adversarial, attacks, checkpoint, data, engine, explainers, metrics, models, native,  # noqa: E402
+               protocol, training)
 from .adversarial import BoundaryResult, InputBox, boundary_search  # noqa: E402
 from .pattern_store import fitted_patterns, load_patterns, save_patterns  # noqa: E402
 from .attacks import (AssumedBaseline, IGService, Query, QueryBudgetExceeded, QueryPlan, ServiceWrapper,  # noqa: E402
@@ -35,7 +37,8 @@ from .training import TrainConfig, load_trained, train_and_evaluate  # noqa: E40
 __all__ = [
     "__version__",
     # modules
-    "adversarial", "attacks", "checkpoint", "data", "engine", "explainers", "metrics", "models", "protocol", "training",
+    "adversarial", "attacks", "checkpoint", "data", "engine", "explainers", "metrics", "models", "native", "protocol",
+    "training",
     # explainers and the engine
     "Explainer", "VG", "IG", "BlurBaseline", "RULES", "OUTPUTS", "quadrature", "vanilla_gradient", "integrated_gradients",
     "completeness_delta", "explain", "convergence_delta", "PatternNet", "PatternAttribution", "fit_patterns",
