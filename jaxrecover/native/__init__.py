@@ -40,7 +40,6 @@ TARGETS = {"jr_relu_conv_path_fwd": "JrReluConvPathFwd", "jr_relu_conv_path_bwd"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 _lock = threading.Lock()
-_state: dict = {}
 
 
 def _cpu_flags() -> str:
@@ -107,7 +106,6 @@ def _load() -> tuple[bool, str]:
                       f"{str(err)[:300]}); using the dense JAX path (same values, slower on CPU). "
                       f"Set {ENV_SWITCH}=0 to silence this.", RuntimeWarning, stacklevel=3)
         return False, f"build failed: {type(err).__name__}: {str(err)[:300]}"
-    _state["path"] = path
     return True, f"built: {path}"
 
 
