@@ -172,6 +172,24 @@ def test_switched_off_by_environment_falls_back_to_the_dense_path(monkeypatch):
     assert "jr_relu_conv_path" in ir
 
 
+def test_differentiating_through_the_sparse_path():
+    """Through the weights (conv2's kernel enters the kernels): a clear error naming the fix. Through the input:
+    no error and the dense path's answer (a ReLU net's gradients are piecewise constant in x, so only the
+    (x - b) factor carries a derivative, and the kernels' outputs reach the result only through comparisons)."""
+    model, v = _lenet(jnp.float64)
+    x = jax.random.normal(jax.random.key(7), (28, 28, 1), jnp.float64)
+
+    def total(params, z, sparse):
+        return jnp.sum(jr.IG(steps=3, sparse_path=sparse)(model, params, z, 1, jnp.zeros_like(z)))
+
+    with pytest.raises(TypeError, match="sparse_path=False"):
+        jax.grad(total)(v, x, True)
+    dense = jax.grad(total)(v, x, False)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(dense))
+    np.testing.assert_allclose(jax.grad(total, argnums=1)(v, x, True), jax.grad(total, argnums=1)(v, x, False),
+                               rtol=1e-10, atol=1e-14)
+
+
 def test_built_library_is_keyed_and_complete():
     """The cached library's name carries a hash of source, jaxlib, compiler and CPU; no temporary is left."""
     path = native.library_path(native._compiler())

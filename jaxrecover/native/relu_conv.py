@@ -22,6 +22,8 @@ of mask changes. Values equal the dense computation's up to summation order
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,8 +31,25 @@ import numpy as np
 __all__ = ["path_forward", "path_backward"]
 
 
+NO_GRADIENT = ("IG's native sparse path has no derivative (its kernels have no autodiff rule); to differentiate "
+               "through an explanation use IG(sparse_path=False)")
+
+
 def _call(name, out, *args, pool):
-    return jax.ffi.ffi_call(name, out, vmap_method="sequential")(*args, pool=np.int64(pool))
+    call = functools.partial(jax.ffi.ffi_call(name, out, vmap_method="sequential"), pool=np.int64(pool))
+
+    @jax.custom_vjp
+    def kernel(*a):
+        return call(*a)
+
+    def fwd(*a):
+        return call(*a), None
+
+    def bwd(_, cotangent):
+        raise TypeError(NO_GRADIENT)
+
+    kernel.defvjp(fwd, bwd)
+    return kernel(*args)
 
 
 def path_forward(s0, d, mask, nodes, a0, b0, kernel, pool: int = 0):
