@@ -122,6 +122,18 @@ def test_init_variables_torch_biases():
         jr.init_variables("lenet", jax.random.key(0), biases="uniform")
 
 
+def test_lenet_without_biases_takes_the_sparse_path_too():
+    """No bias (the kernels' b0 without one); no ReLU switches along a zero-baseline path then."""
+    model = jr.make_model("lenet_nobias")
+    v = jr.init_variables("lenet_nobias", jax.random.key(0), jnp.float64)
+    assert model.relu_conv is not None and model.relu_conv.conv(v)[1] is None
+    x = jax.random.normal(jax.random.key(1), (2, 28, 28, 1), jnp.float64)
+    t = jnp.asarray([1, 2], jnp.int32)
+    fast = jr.explain(jr.IG(steps=7), model, v, x, t)
+    plain = jr.explain(jr.IG(steps=7, factor_stem=False), model, v, x, t)
+    np.testing.assert_allclose(fast, plain, rtol=1e-10, atol=1e-12 * float(jnp.abs(plain).max()))
+
+
 def test_units_do_switch_in_the_oracle():
     """The float64 oracle above is not vacuous: on its nets many first-layer units switch along the path."""
     model, v = _lenet(jnp.float64)
