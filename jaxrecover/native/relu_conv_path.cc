@@ -280,13 +280,26 @@ ffi::Error Check(bool ok, const char* what) {
   return ok ? ffi::Error::Success() : ffi::Error(ffi::ErrorCode::kInvalidArgument, what);
 }
 
-ffi::Error CheckGeometry(const Geometry& g, ffi::Span<const int64_t> kd, int64_t pool_size, int64_t ph, int64_t pw,
-                         const char* name) {
+// Runs run(T{}) with T the float type of `type` (float32 or float64).
+template <typename F>
+ffi::Error ByFloatType(ffi::DataType type, const char* name, const F& run) {
+  switch (type) {
+    case ffi::DataType::F32:
+      run(float{});
+      return ffi::Error::Success();
+    case ffi::DataType::F64:
+      run(double{});
+      return ffi::Error::Success();
+    default:
+      return Check(false, name);
+  }
+}
+
+ffi::Error CheckGeometry(const Geometry& g, ffi::Span<const int64_t> kd, int64_t pool_size, int64_t ph, int64_t pw) {
   if (g.oh != g.h - g.kh + 1 || g.ow != g.w - g.kw + 1 || kd[3] != g.c || kd[4] != g.o)
     return Check(false, "relu_conv_path: shapes are not a stride-1 VALID convolution");
   if (pool_size < 0 || pool_size > 15 || (pool_size && (ph != g.oh / pool_size || pw != g.ow / pool_size)))
     return Check(false, "relu_conv_path: the pooled shape is not the convolution's output pooled by pool");
-  (void)name;
   return ffi::Error::Success();
 }
 
@@ -301,20 +314,14 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer s0, ffi::AnyBuffer d
   Geometry g{od[1], sd[1], sd[2], sd[3], kd[1], kd[2], ad[3], ad[1], ad[2]};
   if (!pool_size && (od[2] != g.oh || od[3] != g.ow))
     return Check(false, "relu_conv_path: shapes are not a stride-1 VALID convolution");
-  if (auto err = CheckGeometry(g, kd, pool_size, od[2], od[3], "fwd"); err.failure()) return err;
+  if (auto err = CheckGeometry(g, kd, pool_size, od[2], od[3]); err.failure()) return err;
   if (mask.element_type() != ffi::DataType::U8 || first->element_type() != ffi::DataType::U8)
     return Check(false, "relu_conv_path_fwd: mask and first must be uint8");
   uint8_t* fp = pool_size ? first->typed_data<uint8_t>() : nullptr;
-  switch (out->element_type()) {
-    case ffi::DataType::F32:
-      Forward<float>(pool, g, od[0], s0, d, mask, nodes, a0, b0, kernel, out->typed_data<float>(), pool_size, fp);
-      return ffi::Error::Success();
-    case ffi::DataType::F64:
-      Forward<double>(pool, g, od[0], s0, d, mask, nodes, a0, b0, kernel, out->typed_data<double>(), pool_size, fp);
-      return ffi::Error::Success();
-    default:
-      return Check(false, "relu_conv_path_fwd: float32 or float64 only");
-  }
+  return ByFloatType(out->element_type(), "relu_conv_path_fwd: float32 or float64 only", [&](auto zero) {
+    using T = decltype(zero);
+    Forward<T>(pool, g, od[0], s0, d, mask, nodes, a0, b0, kernel, out->typed_data<T>(), pool_size, fp);
+  });
 }
 
 // cot: [B|1, M, OH, OW, O] (pool 0) or [B|1, M, OH/p, OW/p, O] with first of the same shape (pool p);
@@ -329,22 +336,14 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer cot, ffi::AnyBuffer
   Geometry g{vd[1], cd[1], cd[2], cd[3], kd[1], kd[2], td[3], td[1], td[2]};
   if (!pool_size && (vd[2] != g.oh || vd[3] != g.ow))
     return Check(false, "relu_conv_path: shapes are not a stride-1 VALID convolution");
-  if (auto err = CheckGeometry(g, kd, pool_size, vd[2], vd[3], "bwd"); err.failure()) return err;
+  if (auto err = CheckGeometry(g, kd, pool_size, vd[2], vd[3]); err.failure()) return err;
   if (mask.element_type() != ffi::DataType::U8 || first.element_type() != ffi::DataType::U8)
     return Check(false, "relu_conv_path_bwd: mask and first must be uint8");
   if (pool_size && first.dimensions()[0] != vd[0]) return Check(false, "relu_conv_path_bwd: first and cot differ");
   const uint8_t* fp = pool_size ? first.typed_data<uint8_t>() : nullptr;
-  const int64_t batch = cd[0];
-  switch (corr->element_type()) {
-    case ffi::DataType::F32:
-      Backward<float>(pool, g, batch, cot, weights, mask, kernel, total, corr, pool_size, fp);
-      return ffi::Error::Success();
-    case ffi::DataType::F64:
-      Backward<double>(pool, g, batch, cot, weights, mask, kernel, total, corr, pool_size, fp);
-      return ffi::Error::Success();
-    default:
-      return Check(false, "relu_conv_path_bwd: float32 or float64 only");
-  }
+  return ByFloatType(corr->element_type(), "relu_conv_path_bwd: float32 or float64 only", [&](auto zero) {
+    Backward<decltype(zero)>(pool, g, cd[0], cot, weights, mask, kernel, total, corr, pool_size, fp);
+  });
 }
 
 }  // namespace
