@@ -14,10 +14,18 @@ it from the complete new one (or the old one) and removes leftovers.
 The metadata holds a SHA-256 of the saved state (:func:`tree_sha256`), checked
 on every load: a flipped bit is an error naming the file, never silently
 damaged weights.
+
+Concurrency: every save, load and repair of ``DIR`` holds the exclusive lock
+``DIR/.checkpoint.lock`` (:func:`jaxrecover.fileio.folder_lock`), so a reader never
+sees, and never "repairs" away, a save in progress. A run that WRITES a series of
+checkpoints (training) also holds ``DIR/.writer.lock`` for its whole length
+(:func:`writer`): a second trainer with the same folder refuses (or waits) with
+one line naming the holder's pid, instead of two models overwriting each other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,11 +34,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .fileio import FolderBusy, folder_lock
+
 import jax
 import numpy as np
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_metadata", "checkpoint_exists",
-           "tree_sha256"]
+           "tree_sha256", "writer"]
 
 REQUIRED_METADATA = ("model", "dataset", "split", "seed", "epochs", "test_accuracy", "version")
 
@@ -49,10 +59,38 @@ def tree_sha256(tree) -> str:
     return h.hexdigest()
 
 
-def _ckpt(path: str | os.PathLike) -> Path:
-    root = Path(path).expanduser().absolute()
-    _repair(root)
-    return root / "checkpoint"
+def _root(path: str | os.PathLike) -> Path:
+    if str(path) == "":
+        raise CheckpointError("the checkpoint path is empty; give a folder, e.g. --out checkpoints/lenet")
+    return Path(path).expanduser().absolute()
+
+
+@contextlib.contextmanager
+def _guard(root: Path):
+    """The folder's save/load lock (exclusive), with a killed save repaired first; a no-op for a missing folder."""
+    if not root.is_dir():
+        yield
+        return
+    with folder_lock(root, "checkpoint"):
+        _repair(root)
+        yield
+
+
+@contextlib.contextmanager
+def writer(path: str | os.PathLike, *, wait: bool = False, on_wait=None):
+    """Hold ``path``'s writer lock for a run that writes checkpoints there (training).
+
+    Raises:
+      CheckpointError: another run holds it and ``wait`` is False.
+    """
+    root = _root(path)
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        with folder_lock(root, "writer", wait=wait, on_wait=on_wait):
+            yield root
+    except FolderBusy as e:
+        raise CheckpointError(f"checkpoint folder {root} is being written by another run ({str(e).rsplit('(', 1)[-1]}; "
+                              "wait for it to finish, or use another --out") from None
 
 
 def _repair(root: Path) -> None:
@@ -72,8 +110,10 @@ def _repair(root: Path) -> None:
 
 
 def checkpoint_exists(path: str | os.PathLike) -> bool:
-    c = _ckpt(path)
-    return (c / "metadata.json").exists() and (c / "state").is_dir()
+    root = _root(path)
+    with _guard(root):
+        c = root / "checkpoint"
+        return (c / "metadata.json").exists() and (c / "state").is_dir()
 
 
 def _checkpointer():
@@ -91,29 +131,33 @@ def save_checkpoint(path: str | os.PathLike, state: Any, metadata: dict,
     missing = [k for k in required if k not in metadata]
     if missing:
         raise ValueError(f"checkpoint metadata lacks {missing}")
-    root = Path(path).expanduser().absolute()
+    root = _root(path)
     if root.exists() and not root.is_dir():
         raise CheckpointError(f"checkpoint path {root} is a file, not a directory; choose another --out")
     root.mkdir(parents=True, exist_ok=True)
-    final = _ckpt(root)
-    tmp = root / f"checkpoint.tmp-{uuid.uuid4().hex[:8]}"
     state = jax.device_get(state)
     metadata = {**metadata, "state_sha256": tree_sha256(state)}
-    try:
-        tmp.mkdir()
-        ckptr = _checkpointer()
-        ckptr.save(tmp / "state", state)
-        ckptr.wait_until_finished()
-        ckptr.close()
-        # metadata last: a temporary folder holding it is complete (see _repair)
-        (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True, default=_json_default))
-        old = root / f"checkpoint.old-{uuid.uuid4().hex[:8]}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _guard(root):
+        final = root / "checkpoint"
+        tmp = root / f"checkpoint.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
+            ckptr = _checkpointer()
+            try:
+                ckptr.save(tmp / "state", state)
+                ckptr.wait_until_finished()
+            finally:
+                ckptr.close()
+            # metadata last: a temporary folder holding it is complete (see _repair)
+            (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True,
+                                                          default=_json_default))
+            old = root / f"checkpoint.old-{uuid.uuid4().hex[:8]}"
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -127,8 +171,13 @@ def _json_default(o):
 
 def load_metadata(path: str | os.PathLike, required: tuple[str, ...] = REQUIRED_METADATA) -> dict:
     """The metadata of the checkpoint in ``path`` (a clear error when missing or corrupt)."""
-    c = _ckpt(path)
-    meta = c / "metadata.json"
+    root = _root(path)
+    with _guard(root):
+        return _read_metadata(root, path, required)
+
+
+def _read_metadata(root: Path, path, required) -> dict:
+    meta = root / "checkpoint" / "metadata.json"
     if not meta.exists():
         raise CheckpointError(f"no checkpoint in {Path(path)} (missing {meta}); train one with "
                               f"'python train.py --model NAME --out {path}'")
@@ -141,6 +190,10 @@ def load_metadata(path: str | os.PathLike, required: tuple[str, ...] = REQUIRED_
     missing = [k for k in required if k not in metadata]
     if missing:
         raise CheckpointError(f"checkpoint metadata {meta} lacks {missing}; it was not written by jaxrecover")
+    bad = [k for k in ("model", "kind", "dataset") if k in metadata and not isinstance(metadata[k], str)]
+    if bad:
+        raise CheckpointError(f"checkpoint metadata {meta} is corrupt ({bad[0]!r} is {metadata[bad[0]]!r}, "
+                              "not a name); retrain or restore it")
     return metadata
 
 
@@ -152,20 +205,24 @@ def load_checkpoint(path: str | os.PathLike, target: Any,
       CheckpointError: the checkpoint is missing, or its state is corrupt or does
         not fit ``target`` (e.g. another model).
     """
-    metadata = load_metadata(path, required)
-    state_dir = _ckpt(path) / "state"
-    if not state_dir.is_dir():
-        raise CheckpointError(f"checkpoint {path} has metadata but no state directory {state_dir}")
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), target)
-    try:
-        ckptr = _checkpointer()
-        state = ckptr.restore(state_dir, abstract)
-        ckptr.close()
-    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
-        raise CheckpointError(
-            f"checkpoint state in {state_dir} could not be restored ({type(e).__name__}: {str(e)[:300]}); "
-            "it is corrupt or belongs to another model; retrain it"
-        ) from e
+    root = _root(path)
+    with _guard(root):
+        metadata = _read_metadata(root, path, required)
+        state_dir = root / "checkpoint" / "state"
+        if not state_dir.is_dir():
+            raise CheckpointError(f"checkpoint {path} has metadata but no state directory {state_dir}")
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), target)
+        try:
+            ckptr = _checkpointer()
+            try:
+                state = ckptr.restore(state_dir, abstract)
+            finally:
+                ckptr.close()
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
+            raise CheckpointError(
+                f"checkpoint state in {state_dir} could not be restored ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:300] if str(e) else ''}); it is corrupt or belongs to another model; "
+                "retrain it") from None
     want = metadata.get("state_sha256")
     if want is None:  # written before jaxrecover 0.2: usable, but say that it is unchecked
         import warnings

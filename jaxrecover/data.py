@@ -133,7 +133,10 @@ class Dataset:
 
 def cache_dir() -> Path:
     """The cache directory: ``$JAXRECOVER_CACHE`` or ``~/.cache/jaxrecover``."""
-    return Path(os.environ.get("JAXRECOVER_CACHE", Path.home() / ".cache" / "jaxrecover")).expanduser()
+    root = Path(os.environ.get("JAXRECOVER_CACHE") or Path.home() / ".cache" / "jaxrecover").expanduser()
+    if root.exists() and not root.is_dir():
+        raise DataError(f"JAXRECOVER_CACHE={root} is a file, not a folder; point it at a folder or unset it")
+    return root
 
 
 def normalize(images, dtype=np.float32, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> np.ndarray:

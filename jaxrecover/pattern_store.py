@@ -13,7 +13,8 @@ import hashlib
 import jax
 import numpy as np
 
-from .checkpoint import CheckpointError, load_checkpoint, load_metadata, save_checkpoint, tree_sha256
+from .checkpoint import (CheckpointError, checkpoint_exists, load_checkpoint, load_metadata, save_checkpoint,
+                         tree_sha256)
 from .explainers.patterns import ESTIMATORS, fit_patterns
 
 __all__ = ["save_patterns", "load_patterns", "fitted_patterns", "PATTERN_METADATA"]
@@ -28,9 +29,28 @@ def _pattern_key(model, variables, images) -> dict:
             "n_images": int(images.shape[0]), "version": 1}
 
 
+def _refuse_other_kinds(path) -> None:
+    """A clear error when ``path`` holds a checkpoint that is not a pattern store (e.g. a trained model)."""
+    if not checkpoint_exists(path):
+        return
+    try:
+        meta = load_metadata(path, required=())
+    except CheckpointError:
+        return  # a damaged store: refitting replaces it
+    if meta.get("kind") != "patterns":
+        what = f"a trained {meta['model']!r} model" if "model" in meta else "another kind of checkpoint"
+        raise CheckpointError(f"{path} holds {what}, not fitted patterns; store the patterns in another folder "
+                              f"(e.g. {path}/patterns) so the model is not overwritten")
+
+
 def save_patterns(path, patterns, model, variables, images):
     """Store ``patterns`` (Orbax, atomically) under ``path/checkpoint`` with metadata tying them to the weights
-    (SHA-256 of ``variables``) and the images they were fitted on (SHA-256 of ``images``)."""
+    (SHA-256 of ``variables``) and the images they were fitted on (SHA-256 of ``images``).
+
+    Raises:
+      CheckpointError: ``path`` holds another kind of checkpoint (a trained model is never overwritten).
+    """
+    _refuse_other_kinds(path)
     return save_checkpoint(path, jax.device_get(patterns), _pattern_key(model, variables, images),
                            required=PATTERN_METADATA)
 
@@ -60,7 +80,12 @@ def load_patterns(path, model, variables, images=None):
 
 def fitted_patterns(path, model, variables, images, **fit_kwargs):
     """The patterns of ``model`` for ``images``: loaded from ``path`` when stored there for these weights and
-    images, else fitted (:func:`fit_patterns`) and stored (a changed input is refitted, never reused)."""
+    images, else fitted (:func:`fit_patterns`) and stored (a changed input is refitted, never reused).
+
+    Raises:
+      CheckpointError: ``path`` holds another kind of checkpoint, e.g. the model's own (before any fitting).
+    """
+    _refuse_other_kinds(path)
     try:
         return load_patterns(path, model, variables, images)
     except CheckpointError:

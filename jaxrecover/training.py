@@ -19,7 +19,7 @@ import optax
 from tqdm.auto import tqdm
 
 from . import __version__, ops
-from .checkpoint import CheckpointError, checkpoint_exists, load_checkpoint, load_metadata, save_checkpoint
+from .checkpoint import CheckpointError, checkpoint_exists, load_checkpoint, load_metadata, save_checkpoint, writer
 from .data import Dataset, load_dataset, normalize
 from .models import get_model, init_variables, make_batched_logit_fn
 
@@ -169,7 +169,19 @@ def train_and_evaluate(
     Returns:
       A dict with ``variables`` (float32 inference variables), ``metadata``
       (as saved) and ``model`` (the Flax module).
+
+    Raises:
+      CheckpointError: ``workdir`` is empty, a file, not writable, holds another run's checkpoint, or is being
+        written by another run right now (its writer lock: :func:`jaxrecover.checkpoint.writer`).
     """
+    if str(workdir) == "":
+        raise CheckpointError("--out is empty; give the checkpoint folder, e.g. --out checkpoints/lenet")
+    _check_writable(Path(workdir))
+    with writer(workdir):
+        return _train(config, workdir, dataset=dataset, resume=resume, progress=progress)
+
+
+def _train(config, workdir, *, dataset, resume, progress):
     get_model(config.model)  # unknown model -> clear error before any data work
     ds = dataset if dataset is not None else load_dataset(config.dataset)
     xtr, ytr = normalize(ds.train_images, np.float32), ds.train_labels

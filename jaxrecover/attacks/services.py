@@ -8,6 +8,14 @@ explained ``output`` and ``arithmetic``. It counts ``queries`` (one per
 example answered) and ``evaluations`` (gradient evaluations spent), and
 refuses to answer past an optional query ``budget``.
 
+Every answer of every service, wrappers included, is checked once where it
+leaves the service (``__call__`` and ``outputs`` of each class are wrapped by
+:meth:`IGService.__init_subclass__`): one answer per example of the request's
+shape, in the service's dtype, all finite. A NaN or inf from a broken model, a
+defence or a remote endpoint is a :class:`ServiceAnswerError` naming the
+example, never a value an attack computes with (a NaN answer once made a
+bisection split forever, and an extraction finish "successfully" with no unit).
+
 :class:`SimulatedIGService` is this library's own IG run by the batch engine.
 :class:`ServiceWrapper` is the base of objects that wrap a service (defences,
 logging) and stay services themselves.
@@ -27,8 +35,8 @@ from ..explainers import IG, OUTPUTS, get_rule, num_evaluations, quadrature, sel
 from ..explainers.baselines import is_input_dependent
 from ..models import as_model
 
-__all__ = ["IGService", "SimulatedIGService", "ServiceWrapper", "AssumedBaseline", "QueryBudgetExceeded", "StepCountRefused"]
-
+__all__ = ["IGService", "SimulatedIGService", "ServiceWrapper", "AssumedBaseline", "QueryBudgetExceeded",
+           "StepCountRefused", "ServiceAnswerError", "check_answers"]
 
 
 def attack_inputs(service, x, target) -> tuple[np.ndarray, np.ndarray]:
@@ -50,8 +58,66 @@ class StepCountRefused(ValueError):
     """A service with a fixed step count was asked for another one."""
 
 
+class ServiceAnswerError(ValueError):
+    """A service answered something no attack can use: the wrong shape or dtype, or NaN/inf values."""
+
+
+def check_answers(service, x, answers, what: str = "answers"):
+    """``answers`` unchanged when they fit the request ``x`` (same shape, the service's dtype, all finite);
+    else a :class:`ServiceAnswerError` naming the problem (used at every service's boundary)."""
+    name = type(service).__name__
+    shape = tuple(np.shape(x))
+    got = tuple(np.shape(answers))
+    if got != shape:
+        raise ServiceAnswerError(f"{name} returned {what} of shape {got} for a request of shape {shape}; "
+                                 "the service or its transport is broken")
+    dtype = np.dtype(getattr(answers, "dtype", np.asarray(answers).dtype))
+    if dtype != np.dtype(service.dtype):
+        raise ServiceAnswerError(f"{name} returned {dtype} {what} but declares {np.dtype(service.dtype)}; "
+                                 "the service or its transport is broken")
+    finite = np.isfinite(np.asarray(answers)).reshape(shape[0], -1) if shape and shape[0] else np.ones((0, 1), bool)
+    if not finite.all():
+        rows = np.flatnonzero(~finite.all(axis=1))
+        raise ServiceAnswerError(
+            f"{name} returned {int((~finite).sum())} NaN/inf value(s) in its {what} (example(s) "
+            f"{', '.join(map(str, rows[:5]))}{' ...' if rows.size > 5 else ''} of {shape[0]}); no attack can use "
+            "them: check the model's weights and the service")
+    return answers
+
+
+def _checked_call(call):
+    @functools.wraps(call)
+    def checked(self, x, target, *, steps: int | None = None):
+        return check_answers(self, x, call(self, x, target, steps=steps))
+
+    checked.__wrapped_check__ = True
+    return checked
+
+
+def _checked_outputs(outputs):
+    @functools.wraps(outputs)
+    def checked(self, x, target):
+        fx, fb = outputs(self, x, target)
+        n = (int(np.shape(x)[0]),) if np.ndim(x) else ()
+        for name, v in (("f(x)", fx), ("f(baseline)", fb)):
+            if tuple(np.shape(v)) != n or not np.isfinite(np.asarray(v)).all():
+                raise ServiceAnswerError(f"{type(self).__name__} reported output values {name} of shape "
+                                         f"{tuple(np.shape(v))} (want {n}) or with NaN/inf; no attack can use them")
+        return fx, fb
+
+    checked.__wrapped_check__ = True
+    return checked
+
+
 class IGService:
     """Base of IG services (see the module docstring). Subclasses implement :meth:`_answer`."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name, wrap in (("__call__", _checked_call), ("outputs", _checked_outputs)):
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "__wrapped_check__", False):
+                setattr(cls, name, wrap(fn))
 
     def __init__(self, *, rule: str = "riemann_right", steps: int = 50, fixed_steps: bool = False, baseline=None,
                  dtype=jnp.float32, output: str = "logit", budget: int | None = None,
@@ -166,6 +232,8 @@ class IGService:
         answers = self._answer(x, target, int(steps))
         self.charge(n, steps)
         return answers
+
+    __call__ = _checked_call(__call__)
 
     def _check_budget(self, n: int) -> None:
         if self.budget is not None and self.queries + n > self.budget:

@@ -24,7 +24,7 @@ from .devices import data_parallel, local_rows, max_over_processes, place, spans
 from .sizing import auto_chunk_size, auto_micro_batch, shape_key
 
 __all__ = ["explain", "convergence_delta", "map_chunks", "chunk_length", "pad_chunk", "vmap_in_micro_batches",
-           "check_input_dtype", "check_targets", "check_finite"]
+           "check_input_dtype", "check_targets", "check_finite", "check_finite_params"]
 
 
 def check_input_dtype(x) -> jnp.dtype:
@@ -60,7 +60,8 @@ def check_targets(target, n: int, num_classes: int | None) -> jax.Array:
         raise ValueError(f"target must have shape ({n},) (one class per example), got {t.shape}")
     if t.size and not np.issubdtype(t.dtype, np.integer):
         if not np.issubdtype(t.dtype, np.floating) or not np.all(t == np.round(t)):
-            raise TypeError(f"targets must be integer class indices, got {t.dtype} values such as {t.flat[0]!r}")
+            odd = t[(t != np.round(t)) | ~np.isfinite(t)].flat[0] if np.issubdtype(t.dtype, np.floating) else t.flat[0]
+            raise TypeError(f"targets must be integer class indices, got {t.dtype} values such as {odd.item()!r}")
     if num_classes is not None and t.size and (t.min() < 0 or t.max() >= num_classes):
         raise ValueError(f"targets must lie in [0, {num_classes}), got values from {t.min()} to {t.max()}")
     return jnp.asarray(t.astype(np.int32))
@@ -69,16 +70,59 @@ def check_targets(target, n: int, num_classes: int | None) -> jax.Array:
 _NUM_CLASSES: dict = {}
 
 
-def _num_classes(model: Model, params, x_one) -> int | None:
-    """The model's number of outputs (traced once per model, parameter shapes and input shape)."""
+def _num_classes(model: Model, params, x_one, batch_shape=None) -> int | None:
+    """The model's number of outputs (traced once per model, parameter shapes and input shape).
+
+    Raises:
+      ValueError: the model does not return ONE vector of logits ``[C]`` for one example (a scalar, or a
+        batch such as ``(1, C)``), or fails on an example of this shape where its input shape is known.
+    """
     key = shape_key(model, params, x_one)
     if key not in _NUM_CLASSES:
+        if model.input_shape is not None and tuple(x_one.shape) != tuple(model.input_shape):
+            got = tuple(batch_shape) if batch_shape is not None else ("N",) + tuple(x_one.shape)
+            raise ValueError(f"{model.name} takes examples of shape {tuple(model.input_shape)}, so x must be a batch "
+                             f"(N, {', '.join(map(str, model.input_shape))}); got x of shape {got} (for one example "
+                             "pass x[None])")
         try:
             out = jax.eval_shape(model, params, x_one)
         except Exception:  # noqa: BLE001 - the real call raises the model's own clear error later
             return None
-        _NUM_CLASSES[key] = int(out.shape[0]) if len(out.shape) == 1 else None
+        if len(out.shape) != 1:
+            raise ValueError(
+                f"the model must return logits [C] for ONE example, but it returned shape {tuple(out.shape)} for an "
+                f"example of shape {tuple(x_one.shape)}; "
+                + ("wrap a batch-returning function as lambda p, x: f(p, x[None])[0]" if len(out.shape) > 1 else
+                   "return every class's logit, not one number"))
+        _NUM_CLASSES[key] = int(out.shape[0])
     return _NUM_CLASSES[key]
+
+
+_FINITE_PARAMS: list = []  # (leaves kept alive, so their ids stay unique) of parameter trees checked finite
+
+
+def check_finite_params(params) -> None:
+    """A clear error when the model's parameters hold NaN/inf (every answer would be silently wrong).
+
+    One jitted reduction per parameter tree; the last few trees checked are remembered by identity.
+    """
+    leaves = [a for a in jax.tree.leaves(params) if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
+    if any(isinstance(a, jax.core.Tracer) for a in leaves):
+        return  # differentiated or traced through: the values are not known here
+    ids = tuple(map(id, leaves))
+    if any(ids == tuple(map(id, kept)) for kept in _FINITE_PARAMS):
+        return
+    bad = int(_count_nonfinite(leaves)) if leaves else 0
+    if bad:
+        raise ValueError(f"the model's parameters hold {bad} NaN/inf value(s), so every logit and gradient would be "
+                         "meaningless; reload or retrain the weights")
+    _FINITE_PARAMS.append(leaves)
+    del _FINITE_PARAMS[:-8]
+
+
+@jax.jit
+def _count_nonfinite(leaves):
+    return sum(jnp.sum(~jnp.isfinite(a)) for a in leaves)
 
 
 @ops.tuned_jit(static_argnames=("model", "output", "micro_batch"))
@@ -111,8 +155,9 @@ def _prepare(model, params, x, target, baseline):
     if x.ndim < 1 or x.shape[0] == 0:
         raise ValueError(f"explain needs a non-empty batch x[N, ...], got shape {tuple(x.shape)}")
     check_finite("x", x)
+    check_finite_params(params)
     n = x.shape[0]
-    target = check_targets(target, n, _num_classes(model, params, x[0]))
+    target = check_targets(target, n, _num_classes(model, params, x[0], x.shape))
     if baseline is None:
         baseline = jnp.zeros_like(x)
     else:

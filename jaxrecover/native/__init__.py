@@ -5,7 +5,11 @@ system's C++ compiler against jaxlib's FFI headers the first time it is needed
 and cached under ``$JAXRECOVER_CACHE`` (default ``~/.cache/jaxrecover``), keyed
 by the source, jaxlib's version, the compiler command and this CPU's
 instruction-set flags (it is built with ``-march=native``), written to a
-temporary file and renamed, so no half-written library is ever loaded.
+temporary file and renamed, so no half-written library is ever loaded. Its
+SHA-256 is stored beside it (``.so.sha256``) and checked before every load: a
+library damaged in the cache afterwards (truncated by a full disk, a copy cut
+short) would crash the process with a bus error when loaded, so it is rebuilt
+instead, with a warning.
 
 Where it cannot be built (no compiler, a non-CPU backend) :func:`available`
 is False and callers take the dense JAX path, which computes the same values;
@@ -66,13 +70,38 @@ def library_path(compiler: str) -> Path:
         key.update(part)
         key.update(b"\0")
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "jaxrecover").expanduser()
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"{CACHE_ENV}={root} is a file, not a folder; point it at a folder or unset it")
     return root / "native" / f"relu_conv_path-{key.hexdigest()[:16]}.so"
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(target: Path) -> bool | None:
+    """Whether ``target`` is the library that was built (its stored SHA-256 matches); None: no hash stored
+    (built by jaxrecover < 0.3)."""
+    sidecar = target.with_name(target.name + ".sha256")
+    try:
+        want = sidecar.read_text().strip()
+    except OSError:
+        return None
+    try:
+        return want == _digest(target)
+    except OSError:
+        return False
 
 
 def _build(compiler: str) -> Path:
     target = library_path(compiler)
     if target.exists():
-        return target
+        intact = _intact(target)
+        if intact:
+            return target
+        if intact is False:
+            warnings.warn(f"jaxrecover: the cached native library {target} is damaged (its SHA-256 does not match "
+                          "the one recorded when it was built); rebuilding it", RuntimeWarning, stacklevel=4)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
@@ -81,6 +110,10 @@ def _build(compiler: str) -> Path:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip().splitlines()[-1:]}")
+        side_fd, side_tmp = tempfile.mkstemp(suffix=".sha256", dir=target.parent)
+        with os.fdopen(side_fd, "w") as f:
+            f.write(_digest(Path(tmp)) + "\n")
+        os.replace(side_tmp, target.with_name(target.name + ".sha256"))  # the hash first, then the library
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

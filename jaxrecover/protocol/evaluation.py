@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import __version__
-from ..checkpoint import CheckpointError, checkpoint_exists, load_metadata, tree_sha256
+from ..checkpoint import CheckpointError, checkpoint_exists, load_metadata, tree_sha256, writer
 from ..data import load_dataset, normalize
 from ..engine import agreed
 from ..fileio import atomic_save_npz, atomic_write_text
@@ -40,7 +41,7 @@ from ..training import TrainConfig, load_trained, train_and_evaluate
 from .ablation import batchstats_protocol_chunk, make_batchstats_logit_fn
 from .experiments import (PAPER, RULE, ProtocolConfig, experiments_for, explain_examples, machine_info,
                           path_gradient_norms, run_protocol, summarize_results)
-from .report import load_results, markdown_report
+from .report import distances_sha256, load_results, markdown_report, record_sha256, run_files, verify_record
 
 __all__ = ["EvalConfig", "evaluate"]
 
@@ -76,7 +77,28 @@ def _checkpoint_dir(cfg: EvalConfig, model: str) -> Path:
 
 
 def _load_or_train(cfg: EvalConfig, model: str, dataset, progress: bool):
+    """``load_trained`` of the model's checkpoint, trained (or finished) first when missing.
+
+    Training holds the folder's writer lock: a second evaluation that needs the same checkpoint waits for it
+    (and then loads what the first one trained) instead of training over it."""
     ckpt = _checkpoint_dir(cfg, model)
+    if cfg.train_missing and jax.process_count() == 1 and not _finished(ckpt):
+        def say(holder):
+            print(f"waiting for another run ({holder}) that is training {ckpt} ...", file=sys.stderr, flush=True)
+
+        with writer(ckpt, wait=True, on_wait=say):
+            return _load_or_train_locked(cfg, model, ckpt, dataset, progress)
+    return _load_or_train_locked(cfg, model, ckpt, dataset, progress)
+
+
+def _finished(ckpt: Path) -> bool:
+    if not checkpoint_exists(ckpt):
+        return False
+    meta = load_metadata(ckpt)
+    return int(meta.get("epochs", 0)) >= int(meta.get("planned_epochs", 0))
+
+
+def _load_or_train_locked(cfg: EvalConfig, model: str, ckpt: Path, dataset, progress: bool):
     meta = load_metadata(ckpt) if checkpoint_exists(ckpt) else {}
     # checkpoints written before planned_epochs was recorded count as finished
     done, planned = int(meta.get("epochs", 0)), int(meta.get("planned_epochs", 0))
@@ -112,14 +134,26 @@ def _settings(cfg: EvalConfig, model: str, dtype: str, ds, n: int, variables, x,
 
 
 def _stored(path: Path, settings: dict) -> dict | None:
-    """The stored result at ``path`` if it was computed with exactly ``settings`` (else None: recompute)."""
+    """The stored result at ``path`` if it was computed with exactly ``settings`` and is intact (else None:
+    recompute; an edited or damaged file is recomputed with a warning, never reused)."""
     if not path.exists():
         return None
     try:
         rec = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return rec if rec.get("settings") == settings else None
+    if not isinstance(rec, dict) or rec.get("settings") != settings:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            verify_record(path, rec)
+    except ValueError as e:
+        warnings.warn(f"{e.args[0].split('; delete')[0]}: recomputing it", RuntimeWarning, stacklevel=3)
+        return None
+    if "record_sha256" not in rec and not path.with_suffix(".distances.npz").exists():
+        return None  # nothing to check it against: recompute rather than trust it
+    return rec
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
@@ -188,9 +222,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
                     "results": summarize_results(dists),
                     "paper": {e: PAPER[e].get(model_name) for e in pcfg.experiments},
                     "fig5": _fig5_summary(norms),
-                    "distances_sha256": _digest(dists),
+                    "distances_sha256": distances_sha256(dists),
                     "settings": settings,
                 }
+                rec["record_sha256"] = record_sha256(rec)
                 if jax.process_index() == 0:  # multi-process runs: every process holds all distances, one writes
                     atomic_save_npz(path.with_suffix(".distances.npz"), compressed=True, **dists)
                     atomic_write_text(path, json.dumps(rec, indent=2, sort_keys=True))
@@ -226,7 +261,7 @@ def _draw_figures(out: Path, steps: int, a: float) -> None:
     from .figures import figure4, figure5
 
     runs = {}
-    for json_path in out.glob("*.json"):
+    for json_path in run_files(out):
         try:
             rec = json.loads(json_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -259,13 +294,6 @@ def _draw_figures(out: Path, steps: int, a: float) -> None:
 
 def _batchstats_distances(bs_fn, params, xs, ts, *, steps, a):
     return batchstats_protocol_chunk(bs_fn, params, xs, ts, steps, a)[0]
-
-
-def _digest(dists):
-    h = hashlib.sha256()
-    for k in sorted(dists):
-        h.update(np.asarray(dists[k], np.float64).tobytes())
-    return h.hexdigest()
 
 
 def _fig5_summary(norms: np.ndarray) -> dict:

@@ -2,33 +2,116 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from ..models import MODEL_NAMES
-from .experiments import EXPERIMENTS, PAPER
+from .experiments import EXPERIMENTS, PAPER, summarize_results
 
-__all__ = ["load_results", "markdown_report", "table_title"]
+__all__ = ["load_results", "markdown_report", "table_title", "run_files", "verify_record", "record_sha256",
+           "distances_sha256"]
+
+#: A run's JSON file name (``evaluation._run_name``); other JSON files in a results folder are not runs.
+RUN_FILE = re.compile(r"^[A-Za-z0-9_]+_float(32|64)_[a-z-]+_n\d+_m\d+(_bnbatch)?\.json$")
+
+
+def run_files(directory: str | Path) -> list[Path]:
+    """The run JSON files in ``directory`` (by name; e.g. a ``notes.json`` beside them is not a run)."""
+    directory = Path(directory)
+    return sorted(p for p in directory.glob("*.json") if RUN_FILE.match(p.name)) if directory.is_dir() else []
+
+
+def distances_sha256(dists) -> str:
+    """SHA-256 of a run's per-image distances (every experiment, in name order, as float64)."""
+    h = hashlib.sha256()
+    for k in sorted(dists):
+        h.update(np.asarray(dists[k], np.float64).tobytes())
+    return h.hexdigest()
+
+
+def record_sha256(rec: dict) -> str:
+    """SHA-256 of a run record's canonical JSON, without its own ``record_sha256`` field."""
+    body = {k: v for k, v in rec.items() if k != "record_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+_FIELDS = {"model": str, "dtype": str, "mode": str, "dataset": str, "n": int, "steps": int, "a": (int, float),
+           "results": dict, "wall_seconds": (int, float), "machine": dict, "version": str}
+
+
+def verify_record(path: Path, rec) -> None:
+    """A clear error unless ``rec`` (read from ``path``) is a complete, unedited run record.
+
+    Checks the fields the report reads and their types, the record's own SHA-256 (``record_sha256``,
+    written since 0.3), and, where the run's ``.distances.npz`` is beside it, that its numbers are the
+    summary of those distances (``distances_sha256``). A record with neither is accepted with a warning.
+    """
+    fix = "delete it (and its .distances.npz) and rerun evaluate.py"
+    if not isinstance(rec, dict):
+        raise ValueError(f"result file {path} holds a JSON {type(rec).__name__}, not a run record; {fix}")
+    for key, kind in _FIELDS.items():
+        if key not in rec:
+            raise ValueError(f"result file {path} lacks {key!r}; {fix}")
+        if isinstance(rec[key], bool) or not isinstance(rec[key], kind):
+            raise ValueError(f"result file {path}: {key!r} is {rec[key]!r}, not a {getattr(kind, '__name__', 'number')}; "
+                             f"{fix}")
+    for e, summary in rec["results"].items():
+        for stat in ("mean", "var", "median", "max"):
+            v = summary.get(stat) if isinstance(summary, dict) else None
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"result file {path}: results[{e!r}][{stat!r}] is {v!r}, not a number; {fix}")
+    checked = False
+    if "record_sha256" in rec:
+        if rec["record_sha256"] != record_sha256(rec):
+            raise ValueError(f"result file {path} was edited or damaged (its record_sha256 does not match its "
+                             f"content); {fix}")
+        checked = True
+    npz = path.with_suffix(".distances.npz")
+    if npz.exists() and "distances_sha256" in rec:
+        try:
+            with np.load(npz) as f:
+                dists = {k: f[k] for k in f.files}
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{npz} is unreadable ({err}); {fix}") from None
+        if distances_sha256(dists) != rec["distances_sha256"]:
+            raise ValueError(f"{npz} does not match distances_sha256 in {path} (one was edited or damaged); {fix}")
+        again = summarize_results(dists)
+        for e, summary in rec["results"].items():
+            for stat in ("mean", "var", "median", "max"):
+                want, got = again.get(e, {}).get(stat), summary[stat]
+                if want is None or not (np.isclose(want, got, rtol=1e-12, atol=0) or (np.isnan(want) and np.isnan(got))):
+                    raise ValueError(f"result file {path}: results[{e!r}][{stat!r}] = {got!r} is not what its "
+                                     f"distances ({npz.name}) give ({want!r}): the file was edited; {fix}")
+        checked = True
+    if not checked:
+        warnings.warn(f"result file {path} has no record_sha256 and no .distances.npz beside it: its numbers are "
+                      "not checked", RuntimeWarning, stacklevel=3)
 
 
 def load_results(directory: str | Path) -> list[dict]:
-    """Every run JSON in ``directory`` (sorted by model order, dtype).
+    """Every run JSON in ``directory`` (sorted by model order, dtype), each checked by :func:`verify_record`.
 
     Raises:
       FileNotFoundError: the directory holds no run JSON (nothing to report).
+      ValueError: a run JSON is unreadable, incomplete or edited (naming the file and the fix).
     """
     directory = Path(directory)
-    paths = sorted(directory.glob("*.json")) if directory.is_dir() else []
+    paths = run_files(directory)
     if not paths:
         raise FileNotFoundError(f"no result JSON in {directory}; run evaluate.py with --out {directory} first")
     recs = []
     for p in paths:
         try:
-            recs.append(json.loads(p.read_text()))
+            rec = json.loads(p.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"result file {p} is unreadable ({e}); delete it and rerun evaluate.py") from e
+        verify_record(p, rec)
+        recs.append(rec)
     order = {m: i for i, m in enumerate(MODEL_NAMES)}
     return sorted(recs, key=lambda r: (order.get(r["model"], 99), r["dtype"], r["mode"], r["n"]))
 
