@@ -23,7 +23,8 @@ from .attacks import (AssumedBaseline, IGService, Query, QueryBudgetExceeded, Qu
                       recover_eq2, recover_eq3, recover_eq4, recover_fixed_steps, recover_fixed_steps_from_kinks,
                       recover_from_outputs,
                       recover_input_baseline, recover_random_steps, service_plan, extract_two_layer,
-                      boundary_attributions, BoundaryBaseline, recover_from_big)
+                      boundary_attributions, BoundaryBaseline, recover_from_big, NotPiecewiseLinear,
+                      RecoveryIncomplete, ServiceAnswerError)
 from .data import Dataset, load_dataset, normalize  # noqa: E402
 from .engine import convergence_delta, explain  # noqa: E402
 from .explainers import (IG, OUTPUTS, RULES, VG, BlurBaseline, Explainer, completeness_delta, integrated_gradients,  # noqa: E402
@@ -52,6 +53,7 @@ __all__ = [
     "IGService", "SimulatedIGService", "ServiceWrapper", "AssumedBaseline", "QueryBudgetExceeded", "StepCountRefused",
     "service_plan", "best_plan", "recover_fixed_steps", "recover_fixed_steps_from_kinks", "identify_service", "recover_from_outputs",
     "recover_input_baseline", "recover_random_steps", "extract_two_layer", "BoundaryBaseline", "recover_from_big",
+    "NotPiecewiseLinear", "RecoveryIncomplete", "ServiceAnswerError",
     # metrics
     "normalized_distance", "cosine_similarity", "relative_error", "spearman", "top_fraction_overlap", "summarize",
     # data and training

@@ -447,21 +447,37 @@ def boundary_search(model, params, x, labels, *, methods=("pgd", "cw"), box: Inp
       x: ``[N, ...]`` inputs; labels: ``[N]`` the classes whose boundary is searched: the model's predictions
         (an example predicted otherwise is already past the boundary: distance 0 or close to it).
       box: the input range and its pixel scale (default: MNIST as :func:`jaxrecover.data.normalize` makes it).
-      eps, cw_eps: radii in ``[0, 1]`` pixel units (scaled by ``box.scale``).
+      eps, cw_eps: positive L2 radii in pixel units (scaled by ``box.scale``).
       facet_starts: the facet search's aimed starts per example (the classes of the nearest linearised
         boundaries; default all K - 1; fewer is faster and rarely farther, see docs/BOUNDARY.md).
+
+    An example the model already assigns to a class other than its label is returned as its own boundary
+    point: distance 0, success, ``method`` -1 (no search was needed).
+
+    Raises:
+      ValueError: labels outside ``[0, K)``, a radius outside ``(0, 1]`` or NaN, NaN/inf inputs, an empty batch.
     """
     from .models import as_model
     model = as_model(model)
     unknown = set(methods) - set(SEARCH_METHODS)
     if unknown or not methods:
         raise ValueError(f"unknown boundary search methods {sorted(unknown)}; choose from {SEARCH_METHODS}")
+    from . import validate
+    from .engine import check_finite
+
     box = InputBox.mnist() if box is None else box
+    eps = [validate.radius("eps", e, hi=np.inf) for e in np.atleast_1d(np.asarray(eps, dtype=object))]
+    cw_eps = validate.radius("cw_eps", cw_eps, hi=np.inf)
     x = jnp.asarray(x)
-    labels = jnp.asarray(labels, jnp.int32)
-    if labels.shape != (x.shape[0],):
-        raise ValueError(f"labels must be [N] = [{x.shape[0]}], got {labels.shape}")
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise ValueError(f"boundary_search needs a non-empty batch x[N, ...], got shape {tuple(x.shape)}")
+    check_finite("x", x)
+    logits = jax.eval_shape(lambda p, z: jax.vmap(lambda zi: model(p, zi))(z), params, x)
+    labels = jnp.asarray(validate.class_labels(labels, x.shape[0], int(logits.shape[-1]), what="labels"))
     n, dtype = x.shape[0], x.dtype
+    # an example the model already assigns to another class is past its boundary: distance 0 (the docstring's
+    # promise; PGD would otherwise report the distance to a point of some third class)
+    already = np.asarray(_predict(model, params, x)) != np.asarray(labels)
     point, dist = x, jnp.full(n, jnp.inf, dtype)
     method = jnp.full(n, -1, jnp.int32)
 
@@ -498,6 +514,11 @@ def boundary_search(model, params, x, labels, *, methods=("pgd", "cw"), box: Inp
     if "facet" in methods:
         p, ok = _facet_l2(model, params, x, labels, box=box, starts=facet_starts)
         keep(p, ok, SEARCH_METHODS.index("facet"))
+    if already.any():
+        a = jnp.asarray(already)
+        point = jnp.where(_bcast(a, x), x, point)
+        dist = jnp.where(a, jnp.zeros_like(dist), dist)
+        method = jnp.where(a, jnp.full_like(method, -1), method)
     success = jnp.isfinite(dist)
     return BoundaryResult(point=point, success=success, distance=dist, label=_predict(model, params, point),
                           method=method)

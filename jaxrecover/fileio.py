@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_save_npz", "atomic_savefig", "write_marked_block",
-           "folder_lock", "FolderBusy"]
+           "folder_lock", "FolderBusy", "load_rows"]
 
 
 class FolderBusy(RuntimeError):
@@ -156,3 +156,25 @@ def write_marked_block(path: str | os.PathLike, name: str, text: str) -> Path:
     head, rest = doc.split(begin, 1)
     _, tail = rest.split(end, 1)
     return atomic_write_text(path, head + begin + "\n" + text + "\n" + end + tail)
+
+
+def load_rows(path: str | os.PathLike) -> list[dict]:
+    """The ``rows`` of a study's ``rows.json`` (``{"command": ..., "rows": [...]}``); [] when it does not exist.
+
+    Raises:
+      ValueError: the file is truncated, not JSON, or not a rows file (one line naming it and the fix).
+    """
+    import json
+
+    path = Path(path)
+    if not path.exists():
+        return []
+    fix = "delete it to recompute its rows (or restore it from git)"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} is truncated or not JSON ({e}); {fix}") from None
+    rows = doc.get("rows") if isinstance(doc, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path} is not a rows file (no list of row objects under 'rows'); {fix}")
+    return rows

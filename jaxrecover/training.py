@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from . import __version__, ops
+from . import __version__, ops, validate
 from .checkpoint import CheckpointError, checkpoint_exists, load_checkpoint, load_metadata, save_checkpoint, writer
 from .data import Dataset, load_dataset, normalize
 from .models import get_model, init_variables, make_batched_logit_fn
@@ -49,20 +49,14 @@ class TrainConfig:
     adv_steps: int = 7
 
     def __post_init__(self):
-        def positive_int(name, value, allow_none=False):
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
+        positive_int = validate.positive_int
         positive_int("epochs", self.epochs, allow_none=True)
         positive_int("batch_size", self.batch_size)
         positive_int("max_train", self.max_train, allow_none=True)
         positive_int("max_test", self.max_test, allow_none=True)
         positive_int("adv_steps", self.adv_steps)
-        if not (np.isfinite(self.adv_eps) and self.adv_eps >= 0):
-            raise ValueError(f"adv_eps (L2 radius in [0, 1] pixel units) must be a finite number >= 0, "
-                             f"got {self.adv_eps!r}")
+        validate.seed("seed", self.seed)
+        validate.radius("adv_eps (L2 radius of adversarial training)", self.adv_eps, allow_lo=True)
         if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning rate must be a positive finite number, got {self.learning_rate!r}")
         if not (np.isfinite(self.weight_decay) and self.weight_decay >= 0):

@@ -139,7 +139,7 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "rows.json")
-    rows = json.load(open(path))["rows"] if os.path.exists(path) else []
+    rows = _rows(path)
     ds = jr.load_dataset("mnist")
     command = "python scripts/defences_table.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)
@@ -251,5 +251,16 @@ def write_docs(path, text):
         raise SystemExit(str(e)) from None
 
 
+def _rows(path):
+    """The stored rows (resume), or exit with one line when the file is damaged."""
+    from jaxrecover.fileio import load_rows
+
+    try:
+        return load_rows(path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 if __name__ == "__main__":
     main()
+

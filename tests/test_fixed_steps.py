@@ -59,8 +59,10 @@ def test_fixed_step_recovery_from_kinks_is_exact(kind, rule):
     assert min(rep.kinks) > 0 and max(rep.slope_residual) <= 1e-9 and max(rep.check_residual) <= 1e-12
     assert rep.searched == [0, 0, 0]  # every bracket of these nets has a pair
     assert svc.queries == sum(rep.queries) == sum(rep.explanations) + sum(rep.values)
-    # far fewer explanations than the bisection's answers, the rest are output values (forward passes)
-    assert max(rep.explanations) <= 2 * max(rep.kinks) + 2 + 4
+    # far fewer explanations than the bisection's answers, the rest are output values (forward passes); the
+    # piecewise-linearity check spends at most 2 + 24 levels + the answer at 1
+    assert max(rep.linearity) <= 27
+    assert all(e - c <= 2 * k + 2 + 4 for e, c, k in zip(rep.explanations, rep.linearity, rep.kinks))
 
 
 def test_kinks_merges_every_unisolated_bracket_in_one_pass():

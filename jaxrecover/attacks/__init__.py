@@ -22,7 +22,9 @@ from .plans import (Query, QueryPlan, actual_residual, approx_plan, best_plan, e
                     paper_plan, plan_measure, plan_residual, realise_plan, service_plan, telescoping_plan,
                     bitwise_shared, bitwise_plan)
 from .recovery import attack, query_input, query_inputs, recover, recover_eq2, recover_eq3, recover_eq4
-from .services import AssumedBaseline, IGService, QueryBudgetExceeded, ServiceWrapper, SimulatedIGService, StepCountRefused
+from .linearity import NotPiecewiseLinear, RecoveryIncomplete, check_piecewise_linear
+from .services import (AssumedBaseline, IGService, QueryBudgetExceeded, ServiceAnswerError, ServiceWrapper,
+                       SimulatedIGService, StepCountRefused, check_answers)
 
 __all__ = [
     "Query", "QueryPlan", "exact_plan", "minimal_plan", "nobias_plan", "approx_plan", "paper_plan",
@@ -32,6 +34,7 @@ __all__ = [
     "recover_from_outputs", "OutputsReport", "recover_random_steps", "RandomStepsReport", "lattice_attack", "lattice_queries", "LatticeReport", "identify_service", "infer_baseline", "Identification",
     "query_input", "query_inputs", "recover", "recover_eq2", "recover_eq3", "recover_eq4", "attack",
     "IGService", "SimulatedIGService", "ServiceWrapper", "AssumedBaseline", "QueryBudgetExceeded", "StepCountRefused",
+    "ServiceAnswerError", "check_answers", "NotPiecewiseLinear", "RecoveryIncomplete", "check_piecewise_linear",
     "RoundAnswers", "GaussianNoise", "LaplaceNoise", "TopK", "FixSteps", "RandomSteps", "ClientBudget",
     "SmoothGradIG", "ExpectedGradients", "Averaged", "round_significant",
     "extract_two_layer", "Extraction", "ExtractionIncomplete", "canonical_two_layer", "two_layer_logits",

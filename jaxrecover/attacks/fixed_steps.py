@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from .services import attack_inputs
+from .linearity import RecoveryIncomplete, check_piecewise_linear
+from .services import QueryBudgetExceeded, attack_inputs
 
 __all__ = ["recover_fixed_steps", "FixedStepsReport"]
 
@@ -57,6 +58,8 @@ class FixedStepsReport:
       waves: sweeps of the ray per example.
       final_residual: max |R(1)| / max |T(1)| per example: 0 up to round-off when every jump was explained.
       assumptions: what the recovery assumed.
+      stopped: None when every example was recovered, else why the recovery stopped (a budget ran out) and
+        at which example; the lists then cover the finished examples only.
     """
 
     queries: list[int]
@@ -65,13 +68,14 @@ class FixedStepsReport:
     waves: list[int]
     final_residual: list[float]
     assumptions: str
+    stopped: str | None = None
 
 
 class _Ray:
     """Answers ``T(s)`` along one example's ray, with the decoded jumps so far."""
 
-    def __init__(self, service, x, b, target, nodes, weights):
-        self.service, self.x, self.b, self.target = service, x, b, target
+    def __init__(self, service, x, b, target, nodes, weights, budget=None):
+        self.service, self.x, self.b, self.target, self.budget = service, x, b, target, budget
         self.d = np.asarray(x, np.float64) - np.asarray(b, np.float64)
         self.mask = self.d != 0
         pos = nodes > 0
@@ -90,6 +94,9 @@ class _Ray:
     def answer(self, s_values) -> list[np.ndarray]:
         """``T(s)`` for each ``s`` (one service call for all)."""
         s_values = np.atleast_1d(np.asarray(s_values, np.float64))
+        if self.budget is not None and self.queries + len(s_values) > self.budget:
+            raise QueryBudgetExceeded(f"the recovery's budget of {self.budget} queries per example ran out "
+                                      f"({self.queries} spent)")
         dtype = self.service.dtype
         c = (s_values / self.a_top).reshape((-1,) + (1,) * self.x.ndim)
         xq = jnp.asarray(np.asarray(self.b, np.float64)[None] + c * self.d[None], dtype)
@@ -175,7 +182,7 @@ def _find_jumps(ray: _Ray, c0, p, q, r_p, r_q, tol, resolution):
 
 
 def recover_fixed_steps(service, x, target, *, s0: float = 1e-4, resolution: float | None = None,
-                        tol: float | None = None, progress: bool = False):
+                        tol: float | None = None, budget: int | None = 2**20, progress: bool = False):
     """Recover VG exactly from a service that fixes its step count (piecewise-linear nets).
 
     Args:
@@ -188,12 +195,20 @@ def recover_fixed_steps(service, x, target, *, s0: float = 1e-4, resolution: flo
         float64, 1e-5 float32).
       tol: a residual change below ``tol * max|T|`` counts as no jump (default
         sqrt of the dtype's eps).
+      budget: queries per example (None: only the service's own budget bounds it).
       progress: a progress bar over the examples, and one per example over the sweep of the ray
         (log scale from ``s0`` to 1; conv nets have thousands of jumps on a ray, minutes per example).
 
     Returns:
       ``(vg, mask, report)``: the recovered gradients (NaN where ``x == b``),
       the mask of recoverable coordinates, and a :class:`FixedStepsReport`.
+
+    Raises:
+      NotPiecewiseLinear: the answers change smoothly along the ray (a tanh or softplus net), found
+        within a few dozen queries (:func:`jaxrecover.attacks.linearity.check_piecewise_linear`).
+      RecoveryIncomplete: this budget or the service's ran out; ``.partial`` holds ``(vg, mask, report)``
+        with every example finished before (the rest NaN, masked out).
+      ServiceAnswerError: the service answered NaN/inf (checked where answers leave every service).
     """
     x, target = attack_inputs(service, x, target)
     eps = float(np.finfo(np.dtype(service.dtype)).eps)
@@ -201,61 +216,78 @@ def recover_fixed_steps(service, x, target, *, s0: float = 1e-4, resolution: flo
     rel_tol = tol if tol is not None else float(np.sqrt(eps))
     nodes, weights = (np.asarray(v, np.float64) for v in service.quadrature(service.steps))
     b_all = np.asarray(service.fixed_baseline(x))
-    out = np.empty(x.shape, np.float64)
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1):
+        raise ValueError(f"budget must be a positive number of queries per example or None, got {budget!r}")
+    out = np.full(x.shape, np.nan, np.float64)
     rep = FixedStepsReport([], [], [], [], [], "")
-    for i in tqdm(range(x.shape[0]), disable=not progress, desc="fixed-m recovery", unit="example"):
-        ray = _Ray(service, x[i], b_all[i], int(target[i]), nodes, weights)
-        if ray.w_top == 0 or ray.a_top <= 0:
-            raise ValueError(f"rule {service.rule} with {service.steps} steps has no positive top node with weight")
-        t_start, t_check, t_one = ray.answer([s0, s0 / 4, 1.0])
-        scale = max(float(np.max(np.abs(t_one))), float(np.max(np.abs(t_start))), 1e-300)
-        tol_i = rel_tol * scale
-        s_start = s0
-        while np.max(np.abs(t_start - t_check)) > tol_i:  # a boundary below s_start: start closer to b
-            if s_start < 1e-12:
-                raise ValueError(f"example {i}: the gradient keeps changing down to t = {s_start:g} on the ray "
-                                 "(the baseline sits on a region boundary); fixed-m recovery cannot start")
-            s_start /= 16
-            t_start, t_check = ray.answer([s_start, s_start / 4])
-        c0 = t_start
-        p, r_p, waves = s_start, np.zeros_like(ray.d), 0
-        stride = 1
-        sweep = tqdm(total=1000, disable=not progress, desc=f"example {i}: sweep of the ray", leave=False,
-                     bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
-        while p < 1.0:
-            sweep.update(int(1000 * np.log(p / s_start) / np.log(1 / s_start)) - sweep.n)
-            sweep.set_postfix(t=f"{p:.3g}", jumps=len(ray.deltas), queries=ray.queries, refresh=False)
-            if stride > 1:  # gallop: no jump at all in (p, q_far] leaves the residual at 0 there
-                q_far = min(1.0, p / ray.r2 ** stride)
-                q_far = ray.clear(q_far, p) if q_far < 1.0 else q_far
-                if q_far > p:
-                    t_far = t_one if q_far == 1.0 else ray.answer([q_far])[0]
-                    r_far = t_far - c0 - ray.expected_jumps(q_far)
-                    if np.max(np.abs(r_far - r_p)) <= tol_i:
-                        p, r_p, stride, waves = q_far, r_far, stride * 2, waves + 1
-                        continue
-                stride = 1
-            q = 1.0 if ray.r2 == 0 else min(1.0, p / ray.r2)
-            q = ray.clear(q, p) if q < 1.0 else q
-            if q <= p:
-                q = min(1.0, p / ray.r2)
-            t_q = t_one if q == 1.0 else ray.answer([q])[0]
-            r_q = t_q - c0 - ray.expected_jumps(q)
-            groups = _find_jumps(ray, c0, p, q, r_p, r_q, tol_i, resolution)
-            if groups:
-                ray.add(groups)
-            stride = 1 if groups else 2
-            p, r_p, waves = q, t_q - c0 - ray.expected_jumps(q), waves + 1
-        sweep.close()
-        g0 = c0 / ray.total_w
-        g1 = g0 + (np.sum(ray.deltas, axis=0) if ray.deltas else 0.0)
-        out[i] = np.where(ray.mask, g1, np.nan)
-        rep.queries.append(ray.queries)
-        rep.evaluations.append(ray.queries * nodes.size)
-        rep.breakpoints.append(len(ray.deltas))
-        rep.waves.append(waves)
-        rep.final_residual.append(float(np.max(np.abs(r_p)) / scale))
     rep.assumptions = (f"piecewise-linear net; no gradient change for t < {s0:g} (checked); "
                        "gradient at the baseline = gradient just beside it (rules with a node at 0)")
     mask = np.asarray(x, np.float64) != np.asarray(b_all, np.float64)
+    for i in tqdm(range(x.shape[0]), disable=not progress, desc="fixed-m recovery", unit="example"):
+        try:
+            out[i] = _recover_one(service, x[i], b_all[i], int(target[i]), nodes, weights, rep, i, s0=s0,
+                                  resolution=resolution, rel_tol=rel_tol, eps=eps, budget=budget, progress=progress)
+        except QueryBudgetExceeded as e:
+            done = np.zeros(x.shape[0], bool)
+            done[:i] = True
+            rep.stopped = f"example {i} of {x.shape[0]}: {e}"
+            part = (jnp.asarray(out, x.dtype), jnp.asarray(mask & done.reshape((-1,) + (1,) * (x.ndim - 1))), rep)
+            raise RecoveryIncomplete(f"query budget ran out at example {i} of {x.shape[0]} ({e}); the {i} "
+                                     "finished example(s) are in .partial", part) from None
     return jnp.asarray(out, x.dtype), jnp.asarray(mask), rep
+
+
+def _recover_one(service, x, b, target, nodes, weights, rep, i, *, s0, resolution, rel_tol, eps, budget, progress):
+    """One example's VG (NaN where ``x == b``); appends its counts to ``rep``."""
+    ray = _Ray(service, x, b, target, nodes, weights, budget)
+    if ray.w_top == 0 or ray.a_top <= 0:
+        raise ValueError(f"rule {service.rule} with {service.steps} steps has no positive top node with weight")
+    t_start, t_check, t_one = ray.answer([s0, s0 / 4, 1.0])
+    scale = max(float(np.max(np.abs(t_one))), float(np.max(np.abs(t_start))), 1e-300)
+    tol_i = rel_tol * scale
+    check_piecewise_linear(ray.answer, 0.25, 1.0, 256 * eps * scale)
+    s_start = s0
+    while np.max(np.abs(t_start - t_check)) > tol_i:  # a boundary below s_start: start closer to b
+        if s_start < 1e-12:
+            raise ValueError(f"example {i}: the gradient keeps changing down to t = {s_start:g} on the ray "
+                             "(the baseline sits on a region boundary); fixed-m recovery cannot start")
+        s_start /= 16
+        t_start, t_check = ray.answer([s_start, s_start / 4])
+    c0 = t_start
+    p, r_p, waves = s_start, np.zeros_like(ray.d), 0
+    stride = 1
+    sweep = tqdm(total=1000, disable=not progress, desc=f"example {i}: sweep of the ray", leave=False,
+                 bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+    while p < 1.0:
+        sweep.update(int(1000 * np.log(p / s_start) / np.log(1 / s_start)) - sweep.n)
+        sweep.set_postfix(t=f"{p:.3g}", jumps=len(ray.deltas), queries=ray.queries, refresh=False)
+        if stride > 1:  # gallop: no jump at all in (p, q_far] leaves the residual at 0 there
+            q_far = min(1.0, p / ray.r2 ** stride)
+            q_far = ray.clear(q_far, p) if q_far < 1.0 else q_far
+            if q_far > p:
+                t_far = t_one if q_far == 1.0 else ray.answer([q_far])[0]
+                r_far = t_far - c0 - ray.expected_jumps(q_far)
+                if np.max(np.abs(r_far - r_p)) <= tol_i:
+                    p, r_p, stride, waves = q_far, r_far, stride * 2, waves + 1
+                    continue
+            stride = 1
+        q = 1.0 if ray.r2 == 0 else min(1.0, p / ray.r2)
+        q = ray.clear(q, p) if q < 1.0 else q
+        if q <= p:
+            q = min(1.0, p / ray.r2)
+        t_q = t_one if q == 1.0 else ray.answer([q])[0]
+        r_q = t_q - c0 - ray.expected_jumps(q)
+        groups = _find_jumps(ray, c0, p, q, r_p, r_q, tol_i, resolution)
+        if groups:
+            ray.add(groups)
+        stride = 1 if groups else 2
+        p, r_p, waves = q, t_q - c0 - ray.expected_jumps(q), waves + 1
+    sweep.close()
+    g0 = c0 / ray.total_w
+    g1 = g0 + (np.sum(ray.deltas, axis=0) if ray.deltas else 0.0)
+    rep.queries.append(ray.queries)
+    rep.evaluations.append(ray.queries * nodes.size)
+    rep.breakpoints.append(len(ray.deltas))
+    rep.waves.append(waves)
+    rep.final_residual.append(float(np.max(np.abs(r_p)) / scale))
+    return np.where(ray.mask, g1, np.nan)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..explainers import RULES, quadrature
-from .services import StepCountRefused
+from .services import ServiceAnswerError, StepCountRefused
 
 __all__ = ["Identification", "identify_service", "infer_baseline"]
 
@@ -43,6 +43,8 @@ class Identification:
       dtype: the answers' dtype.
       queries: {step: queries spent}.
       evidence: {candidate: mismatch} (smaller is better).
+      note: "identified", or why the rule and step count were left unidentified (no candidate fits:
+        the best mismatch is above ``max_mismatch``, e.g. a service that ignores the requested step count).
     """
 
     rule: str | None
@@ -53,6 +55,12 @@ class Identification:
     dtype: str
     queries: dict
     evidence: dict
+    note: str = "identified"
+
+    @property
+    def identified(self) -> bool:
+        """Whether a rule (and, for a fixed step count, m) was identified."""
+        return self.rule is not None
 
 
 def _answers(service, xs, target, steps=None):
@@ -170,7 +178,7 @@ def _echo_tiebreak(service, x, b, target, first, tied, evidence):
 
 
 def identify_service(service, x, target, *, max_steps: int = 256, candidates=None,
-                     max_jumps: int = 32) -> Identification:
+                     max_jumps: int = 32, max_mismatch: float = 0.05) -> Identification:
     """Infer the baseline, step policy, rule and step count of ``service`` from answers about one example.
 
     Uses only answers (``service(x, target, steps=...)``), not what the
@@ -179,12 +187,21 @@ def identify_service(service, x, target, *, max_steps: int = 256, candidates=Non
     (the estimate snaps to one whose own answer is exactly 0; otherwise the
     per-coordinate estimate is used, good to about 1e-9). ``max_jumps``: with a fixed
     step count, how many jumps of the ray to locate (about 30 queries each) while
-    looking for the first one's echo.
+    looking for the first one's echo. ``max_mismatch``: the best candidate is named only when its mismatch
+    is at most this (else ``rule`` and ``steps`` are None and ``note`` says "unidentified": a service outside
+    the candidates is never given a wrong name).
     """
     x = np.asarray(x, np.float64)
     spent: dict[str, int] = {}
     q0 = service.queries
-    b, check, _ = infer_baseline(service, x, target)
+    try:
+        b, check, _ = infer_baseline(service, x, target)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, (StepCountRefused, ServiceAnswerError)):
+            raise
+        raise ValueError(f"identify_service takes ONE example without a batch axis (got x of shape {x.shape}); "
+                         f"the service could not answer it ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         "pass x[0] for a batch") from None
     b_use = np.where(np.isfinite(b), b, 0.0)
     # snap to a candidate whose own answer is exactly 0 (x = b answers 0 everywhere, one query each)
     cands = [np.zeros_like(x), np.full_like(x, x.min())] + [np.asarray(c, np.float64) for c in (candidates or [])]
@@ -278,4 +295,17 @@ def identify_service(service, x, target, *, max_steps: int = 256, candidates=Non
                         best, rule, steps = mis, cand, m
                     evidence[f"{cand}/{m}"] = mis
             evidence = dict(sorted(evidence.items(), key=lambda kv: kv[1])[:5])
-    return Identification(rule, steps, fixed, b_use, check, np.dtype(service.dtype).name, spent, evidence)
+    note = "identified"
+    # the chosen candidate's own mismatch (an echo tie-break only orders candidates that fit equally well)
+    key = None if rule is None else (rule if not fixed else f"{rule}/{steps}")
+    best_mis = float(evidence.get(key, np.inf)) if key is not None else (min(evidence.values()) if evidence
+                                                                         else np.inf)
+    if key is not None and f"{rule} (echo)" in evidence:
+        best_mis = max(best_mis, float(evidence[f"{rule} (echo)"]))
+    if rule is None or not best_mis <= max_mismatch:
+        note = ("unidentified: " + (f"no candidate rule fits (best mismatch {best_mis:.3g} > {max_mismatch:g}; "
+                                    "e.g. a service that ignores the requested step count, or an unknown rule)"
+                                    if np.isfinite(best_mis) else "no jump of the answers was found to compare "
+                                    "the rules with"))
+        rule = steps = None
+    return Identification(rule, steps, fixed, b_use, check, np.dtype(service.dtype).name, spent, evidence, note)

@@ -65,8 +65,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from .linearity import RecoveryIncomplete, check_piecewise_linear
 from .outputs import _values
-from .services import attack_inputs
+from .services import QueryBudgetExceeded, attack_inputs
 
 __all__ = ["recover_fixed_steps_from_kinks", "KinkReport"]
 
@@ -84,11 +85,14 @@ class KinkReport:
       merged: neighbouring kinks read as one jump because no pair of queries separated them.
       searched: brackets too wide for any pair whose breakpoints were located with answers (their answers are
         counted in ``explanations``).
+      linearity: explanations spent by the piecewise-linearity check (counted in ``explanations``).
       slope_residual: max over grid segments of ``|G . d - slope of phi|`` relative to ``max |slope|``
         (NaN when no grid segment lies in a decoded gap: nothing was checked).
       check_residual: max over the check answers of ``|T - predicted T|`` relative to ``max |T|`` (NaN when
         every check scale put an echo inside a bracket).
       assumptions: what the recovery assumed.
+      stopped: None when every example was recovered, else why and where the recovery stopped (a budget
+        ran out); the lists then cover the finished examples only.
     """
 
     queries: list[int]
@@ -100,14 +104,16 @@ class KinkReport:
     slope_residual: list[float]
     check_residual: list[float]
     searched: list[int] = dataclasses.field(default_factory=list)
+    linearity: list[int] = dataclasses.field(default_factory=list)
     assumptions: str = ""
+    stopped: str | None = None
 
 
 class _RayValues:
     """``phi(t) = f(b + t d)`` for one example, read from the service (one query per value)."""
 
-    def __init__(self, service, b, d, target, chunk):
-        self.service, self.b, self.d, self.target, self.chunk = service, b, d, target, chunk
+    def __init__(self, service, b, d, target, chunk, cap=None):
+        self.service, self.b, self.d, self.target, self.chunk, self.cap = service, b, d, target, chunk, cap
         self.count = 0
 
     def __call__(self, t) -> np.ndarray:
@@ -115,6 +121,7 @@ class _RayValues:
         out = np.empty(t.size)
         for k in range(0, t.size, self.chunk):
             tk = t[k:k + self.chunk]
+            _spend(self.service, tk.size, self.cap)
             z = (self.b[None] + tk.reshape((-1,) + (1,) * self.d.ndim) * self.d[None]).astype(self.service.dtype)
             out[k:k + tk.size] = _values(self.service, jnp.asarray(z), jnp.full((tk.size,), self.target))
         self.count += t.size
@@ -486,7 +493,8 @@ def _merge(lo, hi, bad):
 
 
 def recover_fixed_steps_from_kinks(service, x, target, *, grid: int = 16384, tol: float | None = None,
-                                   checks: int = 4, chunk: int = 2048, seed: int = 0, progress: bool = False):
+                                   checks: int = 4, chunk: int = 2048, seed: int = 0, budget: int | None = 2**20,
+                                   progress: bool = False):
     """Recover VG exactly from a service that fixes its step count and reports output values.
 
     Args:
@@ -499,6 +507,8 @@ def recover_fixed_steps_from_kinks(service, x, target, *, grid: int = 16384, tol
       checks: extra answers at random scales that verify the decoded profile.
       chunk: output values per service call.
       seed: seed of the check scales.
+      budget: queries per example, explanations and output values together (None: only the service's own
+        budget bounds it).
       progress: a progress bar over the examples.
 
     Returns:
@@ -509,6 +519,10 @@ def recover_fixed_steps_from_kinks(service, x, target, *, grid: int = 16384, tol
       ValueError: the rule has no positive node with weight, or a kink admits no pair of queries that
         isolates its jump even after its bracket was searched with answers (:func:`_split_by_answers`, for
         brackets wider than the spacing of the rule's echoes) and merged with a few neighbours.
+      NotPiecewiseLinear: the answers change smoothly along the ray (tanh, softplus), found from a few dozen
+        answers before any output value is read.
+      RecoveryIncomplete: this budget or the service's ran out; ``.partial`` holds ``(vg, mask, report)``
+        with every example finished before (the rest NaN, masked out).
     """
     x, target = attack_inputs(service, x, target)
     eps = float(np.finfo(np.dtype(service.dtype)).eps)
@@ -523,116 +537,148 @@ def recover_fixed_steps_from_kinks(service, x, target, *, grid: int = 16384, tol
     top = int(np.argmax(nodes))
     t_max = 1.0 / ratios[candidates[0]]  # the first candidate reads a jump at t = 1 with its top node here
     b_all = np.asarray(service.fixed_baseline(x), np.float64)
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1):
+        raise ValueError(f"budget must be a positive number of queries per example or None, got {budget!r}")
     rng = np.random.default_rng(seed)
-    out = np.empty(x.shape, np.float64)
+    out = np.full(x.shape, np.nan, np.float64)
     rep = KinkReport([], [], [], [], [], [], [], [])
-    for i in tqdm(range(x.shape[0]), disable=not progress, desc="fixed-m recovery (kinks)", unit="example"):
-        q0 = service.queries
-        b = b_all[i]
-        d = np.asarray(x[i], np.float64) - b
-        mask = d != 0
-        phi_of = _RayValues(service, b, d, int(target[i]), chunk)
-        h = t_max / grid
-        # uniform grid past t_max (a kink there gets a clean right side), geometric towards the baseline
-        t = np.concatenate([[0.0], h * 2.0 ** -np.arange(40, 0, -1), np.arange(1, grid + 3) * h])
-        phi = phi_of(t)
-        tol_i = rel_tol * max(float(np.max(np.abs(phi))), 1e-300)
-        lo, hi = _locate_kinks(phi_of, t, phi, tol_i)
-        merged, found, split, searched, tried = 0, lo.size, 0, 0, set()
-
-        def answer_of(s):
-            s = np.asarray(s, np.float64)
-            return np.asarray(_answers(service, b, d, int(target[i]), s / a_top)).reshape(s.size, -1)
-
-        while True:  # rounds: every bracket no pair isolates is split or merged, then the pairs are recomputed once
-            pairs = _jump_queries(lo, hi, ratios, weights, candidates, t_max * (1 + 2 / grid))
-            needed = hi < 1.0  # the jumps g(1) is made of (a bracket holding 1 is read from the answer at 1)
-            bad = [k for k in range(lo.size) if needed[k] and pairs[k] is None]
-            if not bad:
-                break
-            q_split = service.queries
-            parts = {k: _split_by_answers(answer_of, lo, hi, k, ratios, weights, top)
-                     for k in bad if (lo[k], hi[k]) not in tried}
-            tried.update((lo[k], hi[k]) for k in bad)
-            split += service.queries - q_split
-            searched += sum(v is not None for v in parts.values())
-            if any(v is not None for v in parts.values()):  # too wide for a pair: located with answers instead
-                for k in sorted(parts, reverse=True):
-                    if parts[k] is not None:
-                        sub = np.asarray(parts[k])
-                        lo = np.concatenate([lo[:k], sub[:, 0], lo[k + 1:]])
-                        hi = np.concatenate([hi[:k], sub[:, 1], hi[k + 1:]])
-                continue
-            if lo.size < 2 or merged > max(8, found // 100):  # merging widens a bracket: it must settle quickly
-                raise ValueError(
-                    f"example {i}: the kink bracket [{lo[bad[0]]:.6g}, {hi[bad[0]]:.6g}] admits no pair of queries "
-                    f"that isolates its jump (searching it with answers and {merged} merges of neighbouring "
-                    "brackets did not help: other nodes' echoes fall inside it); raise grid or lower tol")
-            lo, hi, n_merged = _merge(lo, hi, bad)  # read neighbouring jumps as one
-            merged += n_merged
-        use = [k for k in range(lo.size) if needed[k]]
-        at_one = bool(np.any((lo <= 1.0) & (hi >= 1.0)))
-        s0 = 0.5 * (lo[0] if lo.size else 1.0)  # all echoes below the first kink: T = W g(0+)
-        check_s = np.exp(rng.uniform(np.log(2.0 / grid), 0.0, size=checks))
-        check_s = np.asarray([s for s in check_s if not _gap_of(s * ratios, lo, hi)[1].any()])
-        scales = np.concatenate([[s0, 1.0], [pairs[k][0] for k in use], [pairs[k][1] for k in use], check_s])
-        answers = np.asarray(_answers(service, b, d, int(target[i]), scales / a_top,
-                                      desc=f"example {i}: {scales.size} explanations" if progress else None))
-        n = len(use)
-        g0 = answers[0] / weights.sum()
-        deltas = answers[2 + n:2 + 2 * n] - answers[2:2 + n]
-        for k in use:  # in order of t: a pair's other echoes cross only brackets read before
-            _, _, j, crossings = pairs[k]
-            for w_c, c in crossings:
-                deltas[k] -= w_c * deltas[c]
-            deltas[k] /= weights[j]
-        cum = np.concatenate([g0[None], g0[None] + np.cumsum(deltas, axis=0)])  # G on gap k = cum[k] (k <= n)
-        if at_one:  # a kink within the bracket around t = 1: the answer at 1 gives g(1) through its top node
-            gaps = _gap_of(ratios, lo, hi)[0]
-            rest = np.arange(ratios.size) != top
-            vg = (answers[1] - np.tensordot(weights[rest], cum[gaps[rest]], axes=1)) / weights[top]
-        else:
-            vg = cum[n]
-        out[i] = np.where(mask, vg, np.nan)
-        # checks: the decoded slopes against phi on the grid segments, and fresh answers against the profile
-        dd = np.where(mask, d, 0.0).reshape(-1)
-        slopes_G = cum.reshape(n + 1, -1) @ dd
-        k_lo, in_lo = _gap_of(t[:-1], lo, hi)
-        k_hi, in_hi = _gap_of(t[1:], lo, hi)
-        clean = (k_lo == k_hi) & ~in_lo & ~in_hi & (k_lo <= n) & (np.diff(t) >= 0.5 * h)  # uniform part
-        seg_slope = np.diff(phi) / np.diff(t)
-        # NaN where a check covers nothing (e.g. merges swallowed the grid): no evidence is not a pass
-        slope_res = (float(np.max(np.abs(slopes_G[k_lo[clean]] - seg_slope[clean]))
-                           / max(float(np.max(np.abs(seg_slope))), 1e-300)) if clean.any() else float("nan"))
-        check_res = float("nan")
-        for s, T in zip(check_s, answers[2 + 2 * n:]):
-            gk = _gap_of(s * ratios, lo, hi)[0]
-            if np.any(gk > n):
-                continue
-            pred = np.tensordot(weights, cum[gk], axes=1)
-            scale = max(float(np.max(np.abs(np.where(mask, T, 0.0)))), 1e-300)
-            check_res = np.nanmax([check_res, float(np.max(np.abs(np.where(mask, T - pred, 0.0)))) / scale])
-        rep.queries.append(service.queries - q0)
-        rep.explanations.append(int(scales.size) + split)
-        rep.values.append(phi_of.count)
-        rep.kinks.append(int(lo.size))
-        rep.gaps_used.append(n + 1)
-        rep.merged.append(merged)
-        rep.searched.append(searched)
-        rep.slope_residual.append(slope_res)
-        rep.check_residual.append(check_res)
     rep.assumptions = ("piecewise-linear net; output values reported with each explanation; baseline inside a "
                        "linear region and no breakpoint in t < 2^-40 / grid; every breakpoint shows as a "
                        "kink of f along the ray (checked by slope_residual and check_residual)")
-    mask = np.asarray(x, np.float64) != b_all
-    return jnp.asarray(out, x.dtype), jnp.asarray(mask), rep
+    mask_all = np.asarray(x, np.float64) != b_all
+    for i in tqdm(range(x.shape[0]), disable=not progress, desc="fixed-m recovery (kinks)", unit="example"):
+        try:
+            cap = None if budget is None else service.queries + budget
+            out[i] = _recover_one(service, x[i], b_all[i], int(target[i]), rep, i, cap, grid=grid, rel_tol=rel_tol,
+                                  eps=eps, checks=checks, chunk=chunk, rng=rng, nodes=nodes, weights=weights,
+                                  candidates=candidates, a_top=a_top, ratios=ratios, top=top, t_max=t_max,
+                                  progress=progress)
+        except QueryBudgetExceeded as e:
+            done = np.zeros(x.shape[0], bool)
+            done[:i] = True
+            rep.stopped = f"example {i} of {x.shape[0]}: {e}"
+            part = (jnp.asarray(out, x.dtype),
+                    jnp.asarray(mask_all & done.reshape((-1,) + (1,) * (x.ndim - 1))), rep)
+            raise RecoveryIncomplete(f"query budget ran out at example {i} of {x.shape[0]} ({e}); the {i} "
+                                     "finished example(s) are in .partial", part) from None
+    return jnp.asarray(out, x.dtype), jnp.asarray(mask_all), rep
 
 
-def _answers(service, b, d, target, c_values, chunk=256, desc=None):
+def _spend(service, n: int, cap: int | None) -> None:
+    """Refuse ``n`` more queries past ``cap`` (the service's query count at which this example's budget ends)."""
+    if cap is not None and service.queries + n > cap:
+        raise QueryBudgetExceeded(f"the recovery's budget per example ran out ({service.queries} queries counted "
+                                  f"by the service, this example may go up to {cap})")
+
+
+def _recover_one(service, x, b, target, rep, i, cap, *, grid, rel_tol, eps, checks, chunk, rng, nodes, weights,
+                 candidates, a_top, ratios, top, t_max, progress):
+    """One example's VG (NaN where ``x == b``); appends its counts and checks to ``rep``."""
+    q0 = service.queries
+    d = np.asarray(x, np.float64) - b
+    mask = d != 0
+    phi_of = _RayValues(service, b, d, target, chunk, cap)
+
+    def answer_of(s):
+        s = np.asarray(s, np.float64)
+        return np.asarray(_answers(service, b, d, target, s / a_top, cap=cap)).reshape(s.size, -1)
+
+    t_one = answer_of([1.0])[0]
+    checked = 1 + check_piecewise_linear(answer_of, 0.25, 1.0, 256 * eps * max(float(np.max(np.abs(t_one))), 1e-300))
+    h = t_max / grid
+    # uniform grid past t_max (a kink there gets a clean right side), geometric towards the baseline
+    t = np.concatenate([[0.0], h * 2.0 ** -np.arange(40, 0, -1), np.arange(1, grid + 3) * h])
+    phi = phi_of(t)
+    tol_i = rel_tol * max(float(np.max(np.abs(phi))), 1e-300)
+    lo, hi = _locate_kinks(phi_of, t, phi, tol_i)
+    merged, found, split, searched, tried = 0, lo.size, 0, 0, set()
+
+    while True:  # rounds: every bracket no pair isolates is split or merged, then the pairs are recomputed once
+        pairs = _jump_queries(lo, hi, ratios, weights, candidates, t_max * (1 + 2 / grid))
+        needed = hi < 1.0  # the jumps g(1) is made of (a bracket holding 1 is read from the answer at 1)
+        bad = [k for k in range(lo.size) if needed[k] and pairs[k] is None]
+        if not bad:
+            break
+        q_split = service.queries
+        parts = {k: _split_by_answers(answer_of, lo, hi, k, ratios, weights, top)
+                 for k in bad if (lo[k], hi[k]) not in tried}
+        tried.update((lo[k], hi[k]) for k in bad)
+        split += service.queries - q_split
+        searched += sum(v is not None for v in parts.values())
+        if any(v is not None for v in parts.values()):  # too wide for a pair: located with answers instead
+            for k in sorted(parts, reverse=True):
+                if parts[k] is not None:
+                    sub = np.asarray(parts[k])
+                    lo = np.concatenate([lo[:k], sub[:, 0], lo[k + 1:]])
+                    hi = np.concatenate([hi[:k], sub[:, 1], hi[k + 1:]])
+            continue
+        if lo.size < 2 or merged > max(8, found // 100):  # merging widens a bracket: it must settle quickly
+            raise ValueError(
+                f"example {i}: the kink bracket [{lo[bad[0]]:.6g}, {hi[bad[0]]:.6g}] admits no pair of queries "
+                f"that isolates its jump (searching it with answers and {merged} merges of neighbouring "
+                "brackets did not help: other nodes' echoes fall inside it); raise grid or lower tol")
+        lo, hi, n_merged = _merge(lo, hi, bad)  # read neighbouring jumps as one
+        merged += n_merged
+    use = [k for k in range(lo.size) if needed[k]]
+    at_one = bool(np.any((lo <= 1.0) & (hi >= 1.0)))
+    s0 = 0.5 * (lo[0] if lo.size else 1.0)  # all echoes below the first kink: T = W g(0+)
+    check_s = np.exp(rng.uniform(np.log(2.0 / grid), 0.0, size=checks))
+    check_s = np.asarray([s for s in check_s if not _gap_of(s * ratios, lo, hi)[1].any()])
+    scales = np.concatenate([[s0, 1.0], [pairs[k][0] for k in use], [pairs[k][1] for k in use], check_s])
+    answers = np.asarray(_answers(service, b, d, target, scales / a_top, cap=cap,
+                                  desc=f"example {i}: {scales.size} explanations" if progress else None))
+    n = len(use)
+    g0 = answers[0] / weights.sum()
+    deltas = answers[2 + n:2 + 2 * n] - answers[2:2 + n]
+    for k in use:  # in order of t: a pair's other echoes cross only brackets read before
+        _, _, j, crossings = pairs[k]
+        for w_c, c in crossings:
+            deltas[k] -= w_c * deltas[c]
+        deltas[k] /= weights[j]
+    cum = np.concatenate([g0[None], g0[None] + np.cumsum(deltas, axis=0)])  # G on gap k = cum[k] (k <= n)
+    if at_one:  # a kink within the bracket around t = 1: the answer at 1 gives g(1) through its top node
+        gaps = _gap_of(ratios, lo, hi)[0]
+        rest = np.arange(ratios.size) != top
+        vg = (answers[1] - np.tensordot(weights[rest], cum[gaps[rest]], axes=1)) / weights[top]
+    else:
+        vg = cum[n]
+    # checks: the decoded slopes against phi on the grid segments, and fresh answers against the profile
+    dd = np.where(mask, d, 0.0).reshape(-1)
+    slopes_G = cum.reshape(n + 1, -1) @ dd
+    k_lo, in_lo = _gap_of(t[:-1], lo, hi)
+    k_hi, in_hi = _gap_of(t[1:], lo, hi)
+    clean = (k_lo == k_hi) & ~in_lo & ~in_hi & (k_lo <= n) & (np.diff(t) >= 0.5 * h)  # uniform part
+    seg_slope = np.diff(phi) / np.diff(t)
+    # NaN where a check covers nothing (e.g. merges swallowed the grid): no evidence is not a pass
+    slope_res = (float(np.max(np.abs(slopes_G[k_lo[clean]] - seg_slope[clean]))
+                       / max(float(np.max(np.abs(seg_slope))), 1e-300)) if clean.any() else float("nan"))
+    check_res = float("nan")
+    for s, T in zip(check_s, answers[2 + 2 * n:]):
+        gk = _gap_of(s * ratios, lo, hi)[0]
+        if np.any(gk > n):
+            continue
+        pred = np.tensordot(weights, cum[gk], axes=1)
+        scale = max(float(np.max(np.abs(np.where(mask, T, 0.0)))), 1e-300)
+        check_res = np.nanmax([check_res, float(np.max(np.abs(np.where(mask, T - pred, 0.0)))) / scale])
+    rep.queries.append(service.queries - q0)
+    rep.explanations.append(int(scales.size) + split + checked)
+    rep.linearity.append(checked)
+    rep.values.append(phi_of.count)
+    rep.kinks.append(int(lo.size))
+    rep.gaps_used.append(n + 1)
+    rep.merged.append(merged)
+    rep.searched.append(searched)
+    rep.slope_residual.append(slope_res)
+    rep.check_residual.append(check_res)
+    return np.where(mask, vg, np.nan)
+
+
+def _answers(service, b, d, target, c_values, chunk=256, desc=None, cap=None):
     """``T`` at the query points ``b + c d``: attributions divided by the query's offset (one query each)."""
     rows = []
     for k in tqdm(range(0, c_values.size, chunk), disable=desc is None, desc=desc, leave=False):
         c = c_values[k:k + chunk].reshape((-1,) + (1,) * d.ndim)
+        _spend(service, c.shape[0], cap)
         xq = jnp.asarray(b[None] + c * d[None], service.dtype)
         ans = np.asarray(service(xq, jnp.full((c.shape[0],), target), steps=service.steps), np.float64)
         dq = np.asarray(xq, np.float64) - b[None]

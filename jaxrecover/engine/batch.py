@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import ops
+from .. import ops, validate
 from ..explainers import OUTPUTS, Explainer, completeness_delta, select_output
 from ..models import Model, as_model
 from .devices import data_parallel, local_rows, max_over_processes, place, spans_processes
@@ -53,18 +53,7 @@ def check_finite(name: str, a) -> None:
 
 def check_targets(target, n: int, num_classes: int | None) -> jax.Array:
     """Targets as an int32 ``[n]`` array, each in ``[0, num_classes)`` (JAX would silently clip them)."""
-    t = np.asarray(target)
-    if t.ndim == 0:
-        t = np.full((n,), t)
-    if t.shape != (n,):
-        raise ValueError(f"target must have shape ({n},) (one class per example), got {t.shape}")
-    if t.size and not np.issubdtype(t.dtype, np.integer):
-        if not np.issubdtype(t.dtype, np.floating) or not np.all(t == np.round(t)):
-            odd = t[(t != np.round(t)) | ~np.isfinite(t)].flat[0] if np.issubdtype(t.dtype, np.floating) else t.flat[0]
-            raise TypeError(f"targets must be integer class indices, got {t.dtype} values such as {odd.item()!r}")
-    if num_classes is not None and t.size and (t.min() < 0 or t.max() >= num_classes):
-        raise ValueError(f"targets must lie in [0, {num_classes}), got values from {t.min()} to {t.max()}")
-    return jnp.asarray(t.astype(np.int32))
+    return jnp.asarray(validate.class_labels(target, n, num_classes))
 
 
 _NUM_CLASSES: dict = {}

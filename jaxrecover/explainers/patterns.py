@@ -26,6 +26,7 @@ BatchNorm and residual connections are outside the method as published and are r
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -232,8 +233,35 @@ def fit_patterns(model, params, images, *, chunk: int = 256, accumulate=None, pr
         k = kernels[path]
         flat = _flat_kernel(nn.Conv if kinds[path] == "conv" else None, k)
         pats = patterns_from_stats(total[path], flat)
+        flat_w = jnp.asarray(flat, total[path].sxy.dtype)
+        const = np.asarray(constant_units(total[path], flat_w,
+                                          float(jnp.finfo(pdtype).eps) ** 2 + float(jnp.finfo(acc).eps)))
+        if const.all():
+            raise ValueError(f"every unit of layer {path} has the same output on all {n} fitting images (up to "
+                             "round-off): the images do not vary (copies of one image, or blank images), so no "
+                             "pattern is defined; fit on varied images, e.g. a few hundred training images")
+        if const.any():
+            warnings.warn(f"{int(const.sum())} of {const.size} units of layer {path} have the same output on all {n} "
+                          "fitting images (up to round-off): their patterns are undefined and set to 0; fit on "
+                          "more varied images", RuntimeWarning, stacklevel=2)
+            keep = jnp.asarray(~const)
+            pats = {e: (v if e == "w" else jnp.where(keep[None, :], v, 0)) for e, v in pats.items()}
         out[path] = {e: _unflat_kernel(kinds[path], v, k.shape).astype(pdtype) for e, v in pats.items()}
     return out
+
+
+def constant_units(stats: LayerStats, w, eps: float) -> jax.Array:
+    """``[u]`` True where a unit's output ``y = w . x`` does not vary over the fitting data beyond round-off:
+    its variance ``w . cov(x, y)`` at most ``100 eps scale`` with ``scale = E[y]^2 + (|E x| . |w|)^2`` (then every
+    pattern of the unit is round-off divided by round-off). ``eps``: the variance's own round-off relative to
+    ``scale``, ``eps_params^2`` (outputs rounded to the params' dtype) plus ``eps_accumulate`` (the sums'
+    cancellation)."""
+    n = stats.n
+    ex, ey = stats.sx / n, stats.sy / n
+    cov = stats.sxy / n - ex[:, None] * ey[None, :]
+    var = jnp.sum(w * cov, axis=0)
+    scale = ey ** 2 + (jnp.abs(ex) @ jnp.abs(w)) ** 2
+    return var <= 100 * eps * scale
 
 
 def _lookup(tree, path):

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import __version__
+from .. import __version__, validate
 from ..checkpoint import CheckpointError, checkpoint_exists, load_metadata, tree_sha256, writer
 from ..data import load_dataset, normalize
 from ..engine import agreed
@@ -163,6 +163,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
         ProtocolConfig(experiments=experiments_for(m), mode=cfg.mode, steps=cfg.steps, a=cfg.a)  # validates
     for d in cfg.dtypes:
         check_float_dtype(d)
+    validate.seed("seed", cfg.seed)
     if cfg.n is not None and (isinstance(cfg.n, bool) or not isinstance(cfg.n, int) or cfg.n < 1):
         raise ValueError(f"n must be a positive number of test images (or None for all), got {cfg.n!r}")
     if cfg.bn_batch_stats:
