@@ -45,12 +45,13 @@ def seed(name: str, value) -> int:
 
 
 def class_labels(labels, n: int, num_classes: int | None, what: str = "targets") -> np.ndarray:
-    """``labels`` as an int32 ``[n]`` array (one int broadcast), each a class index in ``[0, num_classes)``."""
+    """``labels`` as an int32 ``[n]`` array (one int broadcast), each a class index in ``[0, num_classes)``.
+    ``what``: the argument's name in the messages (plural, e.g. "targets": "target must have shape ...")."""
     t = np.asarray(labels)
     if t.ndim == 0:
         t = np.full((n,), t)
     if t.shape != (n,):
-        raise ValueError(f"{what} must have shape ({n},) (one class per example), got {t.shape}")
+        raise ValueError(f"{what.removesuffix('s')} must have shape ({n},) (one class per example), got {t.shape}")
     if t.size and not np.issubdtype(t.dtype, np.integer):
         if not np.issubdtype(t.dtype, np.floating) or not np.all(t == np.round(t)):
             odd = t[(t != np.round(t)) | ~np.isfinite(t)].flat[0] if np.issubdtype(t.dtype, np.floating) else t.flat[0]
