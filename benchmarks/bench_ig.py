@@ -79,7 +79,7 @@ def _captum(name, variables, x, y, steps, chunk, repeats, sweep):
         import torch
         from captum.attr import IntegratedGradients
 
-        from jaxrecover.models.torch_twins import from_nchw, to_nchw, torch_twin
+        from jaxrecover.services.external.torch_twins import from_nchw, to_nchw, torch_twin
     except ImportError:
         return None
     tdtype = torch.float64 if x.dtype == jnp.float64 else torch.float32

@@ -115,7 +115,7 @@ def main(argv=None):
     import torch
     from captum.attr import IntegratedGradients
 
-    from jaxrecover.models.torch_twins import to_nchw, torch_twin
+    from jaxrecover.services.external.torch_twins import to_nchw, torch_twin
 
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads, "
           f"JAX {jax.__version__} ({jax.default_backend()}); N={a.n}, m={a.steps}, {a.rounds} interleaved rounds; "

@@ -18,7 +18,8 @@ jax.config.update("jax_enable_x64", True)  # float64 available; float32 paths st
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .attacks import SimulatedIGService, attack, minimal_plan, recover_eq2, recover_eq4  # noqa: E402
+from .attacks import attack, minimal_plan, recover_eq2, recover_eq4  # noqa: E402
+from .services import SimulatedIGService  # noqa: E402
 from .data import load_dataset, normalize  # noqa: E402
 from .engine import explain  # noqa: E402
 from .explainers import RULES, VG  # noqa: E402

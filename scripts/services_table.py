@@ -19,7 +19,7 @@ import numpy as np
 
 import jaxrecover as jr
 from jaxrecover import attacks as R
-from jaxrecover.attacks.external import CAPTUM_RULES, CaptumIGService, SaliencyIGService
+from jaxrecover.services.external import CAPTUM_RULES, CaptumIGService, SaliencyIGService
 from jaxrecover.fileio import atomic_write_text, write_marked_block
 from jaxrecover.metrics import normalized_distance
 

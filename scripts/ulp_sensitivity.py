@@ -30,7 +30,7 @@ import numpy as np
 
 import jaxrecover as jr
 from jaxrecover import attacks as R
-from jaxrecover.attacks.external import CaptumIGService, require_extra
+from jaxrecover.services.external import CaptumIGService, require_extra
 from jaxrecover.metrics import normalized_distance
 
 jax.config.update("jax_enable_x64", True)

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from conftest import NET_KINDS, make_net
 from jaxrecover import attacks as R
-from jaxrecover.attacks import SimulatedIGService
+from jaxrecover import services as S
+from jaxrecover.services import SimulatedIGService
 from jaxrecover.engine import explain
 from jaxrecover.explainers import RULES, VG
 
@@ -204,13 +205,13 @@ def test_service_declares_counts_and_enforces_its_policy():
         "riemann_middle", 8, False, "float64", "zeros")
     R.attack(service, R.exact_plan("riemann_middle", 4), x, t)  # 2 queries per example
     assert (service.queries, service.evaluations, service.remaining) == (8, 4 * (4 + 3), 2)
-    with pytest.raises(R.QueryBudgetExceeded, match="8 of 10 queries used, this request needs 4"):
+    with pytest.raises(S.QueryBudgetExceeded, match="8 of 10 queries used, this request needs 4"):
         service(x, t)
     assert service.queries == 8  # a refused request is not counted
     with pytest.raises(ValueError, match="for rule 'riemann_right' but the service uses 'riemann_middle'"):
         R.attack(service, R.paper_plan(8), x, t)
     fixed = SimulatedIGService(logit_fn, params, steps=20, fixed_steps=True)
-    with pytest.raises(R.StepCountRefused, match="fixes the step count at 20"):
+    with pytest.raises(S.StepCountRefused, match="fixes the step count at 20"):
         R.attack(fixed, R.paper_plan(20), x, t)  # eq. 4 needs m - 1 = 19 steps
     assert fixed.queries == 0  # refused before any query was spent
     rec, _ = R.attack(fixed, R.approx_plan("riemann_right", 20), x, t)  # eq. 3 keeps m
@@ -255,7 +256,7 @@ def test_service_wrapper_delegates_and_composes():
     t = jnp.arange(2)
     inner = SimulatedIGService(logit_fn, params, steps=6)
 
-    class Doubling(R.ServiceWrapper):
+    class Doubling(S.ServiceWrapper):
         def __call__(self, x, target, *, steps=None):
             return 2 * self.inner(x, target, steps=steps)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxrecover as jr
-from jaxrecover import adversarial as B
+from jaxrecover import search as B
 
 FREE = B.InputBox(None, None)
 
@@ -122,11 +122,12 @@ def test_big_service_and_the_nearest_point_shared_along_the_segment():
     point x_c = x' + c (x - x') (0 < c <= 1) has the same nearest boundary point x' (triangle inequality): the
     fact a baseline-free attack could use. Checked on the 5-16-3 ReLU net (float64)."""
     from jaxrecover import attacks as R
+    from jaxrecover import services as S
     net = _Net()
     model = jr.models.as_model(net.f)
     x = jnp.asarray(np.random.default_rng(2).standard_normal((6, 5)))
     base = jr.BoundaryBaseline(model, net.p, box=FREE)
-    service = R.SimulatedIGService(model, net.p, rule="riemann_trapezoid", steps=10, baseline=base)
+    service = S.SimulatedIGService(model, net.p, rule="riemann_trapezoid", steps=10, baseline=base)
     labels = jnp.argmax(model.batched(net.p, x), axis=1).astype(jnp.int32)
     answers = service(x, labels)
     xp = base.last.point

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxrecover as jr
-from jaxrecover import adversarial as B
+from jaxrecover import search as B
 
 fb = pytest.importorskip("foolbox")
 

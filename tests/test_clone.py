@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrecover.attacks import clone as C
+from jaxrecover.stealing import clone as C
 
 
 def _linear(p, x):

@@ -8,6 +8,7 @@ import pytest
 import jaxrecover as jr
 from conftest import make_net
 from jaxrecover import attacks as R
+from jaxrecover import services as S
 
 
 @pytest.fixture(scope="module")
@@ -27,29 +28,29 @@ def test_round_significant_matches_python_formatting():
     a = np.array([123456.789, -0.000123456, 1.0, 0.0, 9.9996, -2.5e-300])
     for k in (1, 3, 6):
         want = np.array([float(f"{v:.{k - 1}e}") for v in a])
-        np.testing.assert_allclose(R.round_significant(a, k), want, rtol=1e-15, atol=0)
+        np.testing.assert_allclose(S.round_significant(a, k), want, rtol=1e-15, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_rounding_defences_are_exact_and_keep_dtype(net, dtype):
     svc, x, t = _svc(net, dtype)
     plain = np.asarray(svc(x, t), np.float64)
-    r3 = R.RoundAnswers(svc, 3)
+    r3 = S.RoundAnswers(svc, 3)
     ans = r3(x, t)
     assert ans.dtype == dtype
-    np.testing.assert_array_equal(np.asarray(ans), R.round_significant(plain, 3).astype(dtype))
-    f16 = R.RoundAnswers(svc, "float16")(x, t)
+    np.testing.assert_array_equal(np.asarray(ans), S.round_significant(plain, 3).astype(dtype))
+    f16 = S.RoundAnswers(svc, "float16")(x, t)
     assert f16.dtype == dtype
     np.testing.assert_array_equal(np.asarray(f16), plain.astype(np.float16).astype(dtype))
     fx, _ = r3.outputs(x, t)
-    np.testing.assert_array_equal(np.asarray(fx), R.round_significant(np.asarray(svc.outputs(x, t)[0]), 3)
+    np.testing.assert_array_equal(np.asarray(fx), S.round_significant(np.asarray(svc.outputs(x, t)[0]), 3)
                                   .astype(dtype))
-    assert R.RoundAnswers(svc, 3, outputs=False).outputs(x, t)[0].dtype == dtype
+    assert S.RoundAnswers(svc, 3, outputs=False).outputs(x, t)[0].dtype == dtype
     with pytest.raises(ValueError, match="digits"):
-        R.RoundAnswers(svc, 0)
+        S.RoundAnswers(svc, 0)
 
 
-@pytest.mark.parametrize("cls,std_per_scale", [(R.GaussianNoise, 1.0), (R.LaplaceNoise, np.sqrt(2.0))])
+@pytest.mark.parametrize("cls,std_per_scale", [(S.GaussianNoise, 1.0), (S.LaplaceNoise, np.sqrt(2.0))])
 def test_noise_has_the_declared_statistics(net, cls, std_per_scale):
     svc, x, t = _svc(net)
     xs = jnp.tile(x, (250, 1))  # 1,000 answers, 12,000 noise draws
@@ -72,7 +73,7 @@ def test_noise_has_the_declared_statistics(net, cls, std_per_scale):
 def test_top_k_keeps_the_k_largest(net):
     svc, x, t = _svc(net)
     plain = np.asarray(svc(x, t))
-    top = np.asarray(R.TopK(svc, 3)(x, t))
+    top = np.asarray(S.TopK(svc, 3)(x, t))
     for a, b in zip(plain, top):
         assert np.count_nonzero(b) == 3
         keep = np.argsort(-np.abs(a))[:3]
@@ -81,34 +82,34 @@ def test_top_k_keeps_the_k_largest(net):
 
 def test_fixed_and_random_steps(net):
     svc, x, t = _svc(net)
-    fixed = R.FixSteps(svc, 32)
+    fixed = S.FixSteps(svc, 32)
     np.testing.assert_array_equal(np.asarray(fixed(x, t)), np.asarray(svc(x, t, steps=32)))
-    with pytest.raises(R.StepCountRefused, match="fixes the step count at 32"):
+    with pytest.raises(S.StepCountRefused, match="fixes the step count at 32"):
         fixed(x, t, steps=50)
-    with pytest.raises(R.StepCountRefused):
+    with pytest.raises(S.StepCountRefused):
         R.attack(fixed, R.paper_plan(50), x, t)
-    rnd = R.RandomSteps(svc, 10, 40, seed=0)
+    rnd = S.RandomSteps(svc, 10, 40, seed=0)
     ans = np.asarray(rnd(x, t))
     ms = rnd.last_steps
     assert ms.shape == (4,) and ms.min() >= 10 and ms.max() <= 40
     for i in range(4):
         np.testing.assert_allclose(ans[i], np.asarray(svc(x[i:i + 1], t[i:i + 1], steps=int(ms[i])))[0],
                                    rtol=0, atol=1e-14)
-    with pytest.raises(R.StepCountRefused, match="at random"):
+    with pytest.raises(S.StepCountRefused, match="at random"):
         rnd(x, t, steps=20)
 
 
 def test_defences_compose_and_budget_per_client(net):
     svc, x, t = _svc(net)
-    stack = R.ClientBudget(R.RoundAnswers(R.GaussianNoise(R.FixSteps(svc, 50), 1e-3, seed=0), 4), budget=6)
+    stack = S.ClientBudget(S.RoundAnswers(S.GaussianNoise(S.FixSteps(svc, 50), 1e-3, seed=0), 4), budget=6)
     d = stack.describe()
     assert d["wrapped_by"] == ["ClientBudget", "RoundAnswers", "GaussianNoise", "FixSteps"]
     assert [e["defence"] for e in d["defences"]] == ["RoundAnswers", "GaussianNoise"]
     assert d["fixed_steps"] is True and d["steps"] == 50
     ans = np.asarray(stack(x, t))
-    np.testing.assert_array_equal(ans, R.round_significant(ans, 4))
+    np.testing.assert_array_equal(ans, S.round_significant(ans, 4))
     assert stack.queries == 4 and stack.remaining == 2 and svc.queries == 4
-    with pytest.raises(R.QueryBudgetExceeded, match="client budget"):
+    with pytest.raises(S.QueryBudgetExceeded, match="client budget"):
         stack(x, t)
     assert stack.queries == 4 and svc.queries == 4  # nothing answered, nothing counted
     stack.reset_counters()
@@ -117,7 +118,7 @@ def test_defences_compose_and_budget_per_client(net):
 
 def test_smoothgrad_ig_is_the_mean_over_noisy_copies_and_averaging_beats_noise(net):
     svc, x, t = _svc(net)
-    sg = R.SmoothGradIG(svc, samples=5, sigma=0.1, seed=3)
+    sg = S.SmoothGradIG(svc, samples=5, sigma=0.1, seed=3)
     ans = np.asarray(sg(x, t))
     assert ans.dtype == np.float64 and svc.queries == 5 * 4
     rng = np.random.default_rng(3)
@@ -128,7 +129,7 @@ def test_smoothgrad_ig_is_the_mean_over_noisy_copies_and_averaging_beats_noise(n
     np.testing.assert_allclose(ans, want, rtol=0, atol=1e-13)
     assert np.max(np.abs(ans - np.asarray(svc(x, t)))) > 1e-3  # it is not plain IG
     # the attacker's averaging: error shrinks like 1/sqrt(repeats), every repeat counted
-    noisy = R.GaussianNoise(svc, 0.1, relative=False, seed=4)
+    noisy = S.GaussianNoise(svc, 0.1, relative=False, seed=4)
     plain = np.asarray(svc(x, t))
     before = svc.queries
     avg = np.asarray(R.Averaged(noisy, 100)(x, t))
@@ -140,7 +141,7 @@ def test_expected_gradients_averages_ig_over_random_reference_baselines(net):
     logit_fn, p, x, t = net
     refs = np.asarray(jax.random.normal(jax.random.key(9), (7, x.shape[1]), jnp.float64))
     svc = jr.SimulatedIGService(logit_fn, p, steps=16, baseline=jr.explainers.RandomBaseline(refs, seed=5))
-    eg = R.ExpectedGradients(svc, samples=3)
+    eg = S.ExpectedGradients(svc, samples=3)
     ans = np.asarray(eg(x, t))
     rng = np.random.default_rng(5)
     want = np.mean([np.asarray(jr.explain(jr.IG(steps=16), logit_fn, p, x, t,
@@ -153,7 +154,7 @@ def test_expected_gradients_averages_ig_over_random_reference_baselines(net):
     with pytest.raises(ValueError, match="LINEAR baseline"):
         R.recover_input_baseline(svc, x, t)
     with pytest.raises(ValueError, match="RandomBaseline"):
-        R.ExpectedGradients(jr.SimulatedIGService(logit_fn, p), 3)
+        S.ExpectedGradients(jr.SimulatedIGService(logit_fn, p), 3)
 
 
 # ----------------------------------------------------------------------------------------- adaptive attacks
@@ -167,7 +168,7 @@ def test_lattice_attack_is_exact_and_beats_one_plan_against_rounding(rule):
     rec, mask, rep = R.lattice_attack(svc, x, t)
     assert rec.dtype == jnp.float64 and rep.rank == rep.unknowns and rep.queries == svc.queries // 64
     assert float(jnp.max(jr.normalized_distance(rec, vg, mask))) <= 1e-12
-    rounded = R.RoundAnswers(svc, 3)
+    rounded = S.RoundAnswers(svc, 3)
     one, m1 = R.attack(rounded, R.best_plan(svc), x, t)
     many, m2, _ = R.lattice_attack(rounded, x, t)
     d1 = float(jnp.mean(jr.normalized_distance(one, vg, m1)))
@@ -211,7 +212,7 @@ def test_spearman_and_top_overlap_match_plain_references():
 
 def test_best_plan_refuses_services_that_choose_m_with_the_way_out(net):
     svc, x, t = _svc(net)
-    for defended, steps in ((R.FixSteps(svc, 50), "50"), (R.RandomSteps(svc, 20, 80), "random 20..80")):
+    for defended, steps in ((S.FixSteps(svc, 50), "50"), (S.RandomSteps(svc, 20, 80), "random 20..80")):
         with pytest.raises(ValueError, match=f"choose m \\({steps}\\).*recover_fixed_steps"):
             R.best_plan(defended)
 
@@ -219,8 +220,8 @@ def test_best_plan_refuses_services_that_choose_m_with_the_way_out(net):
 def test_random_steps_attack_estimates_m_and_recovers_vg_exactly(net):
     """Random m per query: pairing answers whose (unknown) m's fit an exact plan recovers VG to round-off."""
     svc, x, t = _svc(net)
-    rnd = R.RandomSteps(svc, 6, 12, seed=3)
-    with pytest.raises(R.StepCountRefused, match="recover_random_steps"):
+    rnd = S.RandomSteps(svc, 6, 12, seed=3)
+    with pytest.raises(S.StepCountRefused, match="recover_random_steps"):
         R.attack(rnd, R.paper_plan(10), x, t)
     logit_fn, p, _, _ = net
     vg = jr.explain(jr.VG(), logit_fn, p, x, t)
@@ -232,7 +233,7 @@ def test_random_steps_attack_estimates_m_and_recovers_vg_exactly(net):
     assert all(q == r * 7 for q, r in zip(rep.queries, rep.rounds))  # 7 scales: 1 and (c-1)/c, c = 7..12
     assert svc.queries == sum(rep.queries)
     with pytest.raises(ValueError, match="two-query plans"):
-        R.recover_random_steps(R.RandomSteps(_svc(net, rule="gausslegendre")[0], 6, 12), x, t, low=6, high=12)
+        R.recover_random_steps(S.RandomSteps(_svc(net, rule="gausslegendre")[0], 6, 12), x, t, low=6, high=12)
 
 
 def test_defences_table_resumes_only_rows_made_with_the_same_weights_images_and_settings():

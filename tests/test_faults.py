@@ -22,6 +22,7 @@ import pytest
 import jaxrecover as jr
 from conftest import _dense_net, make_net
 from jaxrecover import attacks as R
+from jaxrecover import services as S
 from jaxrecover.checkpoint import CheckpointError, load_metadata, writer
 from jaxrecover.data import Dataset
 from jaxrecover.training import TrainConfig, load_trained, train_and_evaluate
@@ -70,7 +71,7 @@ def _act_net(act, dtype=jnp.float64, sizes=(12, 16, 16, 5)):
     return f, ps
 
 
-class _Poison(R.ServiceWrapper):
+class _Poison(S.ServiceWrapper):
     """Answers of the inner service with one NaN (or inf) in the first example, as a broken endpoint sends."""
 
     def __init__(self, inner, value=np.nan):
@@ -87,7 +88,7 @@ def test_34_1_a_nan_answer_stops_fixed_step_recovery_at_once(value):
     f, p, _ = make_net("dense2", jax.random.key(5), bias=True)
     svc = jr.SimulatedIGService(f, p, rule="gausslegendre", steps=15, fixed_steps=True)
     x = jax.random.normal(jax.random.key(6), (2, 12), jnp.float64)
-    with pytest.raises(R.ServiceAnswerError, match="NaN/inf"):
+    with pytest.raises(S.ServiceAnswerError, match="NaN/inf"):
         R.recover_fixed_steps(_Poison(svc, value), x, jnp.array([0, 1]))
     assert svc.queries <= 3  # the first request: before, 7 -> 131 -> 4,099 ... queries until killed
 
@@ -293,30 +294,30 @@ def test_34_9_nan_answers_never_reach_attack_or_extraction():
     f, p, _ = make_net("dense2", jax.random.key(5), bias=True)
     svc = jr.SimulatedIGService(f, p, rule="riemann_right", steps=8)
     x = jax.random.normal(jax.random.key(6), (2, 12), jnp.float64)
-    with pytest.raises(R.ServiceAnswerError, match="NaN/inf"):
+    with pytest.raises(S.ServiceAnswerError, match="NaN/inf"):
         R.attack(_Poison(svc), R.best_plan(svc), x, jnp.array([0, 1]))
-    with pytest.raises(R.ServiceAnswerError, match="NaN/inf"):
+    with pytest.raises(S.ServiceAnswerError, match="NaN/inf"):
         R.attack(_Poison(svc, np.inf), R.best_plan(svc), x, jnp.array([0, 1]))
-    with pytest.raises(R.ServiceAnswerError, match="NaN/inf"):
+    with pytest.raises(S.ServiceAnswerError, match="NaN/inf"):
         jr.extract_two_layer(_Poison(svc), np.asarray(x), classes=5, progress=False)
 
-    class BadOutputs(R.ServiceWrapper):
+    class BadOutputs(S.ServiceWrapper):
         def outputs(self, x, target):
             fx, fb = self.inner.outputs(x, target)
             return fx.at[0].set(jnp.nan), fb
 
-    with pytest.raises(R.ServiceAnswerError, match="output values"):
+    with pytest.raises(S.ServiceAnswerError, match="output values"):
         BadOutputs(svc).outputs(x, jnp.array([0, 1]))
 
-    class Reshaped(R.ServiceWrapper):
+    class Reshaped(S.ServiceWrapper):
         def __call__(self, x, target, *, steps=None):
             return self.inner(x, target, steps=steps)[:1]
 
-    with pytest.raises(R.ServiceAnswerError, match=r"shape \(1, 12\) for a request of shape \(2, 12\)"):
+    with pytest.raises(S.ServiceAnswerError, match=r"shape \(1, 12\) for a request of shape \(2, 12\)"):
         Reshaped(svc)(x, jnp.array([0, 1]))
 
 
-class _IgnoresSteps(R.ServiceWrapper):
+class _IgnoresSteps(S.ServiceWrapper):
     """Always answers riemann_left with 30 steps, whatever step count is asked for."""
 
     def __init__(self, model, params):
@@ -395,7 +396,7 @@ def test_34_14_a_budget_that_runs_out_keeps_the_finished_examples():
     svc = jr.SimulatedIGService(f, p, steps=50, fixed_steps=True, budget=full[0] + 5)
     with pytest.raises(R.RecoveryIncomplete, match="budget ran out at example 1 of 3") as info:
         R.recover_fixed_steps(svc, x, t)
-    assert isinstance(info.value, R.QueryBudgetExceeded)
+    assert isinstance(info.value, S.QueryBudgetExceeded)
     vg, mask, rep = info.value.partial
     truth = jr.explain(jr.VG(), f, p, x, t)
     assert bool(mask[0].all()) and not bool(mask[1:].any())

@@ -8,6 +8,7 @@ import pytest
 import jaxrecover as jr
 from conftest import make_net
 from jaxrecover import attacks as R
+from jaxrecover import services as S
 
 
 def _rel(a, b):
@@ -38,7 +39,7 @@ def test_fixed_step_recovery_respects_the_budget():
     logit_fn, p, shape = make_net("dense2", jax.random.key(5), bias=True)
     x = jax.random.normal(jax.random.key(6), (1, *shape), jnp.float64)
     svc = jr.SimulatedIGService(logit_fn, p, steps=50, fixed_steps=True, budget=20)
-    with pytest.raises(R.QueryBudgetExceeded):
+    with pytest.raises(S.QueryBudgetExceeded):
         R.recover_fixed_steps(svc, x, jnp.array([0]))
     assert svc.queries <= 20
 
@@ -83,7 +84,7 @@ def test_kinks_recovery_needs_output_values_and_a_fixed_baseline():
     logit_fn, p, shape = make_net("dense2", jax.random.key(5), bias=True)
     x = jax.random.normal(jax.random.key(6), (1, *shape), jnp.float64)
     svc = jr.SimulatedIGService(logit_fn, p, steps=50, fixed_steps=True, budget=100)
-    with pytest.raises(R.QueryBudgetExceeded):  # the grid of output values is charged
+    with pytest.raises(S.QueryBudgetExceeded):  # the grid of output values is charged
         R.recover_fixed_steps_from_kinks(svc, x, jnp.array([0]), grid=512)
     with pytest.raises(TypeError, match="cast x"):
         R.recover_fixed_steps_from_kinks(svc, x.astype(jnp.float32), jnp.array([0]))

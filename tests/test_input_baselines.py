@@ -8,6 +8,7 @@ import pytest
 import jaxrecover as jr
 from conftest import make_net
 from jaxrecover import attacks as R
+from jaxrecover import services as S
 
 
 def _rel(a, b, mask=None):
@@ -113,5 +114,5 @@ def test_finite_differences_retry_where_a_boundary_lies_within_h():
     truth = jr.explain(jr.VG(), logit_fn, p, x, jnp.array([0]))
     assert rep.retried[0] > 0 and rep.unresolved[0] == 0
     assert _rel(vg, truth) <= 1e-8
-    with pytest.raises(R.QueryBudgetExceeded):
+    with pytest.raises(S.QueryBudgetExceeded):
         R.recover_from_outputs(jr.SimulatedIGService(logit_fn, p, budget=10), x, jnp.array([0]))

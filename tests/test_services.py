@@ -31,7 +31,7 @@ def twolayer64():
 
 # ----------------------------------------------------------------------------------------- Captum conformance
 captum = pytest.importorskip("captum", reason="the 'services' extra (captum) is not installed")
-from jaxrecover.attacks.external import CAPTUM_RULES, CaptumIGService, SaliencyIGService  # noqa: E402
+from jaxrecover.services.external import CAPTUM_RULES, CaptumIGService, SaliencyIGService  # noqa: E402
 
 
 @pytest.mark.parametrize("name", jr.MODEL_NAMES)

@@ -145,7 +145,7 @@ def test_cli_trains_and_writes_a_checkpoint(tmp_path):
 
 def test_adversarial_training_attacks_inside_the_ball_and_is_recorded(tmp_path, tiny):
     from jaxrecover.data import normalize
-    from jaxrecover.adversarial import InputBox
+    from jaxrecover.search import InputBox
     from jaxrecover.training import make_adversary
 
     name, eps = "twolayer", 0.5

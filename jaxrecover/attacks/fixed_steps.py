@@ -42,7 +42,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .linearity import RecoveryIncomplete, check_piecewise_linear
-from .services import QueryBudgetExceeded, attack_inputs
+from ..services import QueryBudgetExceeded, attack_inputs
 
 __all__ = ["recover_fixed_steps", "FixedStepsReport"]
 

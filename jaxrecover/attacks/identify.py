@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..explainers import RULES, quadrature
-from .services import ServiceAnswerError, StepCountRefused
+from ..services import ServiceAnswerError, StepCountRefused
 
 __all__ = ["Identification", "identify_service", "infer_baseline"]
 

@@ -66,8 +66,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .linearity import RecoveryIncomplete, check_piecewise_linear
-from .outputs import _values
-from .services import QueryBudgetExceeded, attack_inputs
+from .outputs import output_values
+from ..services import QueryBudgetExceeded, attack_inputs
 
 __all__ = ["recover_fixed_steps_from_kinks", "KinkReport"]
 
@@ -123,7 +123,7 @@ class _RayValues:
             tk = t[k:k + self.chunk]
             _spend(self.service, tk.size, self.cap)
             z = (self.b[None] + tk.reshape((-1,) + (1,) * self.d.ndim) * self.d[None]).astype(self.service.dtype)
-            out[k:k + tk.size] = _values(self.service, jnp.asarray(z), jnp.full((tk.size,), self.target))
+            out[k:k + tk.size] = output_values(self.service, jnp.asarray(z), jnp.full((tk.size,), self.target))
         self.count += t.size
         return out
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .services import QueryBudgetExceeded
+from ..services import QueryBudgetExceeded
 
 __all__ = ["NotPiecewiseLinear", "RecoveryIncomplete", "check_piecewise_linear"]
 

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from .services import attack_inputs
+from ..services import attack_inputs
 
-__all__ = ["recover_from_outputs", "OutputsReport"]
+__all__ = ["recover_from_outputs", "OutputsReport", "output_values"]
 
 
 @dataclasses.dataclass
@@ -44,7 +44,7 @@ class OutputsReport:
     unresolved: list[int]
 
 
-def _values(service, z, target):
+def output_values(service, z, target):
     """``f(z)`` for each row of ``z``, as a deployed service returns it with an explanation (one query each)."""
     service.charge(int(z.shape[0]))  # the explanations the values come with: counted, budget enforced
     fz, _ = service.outputs(z, target)
@@ -90,12 +90,12 @@ def recover_from_outputs(service, x, target, *, h: float | None = None, tol: flo
             actual = pts[np.arange(2 * n), np.concatenate([coords, coords])].astype(np.float64) \
                 - xi[np.concatenate([coords, coords])].astype(np.float64)  # the steps after rounding
             vals = np.concatenate([
-                _values(service, jnp.asarray(pts[k:k + chunk].reshape((-1,) + x.shape[1:])),
+                output_values(service, jnp.asarray(pts[k:k + chunk].reshape((-1,) + x.shape[1:])),
                         jnp.full((min(chunk, 2 * n - k),), target[i])) for k in range(0, 2 * n, chunk)])
             slopes = (vals - f0) / actual
             return slopes[:n], slopes[n:]
 
-        f0 = _values(service, jnp.asarray(x[i:i + 1]), jnp.asarray(target[i:i + 1]))[0]
+        f0 = output_values(service, jnp.asarray(x[i:i + 1]), jnp.asarray(target[i:i + 1]))[0]
         coords, step, retried = np.arange(d), h0, 0
         g = np.zeros(d)
         for attempt in range(retries + 1):

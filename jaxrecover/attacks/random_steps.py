@@ -36,7 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .plans import exact_plan, realise_plan
-from .services import attack_inputs
+from ..services import attack_inputs
 
 __all__ = ["recover_random_steps", "RandomStepsReport"]
 

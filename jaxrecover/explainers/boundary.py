@@ -1,7 +1,7 @@
 """Boundary Attribution (Wang, Fredrikson, Datta, ICML 2022): explanations at the nearest decision boundary.
 
 A classification is explained by the normal of the decision boundary closest to the input: find a point ``x'``
-on it (:func:`jaxrecover.adversarial.boundary_search`), then
+on it (:func:`jaxrecover.search.boundary_search`), then
 
 * BSM (boundary saliency map): the gradient at ``x'`` (:class:`BSM`);
 * BIG (boundary IG): IG at ``x`` with ``x'`` as the baseline (:class:`BIG`, Captum ``riemann_trapezoid`` with
@@ -9,7 +9,7 @@ on it (:func:`jaxrecover.adversarial.boundary_search`), then
 * BSG: SmoothGrad at ``x'`` (:class:`BSG`).
 
 The three are single-example explainers that take the boundary point in the baseline slot; run them with
-:func:`jaxrecover.attacks.boundary_attributions`, which passes each example's point and masks the examples
+:func:`jaxrecover.attacks.big_attributions`, which passes each example's point and masks the examples
 whose search failed (NaN rows, never a silent fallback to another baseline).
 """
 

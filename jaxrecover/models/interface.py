@@ -30,7 +30,7 @@ import numpy as np
 from .nets import HEAD, INPUT_SHAPE, LeNet, get_model
 
 __all__ = ["Model", "StemSplit", "ReluConvSplit", "make_model", "as_model", "make_batched_logit_fn", "init_variables",
-           "cast_variables", "check_float_dtype", "param_count", "tree_dtypes"]
+           "cast_variables", "check_float_dtype", "param_count", "tree_dtypes", "float_dtype"]
 
 Variables = Any
 
@@ -284,6 +284,23 @@ def cast_variables(variables: Variables, dtype) -> Variables:
 def tree_dtypes(tree) -> set:
     """The set of dtypes of a pytree's leaves."""
     return {jnp.asarray(leaf).dtype for leaf in jax.tree.leaves(tree)}
+
+
+def float_dtype(tree, what: str = "the parameters") -> jnp.dtype:
+    """The floating-point dtype of a pytree (e.g. a model's variables): THE one place it is found.
+
+    Raises:
+      ValueError: the tree has no floating-point leaf, or mixes float dtypes (cast it with
+        :func:`cast_variables`).
+    """
+    found = {jnp.result_type(leaf) for leaf in jax.tree.leaves(tree)}
+    floats = {d for d in found if jnp.issubdtype(d, jnp.floating)}
+    if not floats:
+        raise ValueError(f"{what} have no floating-point leaves")
+    if len(floats) > 1:
+        raise ValueError(f"{what} mix float dtypes {sorted(d.name for d in floats)}; cast them with "
+                         "jaxrecover.models.cast_variables")
+    return jnp.dtype(floats.pop())
 
 
 def param_count(variables: Variables) -> int:

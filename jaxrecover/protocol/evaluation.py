@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import __version__, validate
+from .. import validate
+from .._version import __version__
 from ..checkpoint import CheckpointError, checkpoint_exists, load_metadata, tree_sha256, writer
 from ..data import load_dataset, normalize
 from ..engine import agreed

@@ -17,7 +17,7 @@ by ``box.scale``; PGD's relative step ``2 eps / steps`` is computed from the pix
 ``[0, 1]`` images; the box becomes ``[(0 - mean) / std, (1 - mean) / std]``.
 
 The explainers that use the point (BSM, BIG, BSG) are in :mod:`jaxrecover.explainers.boundary`; running them
-with a search result, and BIG as a service, in :mod:`jaxrecover.attacks.boundary`.
+with a search result, and BIG as a service, in :mod:`jaxrecover.attacks.big`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .ops import tuned_jit
+from ..ops import tuned_jit
 
 __all__ = ["PGD_EPS", "CW_EPS", "SEARCH_METHODS", "InputBox", "BoundaryResult", "pgd_l2", "cw_l2", "facet_l2",
            "boundary_search"]
@@ -62,7 +62,7 @@ class InputBox:
     @classmethod
     def mnist(cls) -> "InputBox":
         """The box of :func:`jaxrecover.data.normalize`'s MNIST images."""
-        from .data import MNIST_MEAN, MNIST_STD
+        from ..data import MNIST_MEAN, MNIST_STD
         return cls.normalized(MNIST_MEAN, MNIST_STD)
 
     def clip(self, x):
@@ -428,7 +428,7 @@ def _public(impl):
     """``impl`` with its model given as a :class:`jaxrecover.models.Model` or a plain ``logit_fn``."""
     @functools.wraps(impl)
     def run(model, *args, **kwargs):
-        from .models import as_model
+        from ..models import as_model
         return impl(as_model(model), *args, **kwargs)
     return run
 
@@ -457,13 +457,13 @@ def boundary_search(model, params, x, labels, *, methods=("pgd", "cw"), box: Inp
     Raises:
       ValueError: labels outside ``[0, K)``, a radius outside ``(0, 1]`` or NaN, NaN/inf inputs, an empty batch.
     """
-    from .models import as_model
+    from ..models import as_model
     model = as_model(model)
     unknown = set(methods) - set(SEARCH_METHODS)
     if unknown or not methods:
         raise ValueError(f"unknown boundary search methods {sorted(unknown)}; choose from {SEARCH_METHODS}")
-    from . import validate
-    from .engine import check_finite
+    from .. import validate
+    from ..engine import check_finite
 
     box = InputBox.mnist() if box is None else box
     eps = [validate.radius("eps", e, hi=np.inf) for e in np.atleast_1d(np.asarray(eps, dtype=object))]

@@ -13,9 +13,9 @@ import hashlib
 import jax
 import numpy as np
 
-from .checkpoint import (CheckpointError, checkpoint_exists, load_checkpoint, load_metadata, save_checkpoint,
+from ..checkpoint import (CheckpointError, checkpoint_exists, load_checkpoint, load_metadata, save_checkpoint,
                          tree_sha256)
-from .explainers.patterns import ESTIMATORS, fit_patterns
+from .patterns import ESTIMATORS, fit_patterns
 
 __all__ = ["save_patterns", "load_patterns", "fitted_patterns", "PATTERN_METADATA"]
 

@@ -17,7 +17,7 @@ try:
     import torch
     from torch import nn
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("jaxrecover.models.torch_twins needs PyTorch: pip install 'jaxrecover[services]' "
+    raise ImportError("jaxrecover.services.external.torch_twins needs PyTorch: pip install 'jaxrecover[services]' "
                       "(or bash scripts/setup.sh services)") from e
 
 __all__ = ["torch_twin", "torch_dtype", "to_nchw", "from_nchw"]

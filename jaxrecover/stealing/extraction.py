@@ -34,9 +34,8 @@ import dataclasses
 import numpy as np
 from tqdm.auto import tqdm
 
-from .plans import best_plan
-from .recovery import attack
-from .services import QueryBudgetExceeded
+from ..attacks import attack, best_plan
+from ..services import QueryBudgetExceeded
 
 __all__ = ["extract_two_layer", "Extraction", "ExtractionIncomplete", "canonical_two_layer", "two_layer_logits",
            "two_layer_variables", "extraction_fidelity"]

@@ -16,7 +16,7 @@ defence or a remote endpoint is a :class:`ServiceAnswerError` naming the
 example, never a value an attack computes with (a NaN answer once made a
 bisection split forever, and an extraction finish "successfully" with no unit).
 
-:class:`SimulatedIGService` is this library's own IG run by the batch engine.
+:class:`jaxrecover.services.SimulatedIGService` (``simulated.py``) is this library's own IG run by the batch engine.
 :class:`ServiceWrapper` is the base of objects that wrap a service (defences,
 logging) and stay services themselves.
 """
@@ -30,13 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..engine import check_input_dtype, explain
-from ..explainers import IG, OUTPUTS, get_rule, num_evaluations, quadrature, select_output
+from ..engine import check_input_dtype
+from ..explainers import OUTPUTS, get_rule, num_evaluations, quadrature
 from ..explainers.baselines import is_input_dependent
-from ..models import as_model
 
-__all__ = ["IGService", "SimulatedIGService", "ServiceWrapper", "AssumedBaseline", "QueryBudgetExceeded",
-           "StepCountRefused", "ServiceAnswerError", "check_answers"]
+__all__ = ["IGService", "ServiceWrapper", "AssumedBaseline", "QueryBudgetExceeded", "StepCountRefused",
+           "ServiceAnswerError", "check_answers", "attack_inputs"]
 
 
 def attack_inputs(service, x, target) -> tuple[np.ndarray, np.ndarray]:
@@ -259,60 +258,6 @@ class IGService:
     def __repr__(self) -> str:
         d = self.describe()
         return f"{d.pop('service')}({', '.join(f'{k}={v!r}' for k, v in d.items() if k != 'arithmetic')})"
-
-
-def _float_dtype(params) -> jnp.dtype:
-    for leaf in jax.tree.leaves(params):
-        if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
-            return jnp.asarray(leaf).dtype
-    raise ValueError("the service's params have no floating-point leaves")
-
-
-class SimulatedIGService(IGService):
-    """This library's own IG as a service: :class:`jaxrecover.explainers.IG` run by the batch engine.
-
-    Args:
-      model: a :class:`jaxrecover.models.Model` or ``logit_fn(params, x_one)``.
-      params: the model's variables; their float dtype is the service's dtype.
-      rule, steps, fixed_steps, baseline, output, budget: see :class:`IGService`.
-      chunk_size: passed to :func:`jaxrecover.engine.explain`.
-      factor_stem: IG's affine-stem factorisation (same values up to round-off).
-      sparse_path: IG's native sparse ReLU -> convolution path for LeNet (:class:`jaxrecover.explainers.IG`;
-        same values up to round-off, several times faster on CPU). Off by default: the service tables of
-        docs/SERVICES.md were computed with the dense path, and round-off is what some of them measure.
-    """
-
-    def __init__(self, model, params, *, rule: str = "riemann_right", steps: int = 50, fixed_steps: bool = False,
-                 baseline=None, output: str = "logit", budget: int | None = None,
-                 chunk_size: int | str | None = "auto", factor_stem: bool = True, sparse_path: bool = False):
-        dtype = _float_dtype(params)
-        super().__init__(rule=rule, steps=steps, fixed_steps=fixed_steps, baseline=baseline, dtype=dtype,
-                         output=output, budget=budget,
-                         arithmetic={"nodes": f"float64, rounded once to {dtype.name}",
-                                     "weights": f"float64, rounded once to {dtype.name}",
-                                     "accumulation": dtype.name})
-        self.model = as_model(model)
-        self.params = params
-        self.chunk_size = chunk_size
-        self.factor_stem = bool(factor_stem)
-        self.sparse_path = bool(sparse_path)
-
-    def outputs(self, x, target):
-        x = jnp.asarray(x, self.dtype)
-        b = self.baseline_for(x)
-        f = _output_fn(self.model, self.output)
-        t = jnp.asarray(target)
-        return f(self.params, x, t), f(self.params, b, t)
-
-    def _answer(self, x, target, steps):
-        ig = IG(steps=steps, rule=self.rule, factor_stem=self.factor_stem, sparse_path=self.sparse_path)
-        return explain(ig, self.model, self.params, x,
-                       target, baseline=self.baseline_for(x), output=self.output, chunk_size=self.chunk_size)
-
-
-@functools.lru_cache(maxsize=32)
-def _output_fn(model, output):
-    return jax.jit(jax.vmap(lambda params, x, t: select_output(model(params, x), t, output), in_axes=(None, 0, 0)))
 
 
 class ServiceWrapper(IGService):

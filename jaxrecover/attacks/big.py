@@ -1,11 +1,7 @@
-"""Boundary Attribution run on a model, as a service, and what a BIG service leaks.
+"""What a BIG service leaks: :func:`estimate_boundary_point` and :func:`recover_from_big` recover VG from it.
 
-* :func:`boundary_attributions` runs BSM / BIG / BSG (:mod:`jaxrecover.explainers.boundary`) with each
-  example's boundary point from :func:`jaxrecover.adversarial.boundary_search`, NaN rows where it failed;
-* :class:`BoundaryBaseline` is the nearest boundary point of each query as an input-dependent IG baseline:
-  ``SimulatedIGService(..., rule="riemann_trapezoid", steps=10, baseline=BoundaryBaseline(model, params))`` is a
-  BIG service;
-* :func:`estimate_boundary_point` and :func:`recover_from_big` recover VG from such a service.
+(Boundary Attribution run on a model is :func:`jaxrecover.search.boundary_attributions`; BIG as a service is
+:class:`jaxrecover.services.BoundaryBaseline`.)
 
 **What BIG leaks.** A BIG service answers IG at ``x`` from ``x'``, the nearest point of the decision boundary, which it searches
 itself for every query (:class:`BoundaryBaseline`). Ray plans need the baseline, and two
@@ -34,55 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..adversarial import BoundaryResult, InputBox, boundary_search
-from ..engine import explain
-from ..explainers import Explainer
-from ..models import as_model
+from ..services import AssumedBaseline, attack_inputs
 from .plans import best_plan
 from .recovery import attack
-from .services import AssumedBaseline, attack_inputs
 
-__all__ = ["boundary_attributions", "BoundaryBaseline", "estimate_boundary_point", "recover_from_big",
-           "BoundaryPointReport"]
-
-
-def _rows(mask, x):
-    return mask.reshape((-1,) + (1,) * (x.ndim - 1))
-
-
-def boundary_attributions(explainer: Explainer, model, params, x, target, result: BoundaryResult, **kwargs):
-    """Run a boundary explainer (``jr.BSM``, ``jr.BIG``, ``jr.BSG``) with each example's boundary point;
-    rows whose search failed (``result.success`` False) are NaN. ``kwargs`` go to
-    :func:`jaxrecover.engine.explain`."""
-    out = explain(explainer, model, params, x, target, baseline=result.point, **kwargs)
-    return jnp.where(_rows(result.success, out), out, jnp.nan)
-
-
-class BoundaryBaseline:
-    """The nearest boundary point of each input (for the model's prediction there) as an input-dependent IG
-    baseline: ``SimulatedIGService(model, params, rule="riemann_trapezoid", steps=10,
-    baseline=BoundaryBaseline(model, params))`` is a BIG service. Inputs whose search fails get a NaN baseline
-    (so NaN answers), never another one; ``last`` holds the latest :class:`BoundaryResult`.
-
-    Args:
-      model, params: the model whose boundary is searched (the service's own).
-      methods, box, search kwargs: as :func:`boundary_search` (default: the exact facet search).
-    """
-
-    def __init__(self, model, params, methods=("facet",), box: InputBox | None = None, **search_kwargs):
-        self.model, self.params = as_model(model), params
-        self.methods, self.box, self.search_kwargs = tuple(methods), box, search_kwargs
-        self.last = None
-
-    def __call__(self, x):
-        x = jnp.asarray(x)
-        labels = jnp.argmax(self.model.batched(self.params, x), axis=1).astype(jnp.int32)
-        self.last = boundary_search(self.model, self.params, x, labels, methods=self.methods, box=self.box,
-                                    **self.search_kwargs)
-        return jnp.where(_rows(self.last.success, x), self.last.point, jnp.nan)
-
-    def __str__(self) -> str:
-        return f"boundary({'+'.join(self.methods)})"
+__all__ = ["estimate_boundary_point", "recover_from_big", "BoundaryPointReport"]
 
 
 @dataclasses.dataclass

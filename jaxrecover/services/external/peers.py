@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..explainers import select_output
-from ..models import as_model
-from .services import IGService, _float_dtype
+from ...explainers import select_output
+from ...models import as_model, float_dtype
+from ..base import IGService
 
 __all__ = ["CaptumIGService", "SaliencyIGService", "CAPTUM_RULES", "require_extra"]
 
@@ -67,9 +67,9 @@ class CaptumIGService(IGService):
             raise ValueError(f"Captum has no rule {rule!r}; choose one of: {', '.join(CAPTUM_RULES)}")
         torch = require_extra("torch")
         attr = require_extra("captum.attr")
-        from ..models import torch_twins
+        from . import torch_twins
         name = model if isinstance(model, str) else getattr(model, "name", None)
-        dtype = _float_dtype(variables)
+        dtype = float_dtype(variables, what="the variables")
         super().__init__(rule=rule, steps=steps, fixed_steps=fixed_steps, baseline=baseline, dtype=dtype,
                          output=output, budget=budget,
                          arithmetic={"nodes": ("float64 (numpy leggauss)" if rule == "gausslegendre"

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..explainers import quadrature
-from .services import IGService, QueryBudgetExceeded, ServiceWrapper, StepCountRefused
+from .base import IGService, QueryBudgetExceeded, ServiceWrapper, StepCountRefused
 
 __all__ = ["RoundAnswers", "GaussianNoise", "LaplaceNoise", "TopK", "FixSteps", "RandomSteps", "ClientBudget",
-           "SmoothGradIG", "ExpectedGradients", "Averaged", "round_significant"]
+           "SmoothGradIG", "ExpectedGradients", "round_significant"]
 
 
 def round_significant(a, digits: int):
@@ -315,21 +315,3 @@ class ExpectedGradients(ServiceWrapper):
         x = jnp.asarray(x)
         total = sum(np.asarray(self.inner(x, target, steps=steps), np.float64) for _ in range(self.samples))
         return jnp.asarray(total / self.samples, x.dtype)
-
-
-class Averaged(ServiceWrapper):
-    """The attacker's answer to noise: each query asked ``repeats`` times and the answers averaged.
-
-    Counts as ``repeats`` queries on the service (its counters and budget see every one).
-    """
-
-    def __init__(self, inner: IGService, repeats: int):
-        if not (isinstance(repeats, (int, np.integer)) and repeats >= 1):
-            raise ValueError(f"repeats must be a positive int, got {repeats!r}")
-        super().__init__(inner)
-        self.__dict__["repeats"] = int(repeats)
-
-    def __call__(self, x, target, *, steps: int | None = None):
-        x = jnp.asarray(x)
-        total = sum(np.asarray(self.inner(x, target, steps=steps), np.float64) for _ in range(self.repeats))
-        return jnp.asarray(total / self.repeats, x.dtype)
