@@ -155,7 +155,7 @@ class SaliencyIGService(IGService):
     def __init__(self, model, params, *, steps: int = 25, fixed_steps: bool = False, baseline=None,
                  output: str = "logit", budget: int | None = None, batch_size: int | None = None):
         core = require_extra("saliency.core")
-        dtype = _float_dtype(params)
+        dtype = float_dtype(params, what="the params")
         super().__init__(rule="saliency", steps=steps, fixed_steps=fixed_steps, baseline=baseline, dtype=dtype,
                          output=output, budget=budget,
                          arithmetic={"nodes": f"float64 (np.linspace), points in {dtype.name}",
