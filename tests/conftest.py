@@ -94,3 +94,22 @@ def mnist():
     from jaxrecover.data import load_dataset
 
     return load_dataset("mnist")
+
+
+@pytest.fixture(scope="module")
+def tiny(mnist):
+    """128 training and 32 test MNIST images (a model trains on them in seconds)."""
+    from jaxrecover.data import Dataset
+
+    return Dataset("mnist", mnist.split, mnist.train_images[:128], mnist.train_labels[:128],
+                   mnist.test_images[:32], mnist.test_labels[:32])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny):
+    """A one-epoch TwoLayerNet checkpoint on ``tiny`` (per test module; copy it before damaging it)."""
+    from jaxrecover.training import TrainConfig, train_and_evaluate
+
+    path = tmp_path_factory.mktemp("ckpt") / "twolayer"
+    train_and_evaluate(TrainConfig(model="twolayer", epochs=1, batch_size=32), path, dataset=tiny, progress=False)
+    return path

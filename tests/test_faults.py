@@ -24,7 +24,6 @@ from conftest import _dense_net, make_net
 from jaxrecover import attacks as R
 from jaxrecover import services as S
 from jaxrecover.checkpoint import CheckpointError, load_metadata, writer
-from jaxrecover.data import Dataset
 from jaxrecover.training import TrainConfig, load_trained, train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,19 +36,6 @@ def _cli(*args, env=None, **kw):
 
 def _one_line(stderr: str) -> bool:
     return "Traceback" not in stderr and len([ln for ln in stderr.splitlines() if ln.startswith("error")]) == 1
-
-
-@pytest.fixture(scope="module")
-def tiny(mnist):
-    return Dataset("mnist", mnist.split, mnist.train_images[:128], mnist.train_labels[:128],
-                   mnist.test_images[:32], mnist.test_labels[:32])
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny):
-    path = tmp_path_factory.mktemp("ckpt") / "twolayer"
-    train_and_evaluate(TrainConfig(model="twolayer", epochs=1, batch_size=32), path, dataset=tiny, progress=False)
-    return path
 
 
 def _act_net(act, dtype=jnp.float64, sizes=(12, 16, 16, 5)):

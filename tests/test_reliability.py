@@ -22,19 +22,6 @@ from jaxrecover.training import TrainConfig, load_trained, train_and_evaluate
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny(mnist):
-    return Dataset("mnist", mnist.split, mnist.train_images[:128], mnist.train_labels[:128],
-                   mnist.test_images[:32], mnist.test_labels[:32])
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny):
-    path = tmp_path_factory.mktemp("ckpt") / "twolayer"
-    train_and_evaluate(TrainConfig(model="twolayer", epochs=1, batch_size=32), path, dataset=tiny, progress=False)
-    return path
-
-
 def _cli(*args, **kw):
     return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=600, **kw)
 
