@@ -1,4 +1,4 @@
-"""Command-line entry points: ``jaxrecover-train``, ``jaxrecover-evaluate``, ``jaxrecover-demo``.
+"""Command-line entry points: ``jaxrecover train | evaluate | study | demo`` (and ``jaxrecover-train`` ...).
 
 ``train.py`` and ``evaluate.py`` at the repository root call the same functions.
 Each parses its arguments, calls one library function, and turns the library's
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["train_main", "evaluate_main", "demo_main"]
+__all__ = ["main", "train_main", "evaluate_main", "study_main", "demo_main"]
 
 TRAIN_DOC = """Train one of the paper's models (jaxrecover.training.train_and_evaluate).
 
@@ -179,3 +179,134 @@ def demo_main(argv=None) -> int:
     from .demo import main
 
     return main(argv)
+
+
+STUDY_DOC = """Run one study: the rows of a table in docs/, resumable, with provenance (jaxrecover.studies.run_study).
+
+A study trains the checkpoints it declares when they are missing (in --checkpoints, one folder per training
+config), reuses rows in --out/rows.json made from the same settings, weights and data, and prints its tables
+with the command, commit, machine and each checkpoint's training config and state SHA-256 under them.
+
+Examples:
+    jaxrecover study --list
+    jaxrecover study patterns --models twolayer
+    jaxrecover study patterns --quick --out /tmp/patterns
+    jaxrecover study boundary --docs          # also write the table into its docs file
+"""
+
+
+def _study_list() -> str:
+    from .studies import STUDIES
+
+    width = max(len(n) for n in STUDIES)
+    return "\n".join(f"  {n:<{width}}  {s.title}" + (f"  [{s.doc}]" if s.doc else "") for n, s in STUDIES.items())
+
+
+def _study_parser(study):
+    import dataclasses
+    import typing
+
+    import importlib
+
+    module_doc = importlib.import_module(type(study).__module__).__doc__ or ""
+    p = argparse.ArgumentParser(prog=f"jaxrecover study {study.name}", description=f"{study.title}.\n\n{module_doc}",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(study.Config)
+    g = p.add_argument_group("study settings (the defaults reproduce the doc's table)")
+    for f in dataclasses.fields(study.Config):
+        kind = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_ = f"{f.metadata.get('help', '')} (default: {shown})"
+        if kind is bool:
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=help_)
+            continue
+        args = typing.get_args(kind)
+        if typing.get_origin(kind) is tuple:
+            item = args[0]
+            conv = (lambda text, item=item: tuple(item(v.strip()) for v in text.split(",") if v.strip()))
+            metavar = "A,B,..."
+        elif type(None) in args:  # Optional[X]
+            item = next(a for a in args if a is not type(None))
+            conv = (lambda text, item=item: None if text.lower() == "none" else item(text))
+            metavar = item.__name__.upper()
+        else:
+            conv, metavar = kind, kind.__name__.upper()
+        g.add_argument(flag, dest=f.name, type=conv, default=argparse.SUPPRESS, metavar=metavar, help=help_)
+    p.add_argument("--quick", action="store_true", help="a small smoke-run configuration (explicit options win)")
+    p.add_argument("--out", default=study.default_out(), help="folder for rows.json and figures (default: %(default)s)")
+    p.add_argument("--checkpoints", default="checkpoints",
+                   help="folder with one checkpoint per declared training config (default: %(default)s)")
+    p.add_argument("--docs", nargs="?", const=study.doc or "", default=None, metavar="FILE",
+                   help=f"write the table into FILE (no FILE: {study.doc or 'none'}) between its markers")
+    p.add_argument("--no-resume", action="store_true", help="recompute every row, ignoring --out/rows.json")
+    p.add_argument("--no-train", action="store_true", help="fail instead of training a missing checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def study_main(argv=None) -> int:
+    """``jaxrecover study NAME [options]`` / ``jaxrecover study --list``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "--list"):
+        if not argv or argv[0] != "--list":
+            print(STUDY_DOC)
+        print("studies:\n" + _study_list())
+        return 0
+    from .studies import get_study
+
+    try:
+        study = get_study(argv[0])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    a = vars(_study_parser(study).parse_args(argv[1:]))
+    common = {k: a.pop(k) for k in ("quick", "out", "checkpoints", "docs", "no_resume", "no_train", "quiet")}
+    import dataclasses
+
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # studies state their dtypes; float64 where they say so
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .studies import run_study
+
+    try:
+        base = study.quick(study.make_config()) if common["quick"] else study.make_config()
+        cfg = dataclasses.replace(base, **a)
+        if common["docs"] == "":
+            raise ValueError(f"study {study.name} has no docs file; give --docs FILE")
+        result = run_study(study, cfg, out=common["out"], checkpoints=common["checkpoints"], docs=common["docs"],
+                           resume=not common["no_resume"], train=not common["no_train"],
+                           progress=not common["quiet"], command="jaxrecover study " + " ".join(argv))
+    except (DataError, CheckpointError, ValueError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        _ignore_further_interrupts()
+        print("interrupted: finished units are in rows.json; rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(result.markdown)
+    print(f"\n({result.computed} units computed, {result.reused} reused from {common['out']}/rows.json)",
+          file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"train": "train_main", "evaluate": "evaluate_main", "study": "study_main", "demo": "demo_main"}
+
+
+def main(argv=None) -> int:
+    """``jaxrecover COMMAND ...``: train, evaluate, study, demo."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: jaxrecover {train,evaluate,study,demo} ...\n\n"
+              "  train     train one of the paper's models (python train.py)\n"
+              "  evaluate  the paper's Tables 1-4 and Figures 4-5 (python evaluate.py)\n"
+              "  study     one table of docs/, resumable, with provenance (jaxrecover study --list)\n"
+              "  demo      the main job: VG recovered from IG answers\n"
+              "\n'jaxrecover COMMAND --help' shows each command's options.",
+              file=sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    return globals()[COMMANDS[argv[0]]](argv[1:])

@@ -24,7 +24,8 @@ from .checkpoint import CheckpointError, checkpoint_exists, load_checkpoint, loa
 from .data import Dataset, load_dataset, normalize
 from .models import get_model, init_variables, make_batched_logit_fn
 
-__all__ = ["TrainConfig", "DEFAULT_EPOCHS", "train_and_evaluate", "load_trained", "accuracy", "make_train_step"]
+__all__ = ["TrainConfig", "DEFAULT_EPOCHS", "train_and_evaluate", "load_trained", "accuracy", "make_train_step",
+           "checkpoint_folder", "ensure_trained"]
 
 #: Epochs that reach the README's accuracies on the offline split.
 DEFAULT_EPOCHS = {"twolayer": 30, "twolayer_nobias": 30, "lenet": 15, "lenet_nobias": 15, "resnet18": 10}
@@ -286,6 +287,72 @@ def _metadata(config, ds, epochs_done, test_acc, n_train, n_test, seconds, train
         "jax_version": jax.__version__,
         "version": __version__,
     }
+
+
+def checkpoint_folder(config: TrainConfig) -> str:
+    """The folder name of a declared checkpoint: the model (and dataset when not MNIST), then every setting that
+    differs from :class:`TrainConfig`'s defaults (epochs: from :data:`DEFAULT_EPOCHS`), e.g. ``twolayer``,
+    ``twolayer-epochs10``, ``lenet-epochs8-adv_eps0.5``, ``lenet_fashion_mnist-seed1``."""
+    name = config.model
+    if config.dataset != "mnist":
+        name += "_" + config.dataset.replace(":", "_").replace("/", "_")
+    defaults = TrainConfig(model=config.model)
+    for f in dataclasses.fields(config):
+        if f.name in ("model", "dataset"):
+            continue
+        mine, base = getattr(config, f.name), getattr(defaults, f.name)
+        if f.name == "epochs":
+            mine, base = config.resolved_epochs(), defaults.resolved_epochs()
+        if mine != base:
+            name += f"-{f.name}{mine:g}" if isinstance(mine, float) else f"-{f.name}{mine}"
+    return name
+
+
+def ensure_trained(config: TrainConfig, workdir: str | Path, *, dataset: Dataset | None = None, progress: bool = True,
+                   train: bool = True) -> tuple[str, Any, dict]:
+    """``load_trained`` of the checkpoint ``config`` declares, trained (or finished) first when missing.
+
+    A finished checkpoint in ``workdir`` made with other settings is an error (its numbers would be labelled
+    with a config that did not make them). Training holds the folder's writer lock; a second caller waits for
+    it and then loads what the first one trained.
+
+    Raises:
+      CheckpointError: the checkpoint differs from ``config``, or is missing and ``train`` is False.
+    """
+    workdir = Path(workdir)
+    if _finished(workdir):
+        _check_matches(config, workdir, dataset)
+        return load_trained(workdir, model=config.model)
+    if not train:
+        raise CheckpointError(f"no finished {config.model} checkpoint in {workdir}; train it (python train.py "
+                              f"--model {config.model} --epochs {config.resolved_epochs()} --seed {config.seed} "
+                              f"--out {workdir}) or allow training")
+
+    def say(holder):
+        tqdm.write(f"waiting for another run ({holder}) that is training {workdir} ...")
+
+    with writer(workdir, wait=True, on_wait=say):
+        if not _finished(workdir):
+            train_and_evaluate(config, workdir, dataset=dataset, progress=progress)
+    _check_matches(config, workdir, dataset)
+    return load_trained(workdir, model=config.model)
+
+
+def _finished(workdir: Path) -> bool:
+    if not checkpoint_exists(workdir):
+        return False
+    meta = load_metadata(workdir)
+    return int(meta.get("epochs", 0)) >= int(meta.get("planned_epochs", 0))
+
+
+def _check_matches(config: TrainConfig, workdir: Path, dataset) -> None:
+    meta = load_metadata(workdir)
+    ds = dataset if dataset is not None else load_dataset(config.dataset)
+    want = _metadata(config, ds, config.resolved_epochs(), 0.0, 0, 0, 0.0, 0.0)
+    for key in (*RESUME_KEYS, "planned_epochs"):
+        if key in meta and meta[key] != want[key]:
+            raise CheckpointError(f"the checkpoint in {workdir} was trained with {key}={meta[key]!r}, the study "
+                                  f"declares {want[key]!r}; give another --checkpoints folder or delete {workdir}")
 
 
 def load_trained(workdir: str | Path, model: str | None = None) -> tuple[str, Any, dict]:

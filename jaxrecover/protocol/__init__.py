@@ -8,7 +8,7 @@ from .report import load_results, markdown_report
 
 __all__ = [
     "EXPERIMENTS", "PAPER", "RULE", "ProtocolConfig", "experiments_for", "protocol_one", "protocol_chunk",
-    "run_protocol", "path_gradient_norms", "explain_examples"
+    "run_protocol", "path_gradient_norms", "explain_examples",
     "make_batchstats_logit_fn", "batchstats_protocol_chunk",
     "EvalConfig", "evaluate", "load_results", "markdown_report",
 ]

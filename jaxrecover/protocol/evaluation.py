@@ -40,7 +40,8 @@ from ..fileio import atomic_save_npz, atomic_write_text
 from ..models import MODEL_NAMES, cast_variables, check_float_dtype, get_model, make_model
 from ..training import TrainConfig, load_trained, train_and_evaluate
 from .ablation import batchstats_protocol_chunk, make_batchstats_logit_fn
-from .experiments import (PAPER, RULE, ProtocolConfig, experiments_for, explain_examples, machine_info,
+from ..provenance import machine_info
+from .experiments import (PAPER, RULE, ProtocolConfig, experiments_for, explain_examples,
                           path_gradient_norms, run_protocol, summarize_results)
 from .report import distances_sha256, load_results, markdown_report, record_sha256, run_files, verify_record
 

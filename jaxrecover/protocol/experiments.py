@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +49,7 @@ from ..fileio import atomic_save_npz
 from ..metrics import normalized_distance, summarize
 from ..models import as_model
 
+
 __all__ = [
     "PAPER",
     "EXPERIMENTS",
@@ -62,7 +61,6 @@ __all__ = [
     "run_protocol",
     "path_gradient_norms",
     "explain_examples",
-    "machine_info",
     "summarize_results",
 ]
 
@@ -251,31 +249,6 @@ def path_gradient_norms(model, params, x, target, steps: int = 50, output: str =
 
 
 # --------------------------------------------------------------------------- running, resuming
-
-
-def machine_info() -> dict:
-    dev = jax.devices()[0]
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(), "device": str(dev.device_kind),
-            "jax_version": jax.__version__, "git_commit": _git_commit()}
-
-
-def _git_commit() -> str | None:
-    """The checkout's commit (with ``-dirty`` for uncommitted changes), or None outside a git checkout."""
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if head.returncode != 0:
-        return None
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
 
 
 def run_protocol(

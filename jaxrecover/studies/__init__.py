@@ -1,0 +1,34 @@
+"""Studies: every table in docs/ is one, run by one runner (``jaxrecover study NAME``).
+
+A study is a config plus a pure run (:mod:`jaxrecover.studies.base`); :func:`run_study` does resume,
+provenance and the docs block for all (:mod:`jaxrecover.studies.runner`). ``STUDIES`` lists them by name.
+"""
+
+from __future__ import annotations
+
+from .boundary import BoundaryStudy
+from .clone import CloneStudy
+from .defences import DefencesStudy
+from .extraction import ExtractionStudy
+from .fixed_kinks import FixedKinksStudy
+from .services import ServicesStudy
+from .base import Context, Study, Unit, option, parse_list
+from .patterns import PatternLeakageStudy, PatternStudy
+from .runner import StudyResult, doc_checkpoints, run_study
+
+__all__ = ["Study", "Unit", "Context", "option", "parse_list", "run_study", "StudyResult", "doc_checkpoints",
+           "STUDIES", "get_study"]
+
+STUDIES: dict[str, Study] = {s.name: s for s in (
+    ServicesStudy(), FixedKinksStudy(), DefencesStudy(), PatternStudy(), PatternLeakageStudy(), BoundaryStudy(),
+    ExtractionStudy(), CloneStudy(),
+)}
+
+
+def get_study(name: str) -> Study:
+    """The study called ``name`` (``jaxrecover study --list`` shows them)."""
+    try:
+        return STUDIES[name]
+    except KeyError:
+        raise ValueError(f"no study called {name!r}; jaxrecover study --list shows them: "
+                         f"{', '.join(sorted(STUDIES))}") from None
