@@ -10,7 +10,7 @@ from .big import BoundaryPointReport, estimate_boundary_point, recover_from_big
 from .fixed_steps import FixedStepsReport, recover_fixed_steps
 from .identify import Identification, identify_service, infer_baseline
 from .input_baseline import ChainReport, recover_input_baseline
-from .kinks import KinkReport, recover_fixed_steps_from_kinks
+from .kinks import KinkAudit, KinkReport, audit_kinks, recover_fixed_steps_from_kinks
 from .lattice import LatticeReport, lattice_attack, lattice_queries
 from .linearity import NotPiecewiseLinear, RecoveryIncomplete, check_piecewise_linear
 from .outputs import OutputsReport, output_values, recover_from_outputs
@@ -25,7 +25,7 @@ __all__ = [
     "plan_residual", "plan_measure", "realise_plan", "actual_residual", "telescoping_plan", "service_plan",
     "bitwise_shared", "bitwise_plan", "best_plan",
     "query_input", "query_inputs", "recover", "recover_eq2", "recover_eq3", "recover_eq4", "attack",
-    "recover_fixed_steps", "FixedStepsReport", "recover_fixed_steps_from_kinks", "KinkReport",
+    "recover_fixed_steps", "FixedStepsReport", "recover_fixed_steps_from_kinks", "KinkReport", "audit_kinks", "KinkAudit",
     "NotPiecewiseLinear", "RecoveryIncomplete", "check_piecewise_linear",
     "recover_input_baseline", "ChainReport", "recover_from_outputs", "OutputsReport", "output_values",
     "recover_random_steps", "RandomStepsReport", "lattice_attack", "lattice_queries", "LatticeReport",

@@ -69,7 +69,7 @@ from .linearity import RecoveryIncomplete, check_piecewise_linear
 from .outputs import output_values
 from ..services import QueryBudgetExceeded, attack_inputs
 
-__all__ = ["recover_fixed_steps_from_kinks", "KinkReport"]
+__all__ = ["recover_fixed_steps_from_kinks", "KinkReport", "audit_kinks", "KinkAudit"]
 
 
 @dataclasses.dataclass
@@ -685,3 +685,93 @@ def _answers(service, b, d, target, c_values, chunk=256, desc=None, cap=None):
         with np.errstate(divide="ignore", invalid="ignore"):
             rows += list(np.where(dq != 0, ans / np.where(dq != 0, dq, 1), 0.0))
     return rows
+
+
+@dataclasses.dataclass
+class KinkAudit:
+    """What :func:`audit_kinks` found on one ray: brackets, output values spent, gaps checked, the gaps where the
+    gradient still changes (``[(t_lo, t_hi, max change, change of phi's slope, change between the jump pairs'
+    windows)]``), and how many / how large such changes fall between the windows (what the recovery cannot read)."""
+
+    brackets: int
+    values: int
+    seconds: float
+    gaps: int
+    scale: float
+    bad_gaps: list
+    unread: int
+    unread_max: float
+
+
+def audit_kinks(model, variables, x, target: int, *, grid: int = 16384) -> KinkAudit:
+    """White-box audit of the kink location behind :func:`recover_fixed_steps_from_kinks` (float64, zero baseline).
+
+    Locates the kinks of f along the ray of ``x`` (one example, no batch axis) from output values exactly as the
+    recovery does (a riemann_right service, m = 50 fixed), then checks with autodiff that the gradient is constant
+    inside every gap between brackets (three points per gap, plus the two points a quarter of a bracket's width
+    outside each bracket), and reports the gaps where it is not, with the size of the change there and the part of
+    it between the windows where the recovery's jump pairs read the gradient (a change inside a window is read with
+    that bracket's jump; one between two windows is missed).
+    """
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    from ..services import SimulatedIGService
+
+    x = np.asarray(x, np.float64)
+    v = variables
+    t_start = time.time()
+    svc = SimulatedIGService(model, v, rule="riemann_right", steps=50, fixed_steps=True)
+    phi_of = _RayValues(svc, np.zeros_like(x), x, target, 2048)
+    h = 1.0 / grid
+    t = np.concatenate([[0.0], h * 2.0 ** -np.arange(40, 0, -1), np.arange(1, grid + 3) * h])
+    phi = phi_of(t)
+    tol = 16 * np.finfo(np.float64).eps * float(np.max(np.abs(phi)))
+    lo, hi = _locate_kinks(phi_of, t, phi, tol)
+    seconds = time.time() - t_start
+    grad = jax.jit(jax.vmap(jax.grad(lambda z: model(v, z)[target])))
+
+    def g(ts):
+        return np.concatenate([np.asarray(grad(jnp.asarray(ts[k:k + 1024, None, None, None] * x[None])))
+                               .reshape(min(1024, ts.size - k), -1) for k in range(0, ts.size, 1024)])
+
+    a = np.concatenate([[0.0], hi])
+    c = np.concatenate([lo, [1.0]])
+    # the points next to each bracket, a quarter of its width outside it (the narrowest window a jump pair uses)
+    width = hi - lo
+    m_a = np.concatenate([[0.0], 0.25 * width + 1e-15 * hi])
+    m_c = np.concatenate([0.25 * width + 1e-15 * hi, [0.0]])
+    # where the recovery's jump pairs actually read the gradient (the widest window the other echoes allow)
+    nodes, weights = (np.asarray(q, np.float64) for q in svc.quadrature(svc.steps))
+    candidates, a_top = _heavy_nodes(nodes, weights)
+    ratios = nodes / a_top
+    pairs = _jump_queries(lo, hi, ratios, weights, candidates, 1.0 / ratios[candidates[0]] * (1 + 2 / grid))
+    read_lo = np.array([p[0] * ratios[p[2]] if p else np.nan for p in pairs])  # t below bracket k
+    read_hi = np.array([p[1] * ratios[p[2]] if p else np.nan for p in pairs])  # t above bracket k
+    w_a = np.concatenate([[0.0], read_hi])  # gap k is read from w_a[k] (above bracket k-1) to w_c[k]
+    w_c = np.concatenate([read_lo, [1.0]])
+    keep = c > a
+    a, c, m_a, m_c, w_a, w_c = a[keep], c[keep], m_a[keep], m_c[keep], w_a[keep], w_c[keep]
+    m_a, m_c = np.minimum(m_a, 0.5 * (c - a)), np.minimum(m_c, 0.5 * (c - a))
+    m_a = np.where(a == 0.0, 1e-3 * (c - a), m_a)  # not the baseline itself: the recovery reads g(0+) mid-gap
+    w_a = np.where(a == 0.0, a + m_a, w_a)
+    fr = np.array([0.001, 0.5, 0.999])
+    pts = np.concatenate([(a + m_a)[:, None], a[:, None] + fr[None] * (c - a)[:, None], (c - m_c)[:, None],
+                          w_a[:, None], w_c[:, None]], axis=1)
+    G = g(np.nan_to_num(pts.reshape(-1), nan=0.5)).reshape(a.size, pts.shape[1], -1)
+    change = np.max(np.abs(G[:, :5] - G[:, :1]), axis=(1, 2))
+    scale = float(np.max(np.abs(G)))
+    # between the windows: w_a, w_c and the interior samples inside [w_a, w_c]
+    within = np.concatenate([np.ones((a.size, 1), bool), (pts[:, 1:4] >= pts[:, 5:6]) & (pts[:, 1:4] <= pts[:, 6:7]),
+                             np.ones((a.size, 1), bool)], axis=1)
+    inner = G[:, [5, 1, 2, 3, 6]]
+    diff = np.where(within[..., None], np.abs(inner - inner[:, :1]), 0.0)
+    unread = np.where(np.isfinite(w_a) & np.isfinite(w_c), np.max(diff, axis=(1, 2)), np.nan)
+    bad = np.flatnonzero(change > 1e-9 * scale)
+    gaps = [(float(a[k]), float(c[k]), float(change[k]), abs(float((G[k, 4] - G[k, 0]) @ x.reshape(-1))),
+             float(unread[k])) for k in bad]
+    worst = float(np.nanmax(unread)) if np.isfinite(unread).any() else float("nan")
+    return KinkAudit(int(lo.size), int(phi_of.count), seconds, int(a.size), scale, gaps,
+                     int(np.sum(unread > 1e-9 * scale)), worst)

@@ -9,11 +9,14 @@ from __future__ import annotations
 from .boundary import BoundaryStudy
 from .clone import CloneStudy
 from .defences import DefencesStudy
+from .diagnostics import AccuracyStudy, ApproxPlansStudy, RayBreakpointsStudy
 from .extraction import ExtractionStudy
 from .fixed_kinks import FixedKinksStudy
 from .services import ServicesStudy
 from .base import Context, Study, Unit, option, parse_list
 from .patterns import PatternLeakageStudy, PatternStudy
+from .precision import KinksAuditStudy, OffRayChainsStudy, UlpSensitivityStudy
+from .protocol import ProtocolSeedsStudy
 from .runner import StudyResult, doc_checkpoints, run_study
 
 __all__ = ["Study", "Unit", "Context", "option", "parse_list", "run_study", "StudyResult", "doc_checkpoints",
@@ -21,7 +24,8 @@ __all__ = ["Study", "Unit", "Context", "option", "parse_list", "run_study", "Stu
 
 STUDIES: dict[str, Study] = {s.name: s for s in (
     ServicesStudy(), FixedKinksStudy(), DefencesStudy(), PatternStudy(), PatternLeakageStudy(), BoundaryStudy(),
-    ExtractionStudy(), CloneStudy(),
+    ExtractionStudy(), CloneStudy(), ProtocolSeedsStudy(), ApproxPlansStudy(), RayBreakpointsStudy(), AccuracyStudy(),
+    UlpSensitivityStudy(), OffRayChainsStudy(), KinksAuditStudy(),
 )}
 
 
