@@ -19,7 +19,7 @@ This module only re-exports.
 from . import (attacks, checkpoint, data, engine, explainers, metrics, models, native, protocol, search, services,
                stealing, training)
 from ._version import __version__
-from .attacks import (Averaged, NotPiecewiseLinear, Query, QueryPlan, RecoveryIncomplete, approx_plan, attack,
+from .attacks import (Averaged, NotPiecewiseLinear, Query, QueryPlan, Recovery, RecoveryIncomplete, RecoveryReport, approx_plan, attack,
                       best_plan, exact_plan, identify_service, minimal_plan, nobias_plan, paper_plan, plan_residual,
                       query_inputs, recover, recover_eq2, recover_eq3, recover_eq4, recover_fixed_steps,
                       recover_fixed_steps_from_kinks, recover_from_big, recover_from_outputs, recover_input_baseline,
@@ -62,7 +62,7 @@ __all__ = [
     "plan_residual", "query_inputs", "recover", "recover_eq2", "recover_eq3", "recover_eq4", "attack",
     "service_plan", "best_plan", "recover_fixed_steps", "recover_fixed_steps_from_kinks", "identify_service",
     "recover_from_outputs", "recover_input_baseline", "recover_random_steps", "recover_from_big", "Averaged",
-    "NotPiecewiseLinear", "RecoveryIncomplete",
+    "NotPiecewiseLinear", "RecoveryIncomplete", "Recovery", "RecoveryReport",
     # stealing
     "extract_two_layer", "train_clone",
     # metrics

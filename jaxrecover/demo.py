@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     vg = explain(VG(), model, v, x, y)
     for rule in RULES:
         plan = minimal_plan(rule)
-        rec, _ = attack(SimulatedIGService(model, v, rule=rule), plan, x, y)
+        rec, _, _ = attack(SimulatedIGService(model, v, rule=rule), plan, x, y)
         dist = summarize(normalized_distance(vg, rec))["max"]
         print(f"  {rule:18s} {len(plan.queries)} quer{'y' if len(plan.queries) == 1 else 'ies'}, {plan.evaluations:2d} gradient evaluation{'' if plan.evaluations == 1 else 's'}, "
               f"max distance {dist:.1e}   {plan}")

@@ -83,7 +83,7 @@ def test_paper_eq2_fails_with_bias():
 def test_nobias_plan_generalises_eq2_to_every_rule(rule, kind):
     logit_fn, params, x, b, t, vg = _setup(kind, bias=False)
     plan = R.nobias_plan(rule, 20)
-    rec, _ = R.attack(SimulatedIGService(logit_fn, params, rule=rule), plan, x, t)
+    rec, _, _ = R.attack(SimulatedIGService(logit_fn, params, rule=rule), plan, x, t)
     assert _rel(rec, vg) < TOL
 
 
@@ -94,7 +94,7 @@ def test_every_generalised_plan_recovers_vg(rule, kind, bias, baseline):
     logit_fn, params, x, b, t, vg = _setup(kind, bias, seed=3, baseline_scale=baseline)
     oracle = SimulatedIGService(logit_fn, params, rule=rule, baseline=b)
     for plan in (R.exact_plan(rule, 50), R.exact_plan(rule, 3), R.minimal_plan(rule)):
-        rec, mask = R.attack(oracle, plan, x, t)
+        rec, mask, _ = R.attack(oracle, plan, x, t)
         assert rec.dtype == jnp.float64
         assert bool(mask.all())
         assert _rel(rec, vg) < TOL, (plan, _rel(rec, vg))
@@ -105,11 +105,11 @@ def test_general_plan_equals_paper_eq4_and_eq3():
     oracle = SimulatedIGService(logit_fn, params)
     plan = R.paper_plan(50)
     assert plan.queries == (R.Query(1.0, 50), R.Query(49 / 50, 49)) and plan.coeffs == (50.0, -49.0)
-    via_plan, _ = R.attack(oracle, plan, x, t)
+    via_plan, _, _ = R.attack(oracle, plan, x, t)
     via_eq4, _ = R.recover_eq4(oracle(x, t, steps=50), oracle(0.98 * x, t, steps=49), x, 50)
     np.testing.assert_allclose(via_plan, via_eq4, rtol=1e-9, atol=1e-12)
     eq3_plan = R.approx_plan("riemann_right", 50, 0.98)
-    via_plan3, _ = R.attack(oracle, eq3_plan, x, t)
+    via_plan3, _, _ = R.attack(oracle, eq3_plan, x, t)
     via_eq3, _ = R.recover_eq3(oracle(x, t, steps=50), oracle(0.98 * x, t, steps=50), x, 0.98)
     np.testing.assert_allclose(via_plan3, via_eq3, rtol=1e-8, atol=1e-10)
 
@@ -119,11 +119,11 @@ def test_eq4_recovers_the_gradient_of_a_smooth_softmax_output(output):
     logit_fn, params, x, b, t, _ = _setup("dense4", True)
     vg = explain(VG(), logit_fn, params, x, t, output=output)
     oracle = SimulatedIGService(logit_fn, params, output=output)
-    rec, _ = R.attack(oracle, R.paper_plan(50), x, t)
+    rec, _, _ = R.attack(oracle, R.paper_plan(50), x, t)
     assert _rel(rec, vg) < TOL
     # and every other rule's exact plan too (the identity needs no piecewise linearity)
     for rule in ("gausslegendre", "ig_original", "riemann_trapezoid"):
-        rec, _ = R.attack(SimulatedIGService(logit_fn, params, rule=rule, output=output), R.exact_plan(rule, 10), x, t)
+        rec, _, _ = R.attack(SimulatedIGService(logit_fn, params, rule=rule, output=output), R.exact_plan(rule, 10), x, t)
         assert _rel(rec, vg) < TOL
 
 
@@ -131,7 +131,7 @@ def test_coordinates_equal_to_the_baseline_are_nan_and_masked():
     logit_fn, params, x, b, t, vg = _setup("dense2", True, baseline_scale=0.2)
     x = x.at[:, 3].set(b[:, 3]).at[0, 5].set(b[0, 5])
     oracle = SimulatedIGService(logit_fn, params, baseline=b)
-    rec, mask = R.attack(oracle, R.paper_plan(50), x, t)
+    rec, mask, _ = R.attack(oracle, R.paper_plan(50), x, t)
     assert not bool(mask[:, 3].any()) and not bool(mask[0, 5])
     assert bool(jnp.isnan(rec[:, 3]).all()) and bool(jnp.isnan(rec[0, 5]))
     assert not bool(jnp.isinf(rec).any())
@@ -171,7 +171,7 @@ def test_float32_service_recovery_is_close_but_not_exact():
     x = jax.random.normal(jax.random.key(100), (6, *shape), jnp.float32)
     t = jnp.arange(6, dtype=jnp.int32) % 5
     vg = explain(VG(), logit_fn, params, x, t)
-    rec, _ = R.attack(SimulatedIGService(logit_fn, params), R.paper_plan(50), x, t)
+    rec, _, _ = R.attack(SimulatedIGService(logit_fn, params), R.paper_plan(50), x, t)
     assert rec.dtype == jnp.float32
     err = _rel(rec, vg)
     assert 1e-9 < err < 1e-2
@@ -191,7 +191,7 @@ def test_property_exact_plans_on_random_relu_nets(rule, m, seed, depth, bias):
     vg = explain(VG(), logit_fn, params, x, t)
     if float(jnp.max(jnp.abs(vg))) == 0:  # a dead net has nothing to recover
         return
-    rec, _ = R.attack(SimulatedIGService(logit_fn, params, rule=rule, baseline=b), R.exact_plan(rule, m), x, t)
+    rec, _, _ = R.attack(SimulatedIGService(logit_fn, params, rule=rule, baseline=b), R.exact_plan(rule, m), x, t)
     assert float(jnp.max(jnp.abs(rec - vg))) <= TOL * float(jnp.max(jnp.abs(vg)))
 
 
@@ -214,7 +214,7 @@ def test_service_declares_counts_and_enforces_its_policy():
     with pytest.raises(S.StepCountRefused, match="fixes the step count at 20"):
         R.attack(fixed, R.paper_plan(20), x, t)  # eq. 4 needs m - 1 = 19 steps
     assert fixed.queries == 0  # refused before any query was spent
-    rec, _ = R.attack(fixed, R.approx_plan("riemann_right", 20), x, t)  # eq. 3 keeps m
+    rec, _, _ = R.attack(fixed, R.approx_plan("riemann_right", 20), x, t)  # eq. 3 keeps m
     assert rec.dtype == jnp.float64 and fixed.queries == 8
     with pytest.raises(TypeError, match="answers float64 inputs"):
         fixed(x.astype(jnp.float32), t)
@@ -227,7 +227,7 @@ def test_attack_takes_the_baseline_from_the_service():
     t = jnp.arange(3)
     b = 0.3 * jnp.ones(shape)
     service = SimulatedIGService(logit_fn, params, baseline=b)
-    rec, mask = R.attack(service, R.paper_plan(30), x, t)
+    rec, mask, _ = R.attack(service, R.paper_plan(30), x, t)
     vg = explain(VG(), logit_fn, params, x, t)
     assert bool(mask.all())
     np.testing.assert_allclose(rec, vg, rtol=1e-9, atol=1e-12)

@@ -31,7 +31,7 @@ def test_fixed_step_recovery_is_exact(kind, rule):
     assert sum(rep.breakpoints) > 0 and max(rep.final_residual) <= 1e-9
     assert svc.queries == sum(rep.queries)
     # eq. (3) on the same service is far off
-    rec3, _ = R.attack(svc, R.approx_plan(rule, 50), x, t)
+    rec3, _, _ = R.attack(svc, R.approx_plan(rule, 50), x, t)
     assert _rel(rec3, truth) > 1e-4
 
 

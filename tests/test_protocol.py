@@ -238,15 +238,9 @@ def test_protocol_config_validates_its_settings():
 
 
 def test_results_doc_second_dataset_section_compares_with_mnist(tmp_path):
-    """scripts/make_results_doc.py: the second dataset's section takes every number from the records (accuracy
+    """jaxrecover.protocol.results_doc: the second dataset's section takes every number from the records (accuracy
     beside MNIST's, mean distances side by side) and names the models not run yet."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "make_results_doc.py"
-    spec = importlib.util.spec_from_file_location("make_results_doc", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from jaxrecover.protocol import results_doc as mod
 
     def record(dataset, acc, mean_b):
         return {"model": "twolayer", "dataset": dataset, "dtype": "float64", "test_accuracy": acc, "train_epochs": 30,

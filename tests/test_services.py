@@ -69,7 +69,7 @@ def test_service_aware_plan_recovers_vg_from_captum_float64(twolayer64, rule):
     svc = CaptumIGService("twolayer", v, rule=rule)
     vg = jr.explain(jr.VG(), model, v, x, t)
     plan = R.best_plan(svc)
-    rec, mask = R.attack(svc, plan, x, t)
+    rec, mask, _ = R.attack(svc, plan, x, t)
     assert rec.dtype == jnp.float64
     assert _rel(rec, vg) <= 1e-12, (plan, _rel(rec, vg))
     naive = R.exact_plan(rule, 50)
@@ -87,7 +87,7 @@ def test_captum_service_float32_and_softmax(twolayer64):
     model, v, x, t = twolayer64
     v32, x32 = jr.cast_variables(v, jnp.float32), x.astype(jnp.float32)
     svc = CaptumIGService("twolayer", v32, rule="gausslegendre", output="prob")
-    rec, _ = R.attack(svc, R.best_plan(svc), x32, t)
+    rec, _, _ = R.attack(svc, R.best_plan(svc), x32, t)
     assert rec.dtype == jnp.float32
     vg = jr.explain(jr.VG(), model, v, x, t, output="prob")
     assert _rel(rec.astype(jnp.float64), vg) <= 1e-5
@@ -101,7 +101,7 @@ def test_pair_saliency_service(twolayer64):
     ans = svc(x, t)
     assert ans.dtype == jnp.float64
     assert 0 < _rel(ans, ours) <= 1e-6  # PAIR accumulates in float32 whatever the input dtype
-    rec, _ = R.attack(svc, R.best_plan(svc), x, t)
+    rec, _, _ = R.attack(svc, R.best_plan(svc), x, t)
     vg = jr.explain(jr.VG(), model, v, x, t)
     assert _rel(rec, vg) <= 1e-6
 
@@ -178,21 +178,19 @@ def test_captum_gradient_is_the_twins_autograd_and_bitwise_plans_recover_it_on_m
     assert _rel(svc.gradient(xr, t), jr.explain(jr.VG(), jr.make_model("lenet"), v, xr, t)) <= 1e-10
     plan = R.best_plan(svc)
     assert R.bitwise_shared(plan, svc.quadrature, jnp.float64)
-    rec, mask = R.attack(svc, plan, x, t)
+    rec, mask, _ = R.attack(svc, plan, x, t)
     assert _rel(jnp.where(mask, rec, 0.0), jnp.where(mask, g, 0.0)) <= 1e-12
 
 
-def test_ulp_sensitivity_script_prints_its_table_and_riemann_middle_never_evaluates_at_x():
-    """scripts/ulp_sensitivity.py (SERVICES.md's evidence that riemann_middle cannot reach round-off on max-pool
+def test_ulp_sensitivity_study_prints_its_table_and_riemann_middle_never_evaluates_at_x(tmp_path):
+    """The ulp-sensitivity study (SERVICES.md's evidence that riemann_middle cannot reach round-off on max-pool
     nets): runs on random weights, and the riemann_middle plan's largest point is never x bit-identically."""
-    import subprocess
-    import sys
-    from pathlib import Path
-    script = Path(__file__).resolve().parents[1] / "scripts" / "ulp_sensitivity.py"
-    r = subprocess.run([sys.executable, str(script), "--models", "lenet", "--n", "2", "--random"],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    row = next(line for line in r.stdout.splitlines() if line.startswith("| lenet | random init"))
+    from jaxrecover.studies import get_study, run_study
+
+    study = get_study("ulp-sensitivity")
+    res = run_study(study, study.make_config(models=("lenet",), n=2, weights=("random",)), out=tmp_path,
+                    checkpoints=tmp_path / "ckpt", progress=False)
+    row = next(line for line in res.markdown.splitlines() if line.startswith("| lenet | random init"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[-1] == "0 of 2" and cells[-3].startswith("paired-m3@service~f32")
     jax_down = [float(v) for v in cells[5].split(" / ")]

@@ -25,6 +25,7 @@ that stops at a farther local point from ``x`` can find another point from a que
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -33,17 +34,19 @@ from tqdm.auto import tqdm
 from ..services import AssumedBaseline, attack_inputs
 from .plans import best_plan
 from .recovery import attack
+from .result import RecoveryReport, recovery
 
 __all__ = ["estimate_boundary_point", "recover_from_big", "BoundaryPointReport"]
 
 
 @dataclasses.dataclass
-class BoundaryPointReport:
+class BoundaryPointReport(RecoveryReport):
     """Per input: ``queries`` spent on the estimate, ``misfit`` (the largest relative residual of a probe's
     answer against the scaled answer at ``x``: round-off where every probe stayed in the linear regime)."""
 
     queries: list[int]
     misfit: list[float]
+    points: Any = None  # recover_from_big: the estimated boundary points [N, ...]
 
 
 def estimate_boundary_point(service, x, target, *, h: float | None = None, progress: bool = False):
@@ -82,13 +85,15 @@ def estimate_boundary_point(service, x, target, *, h: float | None = None, progr
     return out.astype(dtype), report
 
 
+@recovery("BIG: boundary point, then a plan")
 def recover_from_big(service, x, target, *, plan=None, h: float | None = None, progress: bool = False):
     """VG from a BIG service: :func:`estimate_boundary_point`, then ``plan`` (default: the service's
     :func:`best_plan`) on the segment from that point (:class:`AssumedBaseline`). Returns
-    ``(vg, mask, points, report)``; the queries are the estimate's plus the plan's (one per plan query and
+    a :class:`Recovery` ``(vg, mask, report)`` (the estimated points in ``report.points``); the queries are the estimate's plus the plan's (one per plan query and
     input). A plan whose scales stay near 1 (e.g. ``exact_plan(rule, 50)``: scales 1 and 0.98) keeps its
     queries near ``x``, where the service's search is likelier to find the same point as from ``x``."""
     points, report = estimate_boundary_point(service, x, target, h=h, progress=progress)
     view = AssumedBaseline(service, points)
-    vg, mask = attack(view, best_plan(view) if plan is None else plan, jnp.asarray(x), jnp.asarray(target))
-    return vg, mask, points, report
+    vg, mask, _ = attack(view, best_plan(view) if plan is None else plan, jnp.asarray(x), jnp.asarray(target))
+    report.points = points
+    return vg, mask, report

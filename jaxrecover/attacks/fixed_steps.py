@@ -43,12 +43,13 @@ from tqdm.auto import tqdm
 
 from .linearity import RecoveryIncomplete, check_piecewise_linear
 from ..services import QueryBudgetExceeded, attack_inputs
+from .result import Recovery, RecoveryReport, recovery
 
 __all__ = ["recover_fixed_steps", "FixedStepsReport"]
 
 
 @dataclasses.dataclass
-class FixedStepsReport:
+class FixedStepsReport(RecoveryReport):
     """What :func:`recover_fixed_steps` spent and found, per example.
 
     Attributes:
@@ -181,6 +182,7 @@ def _find_jumps(ray: _Ray, c0, p, q, r_p, r_q, tol, resolution):
     return found
 
 
+@recovery("fixed-m jump decoding")
 def recover_fixed_steps(service, x, target, *, s0: float = 1e-4, resolution: float | None = None,
                         tol: float | None = None, budget: int | None = 2**20, progress: bool = False):
     """Recover VG exactly from a service that fixes its step count (piecewise-linear nets).
@@ -231,7 +233,7 @@ def recover_fixed_steps(service, x, target, *, s0: float = 1e-4, resolution: flo
             done = np.zeros(x.shape[0], bool)
             done[:i] = True
             rep.stopped = f"example {i} of {x.shape[0]}: {e}"
-            part = (jnp.asarray(out, x.dtype), jnp.asarray(mask & done.reshape((-1,) + (1,) * (x.ndim - 1))), rep)
+            part = Recovery(jnp.asarray(out, x.dtype), jnp.asarray(mask & done.reshape((-1,) + (1,) * (x.ndim - 1))), rep)
             raise RecoveryIncomplete(f"query budget ran out at example {i} of {x.shape[0]} ({e}); the {i} "
                                      "finished example(s) are in .partial", part) from None
     return jnp.asarray(out, x.dtype), jnp.asarray(mask), rep

@@ -32,12 +32,13 @@ from tqdm.auto import tqdm
 
 from ..explainers import RULES, num_evaluations
 from ..explainers.baselines import is_input_dependent
+from .result import RecoveryReport, recovery
 
 __all__ = ["recover_input_baseline", "ChainReport"]
 
 
 @dataclasses.dataclass
-class ChainReport:
+class ChainReport(RecoveryReport):
     """What :func:`recover_input_baseline` spent, per example.
 
     Attributes:
@@ -64,6 +65,7 @@ def _chain_rule(service):
     return m, float(nodes[lo]), float(weights[lo]), float(weights[hi])
 
 
+@recovery("chain (input-dependent baseline)")
 def recover_input_baseline(service, x, target, *, max_queries: int = 2000, tol: float | None = None,
                            confirm: int = 4, progress: bool = False):
     """Recover VG from a service whose baseline is a linear function of the input (e.g. ``BlurBaseline``).

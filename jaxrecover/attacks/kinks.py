@@ -68,12 +68,13 @@ from tqdm.auto import tqdm
 from .linearity import RecoveryIncomplete, check_piecewise_linear
 from .outputs import output_values
 from ..services import QueryBudgetExceeded, attack_inputs
+from .result import Recovery, RecoveryReport, recovery
 
 __all__ = ["recover_fixed_steps_from_kinks", "KinkReport", "audit_kinks", "KinkAudit"]
 
 
 @dataclasses.dataclass
-class KinkReport:
+class KinkReport(RecoveryReport):
     """What :func:`recover_fixed_steps_from_kinks` spent and found, per example.
 
     Attributes:
@@ -492,6 +493,7 @@ def _merge(lo, hi, bad):
     return lo, hi, merges
 
 
+@recovery("fixed-m kinks + jump pairs")
 def recover_fixed_steps_from_kinks(service, x, target, *, grid: int = 16384, tol: float | None = None,
                                    checks: int = 4, chunk: int = 2048, seed: int = 0, budget: int | None = 2**20,
                                    progress: bool = False):
@@ -557,7 +559,7 @@ def recover_fixed_steps_from_kinks(service, x, target, *, grid: int = 16384, tol
             done = np.zeros(x.shape[0], bool)
             done[:i] = True
             rep.stopped = f"example {i} of {x.shape[0]}: {e}"
-            part = (jnp.asarray(out, x.dtype),
+            part = Recovery(jnp.asarray(out, x.dtype),
                     jnp.asarray(mask_all & done.reshape((-1,) + (1,) * (x.ndim - 1))), rep)
             raise RecoveryIncomplete(f"query budget ran out at example {i} of {x.shape[0]} ({e}); the {i} "
                                      "finished example(s) are in .partial", part) from None

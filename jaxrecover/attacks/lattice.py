@@ -21,15 +21,16 @@ import numpy as np
 
 from ..explainers import RULES
 from .recovery import query_input
+from .result import RecoveryReport, recovery
 
 __all__ = ["lattice_queries", "lattice_attack", "LatticeReport"]
 
 
 @dataclasses.dataclass
-class LatticeReport:
+class LatticeReport(RecoveryReport):
     """Queries (per example), the system's rank and the noise amplification of ``g(1)``."""
 
-    queries: int
+    queries: list[int]
     evaluations: int
     rank: int
     unknowns: int
@@ -60,6 +61,7 @@ def lattice_queries(service, grid: int = 12, max_steps: int = 24):
     return out
 
 
+@recovery("lattice least squares")
 def lattice_attack(service, x, target, *, grid: int = 12, max_steps: int = 24):
     """Recover VG by least squares over every grid query (see the module docstring).
 
@@ -94,5 +96,5 @@ def lattice_attack(service, x, target, *, grid: int = 12, max_steps: int = 24):
             total = total + coef * np.where(d != 0, ans / np.where(d != 0, d, 1.0), np.nan)
     mask = np.asarray(x, np.float64) != (0.0 if b is None else np.asarray(b, np.float64))
     evals = sum(int(np.asarray(service.quadrature(m)[0]).size) for _, m, _ in qs)
-    rep = LatticeReport(len(qs), evals, int(np.linalg.matrix_rank(a)), len(cols), float(np.linalg.norm(row)))
+    rep = LatticeReport([len(qs)] * int(np.shape(x)[0]), evals, int(np.linalg.matrix_rank(a)), len(cols), float(np.linalg.norm(row)))
     return jnp.asarray(np.where(mask, total, np.nan), x.dtype), jnp.asarray(mask), rep

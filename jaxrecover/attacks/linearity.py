@@ -33,7 +33,7 @@ class NotPiecewiseLinear(ValueError):
 
 
 class RecoveryIncomplete(QueryBudgetExceeded):
-    """A recovery's query budget ran out. ``partial`` holds ``(vg, mask, report)`` with every example finished
+    """A recovery's query budget ran out. ``partial`` holds a :class:`Recovery` ``(vg, mask, report)`` with every example finished
     before it (the unfinished ones NaN and masked out); ``report.stopped`` says where it stopped."""
 
     def __init__(self, message: str, partial):

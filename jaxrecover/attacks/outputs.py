@@ -25,12 +25,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..services import attack_inputs
+from .result import RecoveryReport, recovery
 
 __all__ = ["recover_from_outputs", "OutputsReport", "output_values"]
 
 
 @dataclasses.dataclass
-class OutputsReport:
+class OutputsReport(RecoveryReport):
     """What :func:`recover_from_outputs` spent, per example.
 
     Attributes:
@@ -51,6 +52,7 @@ def output_values(service, z, target):
     return np.asarray(fz, np.float64)
 
 
+@recovery("finite differences of outputs")
 def recover_from_outputs(service, x, target, *, h: float | None = None, tol: float | None = None,
                          retries: int = 3, chunk: int = 512, progress: bool = False):
     """Recover VG from the output values reported with explanations (finite differences; any step policy).

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from .plans import QueryPlan
+from .result import PlanReport, recovery
 
 __all__ = ["query_input", "query_inputs", "recover", "recover_eq2", "recover_eq3", "recover_eq4", "attack"]
 
@@ -98,8 +99,9 @@ def recover_eq4(ig_m: jax.Array, ig_m1: jax.Array, x: jax.Array, m: int):
     return _safe_divide(m * (ig_m - ig_m1), x)
 
 
+@recovery("plan")
 def attack(service, plan: QueryPlan, x, target):
-    """Ask ``service`` the plan's queries about ``x`` and recover ``(vg, mask)``.
+    """Ask ``service`` the plan's queries about ``x`` and recover VG: a :class:`Recovery` ``(vg, mask, report)``.
 
     The baseline, rule and step policy are the service's own: a plan for
     another rule, or one that needs step counts a fixed-step service refuses,
@@ -119,4 +121,5 @@ def attack(service, plan: QueryPlan, x, target):
         raise TypeError(f"x is {x.dtype} but the service answers in {service.dtype}; cast x")
     b = None if service.baseline is None else service.fixed_baseline(x)
     answers = [service(xq, target, steps=q.steps) for xq, q in zip(query_inputs(plan, x, b), plan.queries)]
-    return recover(plan, answers, x, b)
+    vg, mask = recover(plan, answers, x, b)
+    return vg, mask, PlanReport([len(plan.queries)] * int(x.shape[0]), plan=plan.name)

@@ -150,7 +150,7 @@ class _Oracle:
         x = z.astype(self.service.dtype).reshape(n, *self.shape)
         if not self.free_value:
             self.service._check_budget(n + n * len(self.plan.queries))
-        vg, mask = attack(self.service, self.plan, x, classes)
+        vg, mask, _ = attack(self.service, self.plan, x, classes)
         if not bool(np.all(np.asarray(mask))):
             raise RuntimeError("a query point has a coordinate equal to the baseline, where IG gives no gradient; "
                                "use another seed")

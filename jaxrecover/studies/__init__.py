@@ -7,6 +7,7 @@ provenance and the docs block for all (:mod:`jaxrecover.studies.runner`). ``STUD
 from __future__ import annotations
 
 from .boundary import BoundaryStudy
+from .boundary_speed import BoundarySpeedStudy
 from .clone import CloneStudy
 from .defences import DefencesStudy
 from .diagnostics import AccuracyStudy, ApproxPlansStudy, RayBreakpointsStudy
@@ -24,6 +25,7 @@ __all__ = ["Study", "Unit", "Context", "option", "parse_list", "run_study", "Stu
 
 STUDIES: dict[str, Study] = {s.name: s for s in (
     ServicesStudy(), FixedKinksStudy(), DefencesStudy(), PatternStudy(), PatternLeakageStudy(), BoundaryStudy(),
+    BoundarySpeedStudy(),
     ExtractionStudy(), CloneStudy(), ProtocolSeedsStudy(), ApproxPlansStudy(), RayBreakpointsStudy(), AccuracyStudy(),
     UlpSensitivityStudy(), OffRayChainsStudy(), KinksAuditStudy(),
 )}

@@ -93,11 +93,12 @@ def leakage(model, v, x, labels, probes: int, progress: bool = True):
     out = {"n": int(x.shape[0]), "plan": plan.name, "plan_queries": len(plan.queries)}
     out["as_is"] = dist(big(x, labels), vg, ok)
     for key, guess in (("zeros", jnp.zeros_like(x)), ("oracle", res.point)):
-        g, _ = attack(AssumedBaseline(big, guess), plan, x, labels)
+        g, _, _ = attack(AssumedBaseline(big, guess), plan, x, labels)
         out[key] = dist(g, vg, ok)
     if probes:
         big.reset_counters()
-        g, _, pts, rep = recover_from_big(big, x[:probes], labels[:probes], plan=plan, progress=progress)
+        g, _, rep = recover_from_big(big, x[:probes], labels[:probes], plan=plan, progress=progress)
+        pts = rep.points
         out["probes"] = dist(g, vg[:probes], ok[:probes])
         out["probes"]["queries_per_image"] = big.queries / probes
         out["probes"]["point_error"] = float(np.max(np.abs(pts - np.asarray(res.point[:probes]))))

@@ -52,7 +52,7 @@ def queries(service, victim, v, pool, kind, budget):
         answers = service(x, jnp.asarray(target))
         return CloneData(np.asarray(x), logits, target, np.asarray(answers), np.zeros(x.shape, np.float32)), \
             service.queries
-    vg, _ = attack(service, best_plan(service), x, jnp.asarray(target))
+    vg, _, _ = attack(service, best_plan(service), x, jnp.asarray(target))
     return CloneData(np.asarray(x), logits, target, np.asarray(vg)), service.queries
 
 

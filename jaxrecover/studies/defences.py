@@ -99,9 +99,9 @@ def run_attack(attack, svc, x, t, inner=None):
     if attack == FIXED_M:
         return fixed_m_capped(svc, inner, x, t)
     if attack == "best plan":
-        return attack_(svc, best_plan(svc), x, t)
+        return attack_(svc, best_plan(svc), x, t)[:2]
     if attack == "averaged x16 + best plan":
-        return attack_(Averaged(svc, 16), best_plan(svc), x, t)
+        return attack_(Averaged(svc, 16), best_plan(svc), x, t)[:2]
     if attack == "lattice":
         return lattice_attack(svc, x, t)[:2]
     if attack == "outputs, finite diff.":

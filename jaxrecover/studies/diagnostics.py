@@ -67,7 +67,7 @@ class ApproxPlansStudy(Study):
         for rule in RULES:
             plan = nobias_plan(rule, s["steps"]) if s["model"].endswith("nobias") else approx_plan(rule, s["steps"],
                                                                                                     s["a"])
-            rec, mask = attack(SimulatedIGService(model, v, rule=rule), plan, x, y)
+            rec, mask, _ = attack(SimulatedIGService(model, v, rule=rule), plan, x, y)
             d = np.asarray(normalized_distance(vg, rec, mask))
             rows.append({"model": s["model"], "rule": rule, "plan": plan.name, "mean": float(d.mean()),
                          "max": float(d.max())})

@@ -69,7 +69,7 @@ class FixedKinksStudy(Study):
         svc = SimulatedIGService(model, v, rule=s["rule"], steps=50, fixed_steps=True)
         t0 = time.time()
         if s["method"] == METHODS[0]:
-            rec, mask = attack(svc, approx_plan(s["rule"], 50), x, t)
+            rec, mask, _ = attack(svc, approx_plan(s["rule"], 50), x, t)
             d = np.asarray(normalized_distance(rec, vg, mask))
             row = {"kinks": "", "explanations": float(svc.queries // x.shape[0]), "values": 0.0,
                    "slope_res": "", "check_res": ""}

@@ -66,7 +66,7 @@ def reference_vg(label, name, model, v32, x, t, point=None):
 def _row(label, svc, plan, x, t, vg, extra):
     svc.reset_counters()
     t0 = time.time()
-    rec, mask = attack(svc, plan, x, t)
+    rec, mask, _ = attack(svc, plan, x, t)
     d = np.asarray(normalized_distance(rec.astype(jnp.float64), vg, mask))
     return {"service": label, "rule": svc.rule, "plan": plan.name, "queries": svc.queries // x.shape[0],
             "evaluations": svc.evaluations // x.shape[0], "mean": float(np.mean(d)), "max": float(np.max(d)),

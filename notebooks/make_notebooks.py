@@ -1,6 +1,6 @@
 """Write notebooks/*.ipynb from the cell sources below (outputs are never committed).
 
-Usage: python scripts/make_notebooks.py
+Usage: python notebooks/make_notebooks.py
 """
 
 from pathlib import Path
@@ -46,7 +46,7 @@ vg = jr.explain(jr.VG(), model, v64, x, y)
 ig = jr.explain(jr.IG(steps=50), model, v64, x, y)
 service = jr.SimulatedIGService(model, v64, rule="riemann_right", steps=50)   # a simulated IG service
 plan = jr.paper_plan(50) if not name.endswith("nobias") else jr.nobias_plan("riemann_right", 50)
-rec, mask = jr.attack(service, plan, x, y)
+rec, mask, _ = jr.attack(service, plan, x, y)
 print(service)
 print(plan)
 print("distance(VG, IG)        =", float(jr.normalized_distance(vg, ig)[0]))
@@ -65,7 +65,7 @@ plt.show()"""),
 The cheapest exact plan of each rule (docs/RECOVERY.md), asked of a simulated service using that rule."""),
     ("code", """for rule in jr.RULES:
     p = jr.minimal_plan(rule)
-    r, _ = jr.attack(jr.SimulatedIGService(model, v64, rule=rule), p, x, y)
+    r, _, _ = jr.attack(jr.SimulatedIGService(model, v64, rule=rule), p, x, y)
     print(f"{rule:18s} {p.evaluations:2d} evaluations  distance {float(jr.normalized_distance(vg, r)[0]):.1e}")"""),
 ]
 
