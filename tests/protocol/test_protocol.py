@@ -13,7 +13,7 @@ from jaxrecover.data import normalize
 from jaxrecover.protocol import EvalConfig, evaluate, load_results, markdown_report
 from jaxrecover.protocol import ProtocolConfig, experiments_for, run_protocol
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ("twolayer_nobias", "twolayer", "lenet_nobias", "lenet")
 
 SCHEMA = {"model": str, "dataset": str, "split": str, "n": int, "dtype": str, "mode": str, "seed": int,

@@ -26,7 +26,7 @@ from jaxrecover import services as S
 from jaxrecover.checkpoint import CheckpointError, load_metadata, writer
 from jaxrecover.training import TrainConfig, load_trained, train_and_evaluate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args, env=None, **kw):

@@ -19,7 +19,7 @@ from jaxrecover.data import Dataset, DataError
 from jaxrecover.protocol import EvalConfig, evaluate
 from jaxrecover.training import TrainConfig, load_trained, train_and_evaluate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args, **kw):

@@ -236,18 +236,17 @@ def test_random_steps_attack_estimates_m_and_recovers_vg_exactly(net):
         R.recover_random_steps(S.RandomSteps(_svc(net, rule="gausslegendre")[0], 6, 12), x, t, low=6, high=12)
 
 
-def test_defences_table_resumes_only_rows_made_with_the_same_weights_images_and_settings():
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "defences_table.py"
-    spec = importlib.util.spec_from_file_location("defences_table", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    key = {"weights_sha256": "a" * 64, "images_sha256": "b" * 64, "N": 32}
-    rows = [{"model": "lenet", "key": key, "attack": "best plan"},
-            {"model": "lenet", "key": {**key, "weights_sha256": "c" * 64}, "attack": "lattice"},
-            {"model": "lenet", "attack": "outputs"},  # made before rows carried a key
-            {"model": "twolayer", "key": {**key, "N": 8}, "attack": "best plan"}]
-    kept, stale = mod.reusable_rows(rows, "lenet", key)
-    assert stale == 2 and kept == [rows[0], rows[3]]  # other models' rows are left for their own check
-    assert mod.reusable_rows(kept, "twolayer", key) == ([rows[0]], 1)
+def test_defences_study_is_importable_data_one_unit_per_defence_and_attack():
+    """The defence study is data (importable: ``defences()``, ``attacks_for``); its units are unique and keyed by
+    everything that decides a row (the runner adds weights and data, tests/studies)."""
+    from jaxrecover.studies.defences import DefencesStudy, attacks_for, defences
+
+    study = DefencesStudy()
+    units = study.units(study.make_config(models=("twolayer", "resnet18")))
+    keys = [(u.settings["model"], u.settings["defence"], u.settings["strength"], u.settings["attack"]) for u in units]
+    assert len(keys) == len(set(keys)) == sum(len(attacks_for(d, m)) for m in ("twolayer", "resnet18")
+                                              for d, _, _ in defences())
+    assert all(u.checkpoints == (u.settings["model"],) for u in units)
+    assert not any("fixed-m" in a for a in attacks_for("fixed m", "resnet18"))  # too slow there (docstring)
+    with pytest.raises(ValueError, match="defences \\['walls'\\]"):
+        study.units(study.make_config(defences=("walls",)))

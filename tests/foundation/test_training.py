@@ -13,7 +13,7 @@ from jaxrecover.checkpoint import CheckpointError, load_metadata
 from jaxrecover.data import Dataset
 from jaxrecover.training import TrainConfig, load_trained, train_and_evaluate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
