@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev,services
 export PYTHONUNBUFFERED=1
-exec .venv/bin/python -m pytest -q tests notebooks --nbmake --nbmake-timeout=600 --durations=25 "$@"
+# two workers (one per core of the CI machine), whole files per worker so module fixtures are built once
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile tests notebooks --nbmake --nbmake-timeout=600 --durations=25 "$@"

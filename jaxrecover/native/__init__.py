@@ -94,7 +94,17 @@ def _intact(target: Path) -> bool | None:
 
 
 def _build(compiler: str) -> Path:
+    """The cached library for ``compiler``, built first when missing or damaged. Concurrent processes (e.g. test
+    workers) build one at a time under the cache folder's lock; the others then find it intact."""
+    from ..fileio import folder_lock
+
     target = library_path(compiler)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(target.parent, "native-build"):
+        return _build_locked(compiler, target)
+
+
+def _build_locked(compiler: str, target: Path) -> Path:
     if target.exists():
         intact = _intact(target)
         if intact:
