@@ -18,7 +18,7 @@ from .plans import (Query, QueryPlan, actual_residual, approx_plan, best_plan, b
                     exact_plan, minimal_plan, nobias_plan, paper_plan, plan_measure, plan_residual, realise_plan,
                     service_plan, telescoping_plan)
 from .random_steps import RandomStepsReport, recover_random_steps
-from .result import PlanReport, Recovery, RecoveryReport
+from .result import PlanReport, Recovery, RecoveryReport, as_recovery
 from .recovery import attack, query_input, query_inputs, recover, recover_eq2, recover_eq3, recover_eq4
 
 __all__ = [
@@ -32,5 +32,5 @@ __all__ = [
     "recover_random_steps", "RandomStepsReport", "lattice_attack", "lattice_queries", "LatticeReport",
     "identify_service", "infer_baseline", "Identification", "Averaged",
     "estimate_boundary_point", "recover_from_big", "BoundaryPointReport",
-    "Recovery", "RecoveryReport", "PlanReport",
+    "Recovery", "RecoveryReport", "PlanReport", "as_recovery",
 ]

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..services import AssumedBaseline, attack_inputs
 from .plans import best_plan
 from .recovery import attack
-from .result import RecoveryReport, recovery
+from .result import RecoveryReport, as_recovery
 
 __all__ = ["estimate_boundary_point", "recover_from_big", "BoundaryPointReport"]
 
@@ -85,7 +85,7 @@ def estimate_boundary_point(service, x, target, *, h: float | None = None, progr
     return out.astype(dtype), report
 
 
-@recovery("BIG: boundary point, then a plan")
+@as_recovery("BIG: boundary point, then a plan")
 def recover_from_big(service, x, target, *, plan=None, h: float | None = None, progress: bool = False):
     """VG from a BIG service: :func:`estimate_boundary_point`, then ``plan`` (default: the service's
     :func:`best_plan`) on the segment from that point (:class:`AssumedBaseline`). Returns

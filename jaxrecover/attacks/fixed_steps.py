@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from .linearity import RecoveryIncomplete, check_piecewise_linear
 from ..services import QueryBudgetExceeded, attack_inputs
-from .result import Recovery, RecoveryReport, recovery
+from .result import Recovery, RecoveryReport, as_recovery
 
 __all__ = ["recover_fixed_steps", "FixedStepsReport"]
 
@@ -182,7 +182,7 @@ def _find_jumps(ray: _Ray, c0, p, q, r_p, r_q, tol, resolution):
     return found
 
 
-@recovery("fixed-m jump decoding")
+@as_recovery("fixed-m jump decoding")
 def recover_fixed_steps(service, x, target, *, s0: float = 1e-4, resolution: float | None = None,
                         tol: float | None = None, budget: int | None = 2**20, progress: bool = False):
     """Recover VG exactly from a service that fixes its step count (piecewise-linear nets).

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..explainers import RULES, num_evaluations
 from ..explainers.baselines import is_input_dependent
-from .result import RecoveryReport, recovery
+from .result import RecoveryReport, as_recovery
 
 __all__ = ["recover_input_baseline", "ChainReport"]
 
@@ -65,7 +65,7 @@ def _chain_rule(service):
     return m, float(nodes[lo]), float(weights[lo]), float(weights[hi])
 
 
-@recovery("chain (input-dependent baseline)")
+@as_recovery("chain (input-dependent baseline)")
 def recover_input_baseline(service, x, target, *, max_queries: int = 2000, tol: float | None = None,
                            confirm: int = 4, progress: bool = False):
     """Recover VG from a service whose baseline is a linear function of the input (e.g. ``BlurBaseline``).

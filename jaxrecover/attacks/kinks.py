@@ -68,7 +68,7 @@ from tqdm.auto import tqdm
 from .linearity import RecoveryIncomplete, check_piecewise_linear
 from .outputs import output_values
 from ..services import QueryBudgetExceeded, attack_inputs
-from .result import Recovery, RecoveryReport, recovery
+from .result import Recovery, RecoveryReport, as_recovery
 
 __all__ = ["recover_fixed_steps_from_kinks", "KinkReport", "audit_kinks", "KinkAudit"]
 
@@ -493,7 +493,7 @@ def _merge(lo, hi, bad):
     return lo, hi, merges
 
 
-@recovery("fixed-m kinks + jump pairs")
+@as_recovery("fixed-m kinks + jump pairs")
 def recover_fixed_steps_from_kinks(service, x, target, *, grid: int = 16384, tol: float | None = None,
                                    checks: int = 4, chunk: int = 2048, seed: int = 0, budget: int | None = 2**20,
                                    progress: bool = False):

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..explainers import RULES
 from .recovery import query_input
-from .result import RecoveryReport, recovery
+from .result import RecoveryReport, as_recovery
 
 __all__ = ["lattice_queries", "lattice_attack", "LatticeReport"]
 
@@ -61,7 +61,7 @@ def lattice_queries(service, grid: int = 12, max_steps: int = 24):
     return out
 
 
-@recovery("lattice least squares")
+@as_recovery("lattice least squares")
 def lattice_attack(service, x, target, *, grid: int = 12, max_steps: int = 24):
     """Recover VG by least squares over every grid query (see the module docstring).
 

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..services import attack_inputs
-from .result import RecoveryReport, recovery
+from .result import RecoveryReport, as_recovery
 
 __all__ = ["recover_from_outputs", "OutputsReport", "output_values"]
 
@@ -52,7 +52,7 @@ def output_values(service, z, target):
     return np.asarray(fz, np.float64)
 
 
-@recovery("finite differences of outputs")
+@as_recovery("finite differences of outputs")
 def recover_from_outputs(service, x, target, *, h: float | None = None, tol: float | None = None,
                          retries: int = 3, chunk: int = 512, progress: bool = False):
     """Recover VG from the output values reported with explanations (finite differences; any step policy).

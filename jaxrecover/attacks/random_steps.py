@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .plans import exact_plan, realise_plan
 from ..services import attack_inputs
-from .result import RecoveryReport, recovery
+from .result import RecoveryReport, as_recovery
 
 __all__ = ["recover_random_steps", "RandomStepsReport"]
 
@@ -89,7 +89,7 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), np.linalg.norm(b), 1e-300))
 
 
-@recovery("random-m pairing")
+@as_recovery("random-m pairing")
 def recover_random_steps(service, x, target, *, low: int, high: int, tol: float | None = None,
                          max_rounds: int = 32, support: int = 4, dims: int = 32, seed: int = 0, progress: bool = False):
     """Recover VG from a service that answers every query with a step count drawn from ``low..high``.

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from .plans import QueryPlan
-from .result import PlanReport, recovery
+from .result import PlanReport, as_recovery
 
 __all__ = ["query_input", "query_inputs", "recover", "recover_eq2", "recover_eq3", "recover_eq4", "attack"]
 
@@ -99,7 +99,7 @@ def recover_eq4(ig_m: jax.Array, ig_m1: jax.Array, x: jax.Array, m: int):
     return _safe_divide(m * (ig_m - ig_m1), x)
 
 
-@recovery("plan")
+@as_recovery("plan")
 def attack(service, plan: QueryPlan, x, target):
     """Ask ``service`` the plan's queries about ``x`` and recover VG: a :class:`Recovery` ``(vg, mask, report)``.
 

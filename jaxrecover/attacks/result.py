@@ -16,7 +16,7 @@ import functools
 import time
 from typing import Any, NamedTuple
 
-__all__ = ["Recovery", "RecoveryReport", "PlanReport", "recovery"]
+__all__ = ["Recovery", "RecoveryReport", "PlanReport", "as_recovery"]
 
 
 @dataclasses.dataclass
@@ -45,7 +45,7 @@ class Recovery(NamedTuple):
     report: RecoveryReport
 
 
-def recovery(method: str):
+def as_recovery(method: str):
     """Decorator of a recovery ``fn(service, x, target, ...) -> (vg, mask, report)``: returns a :class:`Recovery`
     with the report's ``method``, ``seconds`` and ``evaluations_total`` (the service's counter delta) filled."""
 

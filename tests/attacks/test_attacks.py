@@ -265,3 +265,30 @@ def test_service_wrapper_delegates_and_composes():
     np.testing.assert_allclose(outer(x, t), 4 * SimulatedIGService(logit_fn, params, steps=6)(x, t), rtol=1e-14)
     assert inner.queries == 2 and outer.queries == 2
     assert outer.describe()["wrapped_by"] == ["Doubling", "Doubling"]
+
+
+def test_every_recovery_returns_one_result_type():
+    """Recovery(vg, mask, report) from every method; the report's common fields filled the same way for all."""
+    from jaxrecover import services as S
+
+    f, p, shape = make_net("dense2", jax.random.key(3), True, jnp.float64)
+    x = jax.random.uniform(jax.random.key(4), (2, *shape), jnp.float64, 0.1, 1.0)
+    t = jnp.array([0, 3])
+    plain = SimulatedIGService(f, p)
+    fixed = SimulatedIGService(f, p, steps=50, fixed_steps=True)
+    runs = {
+        "plan": lambda: R.attack(plain, R.best_plan(plain), x, t),
+        "fixed-m jump decoding": lambda: R.recover_fixed_steps(fixed, x, t),
+        "fixed-m kinks + jump pairs": lambda: R.recover_fixed_steps_from_kinks(fixed, x, t, grid=2048),
+        "lattice least squares": lambda: R.lattice_attack(plain, x, t),
+        "finite differences of outputs": lambda: R.recover_from_outputs(fixed, x, t),
+        "random-m pairing": lambda: R.recover_random_steps(S.RandomSteps(SimulatedIGService(f, p), 6, 12, seed=0),
+                                                          x, t, low=6, high=12),
+    }
+    for method, run in runs.items():
+        res = run()
+        assert isinstance(res, R.Recovery) and isinstance(res.report, R.RecoveryReport), method
+        vg, mask, report = res  # tuple unpacking works
+        assert vg.shape == x.shape and mask.dtype == jnp.bool_ and report.method == method
+        assert len(report.queries) == 2 and all(q > 0 for q in report.queries), method
+        assert report.seconds > 0 and isinstance(report.evaluations_total, int) and report.evaluations_total > 0
