@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from jaxrecover import ops  # noqa: E402
 from jaxrecover.engine import auto_chunk_size, auto_micro_batch, explain  # noqa: E402
-from jaxrecover.engine.batch import _explain_chunk  # noqa: E402
+from jaxrecover.engine.batch import explain_chunk  # noqa: E402
 from jaxrecover.explainers import IG  # noqa: E402
 from jaxrecover.models import MODEL_NAMES, cast_variables, init_variables, make_model  # noqa: E402
 from jaxrecover.protocol import ProtocolConfig, experiments_for, run_protocol  # noqa: E402
@@ -159,7 +159,7 @@ def bench(models, dtypes, n, steps, chunk, repeats, captum, protocol_n, mem_chun
                 for c in mem_chunks:
                     xs = jnp.zeros((c, 28, 28, 1), x.dtype)
                     for mb in dict.fromkeys([micro, None]):
-                        compiled = _explain_chunk.lower(IG(steps=steps), f, v, xs, jnp.zeros(c, jnp.int32), xs,
+                        compiled = explain_chunk.lower(IG(steps=steps), f, v, xs, jnp.zeros(c, jnp.int32), xs,
                                                         output="logit", micro_batch=mb).compile()
                         mem = compiled.memory_analysis()
                         mem_rows.append({"model": name, "dtype": dt, "chunk": c, "micro": mb,

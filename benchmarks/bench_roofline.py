@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 
 from jaxrecover import native, ops  # noqa: E402
 from jaxrecover.engine import auto_chunk_size, auto_micro_batch, explain  # noqa: E402
-from jaxrecover.engine.batch import _explain_chunk  # noqa: E402
+from jaxrecover.engine.batch import explain_chunk  # noqa: E402
 from jaxrecover.explainers import IG  # noqa: E402
 from jaxrecover.models import cast_variables, init_variables, make_model  # noqa: E402
 
@@ -72,7 +72,7 @@ def flops_per_explanation(f, v, x, y, steps) -> float:
     """XLA's FLOP count of one DENSE explanation (plain IG's arithmetic), compiled without the micro-batch loop
     (XLA counts a loop's body once, not once per trip)."""
     xs, ys = x[:1], y[:1]
-    compiled = _explain_chunk.lower(IG(steps=steps, sparse_path=False), f, v, xs, ys, jnp.zeros_like(xs),
+    compiled = explain_chunk.lower(IG(steps=steps, sparse_path=False), f, v, xs, ys, jnp.zeros_like(xs),
                                     output="logit", micro_batch=None).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

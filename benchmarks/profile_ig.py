@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxrecover.engine import auto_micro_batch, explain  # noqa: E402
-from jaxrecover.engine.batch import _explain_chunk  # noqa: E402
+from jaxrecover.engine.batch import explain_chunk  # noqa: E402
 from jaxrecover.explainers import IG  # noqa: E402
 from jaxrecover.models import cast_variables, init_variables, make_model  # noqa: E402
 
@@ -69,7 +69,7 @@ def main(argv=None):
         if e.get("ph") == "X" and not name.startswith(("$", "ThunkExecutor", "Pjit", "Common", "Slinky")):
             total[name] += e.get("dur", 0)
             calls[name] += 1
-    hlo = _explain_chunk.lower(ig, f, v, x, y, jnp.zeros_like(x), output="logit",
+    hlo = explain_chunk.lower(ig, f, v, x, y, jnp.zeros_like(x), output="logit",
                                micro_batch=micro).compile().as_text()
     origin = {}
     for line in hlo.splitlines():

@@ -115,7 +115,11 @@ def _count_nonfinite(leaves):
 
 
 @ops.tuned_jit(static_argnames=("model", "output", "micro_batch"))
-def _explain_chunk(explainer, model, params, x, target, baseline, *, output, micro_batch=None):
+def explain_chunk(explainer, model, params, x, target, baseline, *, output, micro_batch=None):
+    """The jitted body of one chunk: ``explainer`` vmapped (or looped in micro-batches) over ``x[N, ...]``.
+
+    :func:`explain` calls it per chunk after validating, padding and sharding; benchmarks lower and time it.
+    """
     def one(xi, ti, bi):
         return explainer(model, params, xi, ti, bi, output)
 
@@ -227,7 +231,7 @@ def explain(
     if replicated is not None:
         params = jax.device_put(params, replicated)
     return map_chunks(
-        lambda xs, ts, bs: _explain_chunk(explainer, model, params, xs, ts, bs, output=output,
+        lambda xs, ts, bs: explain_chunk(explainer, model, params, xs, ts, bs, output=output,
                                           micro_batch=micro_batch),
         (x, target, baseline), chunk_size, progress=progress, desc=explainer.name.upper(), sharding=batch_sharding,
     )
@@ -275,29 +279,42 @@ def pad_chunk(parts, chunk: int, sharding=None) -> list:
 
 
 def map_chunks(fn, arrays: tuple, chunk_size: int | None, *, progress: bool = False, desc: str = "",
-               sharding=None) -> Any:
+               sharding=None, start: int = 0, on_chunk=None, keep: bool = True) -> Any:
     """Apply ``fn(*chunk)`` over the leading axis in equal chunks and concatenate.
 
     The last chunk is padded by repeating its final row, so ``fn`` sees one
     shape and a jitted ``fn`` compiles once. With a batch ``sharding`` (see
     :func:`jaxrecover.engine.data_parallel`) each chunk is split across its
     devices; the chunk size is then rounded up to a multiple of the device count.
+
+    Resumable loops (the paper's protocol) pass ``start`` (rows before it are done: skipped) and
+    ``on_chunk(lo, hi, out)``, called after every chunk with its unpadded output, e.g. to save progress;
+    ``keep=False`` returns None instead of holding every output (``on_chunk`` has them).
     """
     from tqdm.auto import tqdm
 
     n = arrays[0].shape[0]
     if n == 0:
         raise ValueError("map_chunks needs at least one example (got an empty batch)")
-    chunk = chunk_length(chunk_size, n, sharding)
-    starts = list(range(0, n, chunk))
+    if not 0 <= start < n:
+        raise ValueError(f"start={start} must lie in [0, {n}) (rows already done are skipped)")
+    chunk = chunk_length(chunk_size, n, sharding)  # from n, not n - start: a resumed run keeps its shapes
+    starts = list(range(start, n, chunk))
     if spans_processes(sharding):  # every process runs the same number of chunks (SPMD); extras are padding
         starts += [starts[-1]] * (max_over_processes(len(starts)) - len(starts))
+    real = -(-(n - start) // chunk)
     outs = []
     for i, s in enumerate(tqdm(starts, desc=desc, disable=not progress, leave=False)):
         k = min(chunk, n - s)
-        out = local_rows(fn(*pad_chunk([a[s : s + k] for a in arrays], chunk, sharding)), sharding)
-        if i < -(-n // chunk):
-            outs.append(jax.tree.map(lambda o, k=k: o[:k], out))
+        out = local_rows(fn(*pad_chunk([jnp.asarray(a[s : s + k]) for a in arrays], chunk, sharding)), sharding)
+        if i < real:
+            out = jax.tree.map(lambda o, k=k: o[:k], out)
+            if on_chunk is not None:
+                on_chunk(s, s + k, out)
+            if keep:
+                outs.append(out)
+    if not keep:
+        return None
     if len(outs) == 1:
         return outs[0]
     return jax.tree.map(lambda *o: jnp.concatenate(o), *outs)

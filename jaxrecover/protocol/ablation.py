@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from .. import ops
 from ..attacks import query_input, recover_eq3, recover_eq4
 from ..explainers import integrate, quadrature
-from .experiments import RULE, _dist
+from .experiments import RULE, protocol_distance
 
 __all__ = ["make_batchstats_logit_fn", "batchstats_protocol_chunk"]
 
@@ -57,6 +57,7 @@ def batchstats_protocol_chunk(logits_fn, params, x, target, steps: int = 50, a: 
         ig_a, _ = ig_batch(xi, ti, a, m)
         rb, mb = recover_eq4(ig_m, ig_m1, xi, m)
         rc, mc = recover_eq3(ig_m, ig_a, xi, a)
-        return {"table1": _dist(vgi, ig_m), "B": _dist(vgi, rb, mb), "C": _dist(vgi, rc, mc)}, norms
+        return {"table1": protocol_distance(vgi, ig_m), "B": protocol_distance(vgi, rb, mb),
+                "C": protocol_distance(vgi, rc, mc)}, norms
 
     return jax.vmap(one)(x, target, vg)

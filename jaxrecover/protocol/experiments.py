@@ -43,7 +43,7 @@ from ..checkpoint import tree_sha256
 from ..attacks import (QueryPlan, approx_plan, nobias_plan, paper_plan, query_input, recover_eq2, recover_eq3,
                        recover_eq4)
 from ..engine import (allgather_float64, auto_micro_batch, check_input_dtype, chunk_length, data_parallel,
-                      map_chunks, pad_chunk, process_share, vmap_in_micro_batches)
+                      map_chunks, process_share, vmap_in_micro_batches)
 from ..explainers import IG, VG, integrate, num_evaluations, path_gradients, quadrature, select_output
 from ..fileio import atomic_save_npz
 from ..metrics import normalized_distance, summarize
@@ -62,6 +62,7 @@ __all__ = [
     "path_gradient_norms",
     "explain_examples",
     "summarize_results",
+    "protocol_distance",
 ]
 
 #: The paper's numbers (mean, variance) per experiment and model (PAPER.md).
@@ -144,7 +145,8 @@ def _metric_dtype(dtype):
     return jnp.float64 if jax.config.jax_enable_x64 else dtype
 
 
-def _dist(vg, other, mask=None):
+def protocol_distance(vg, other, mask=None):
+    """The paper's distance of one example (no batch axis), in float64 when x64 is on (else the inputs' dtype)."""
     dt = _metric_dtype(vg.dtype)
     return normalized_distance(vg.astype(dt)[None], other.astype(dt)[None], None if mask is None else mask[None])[0]
 
@@ -200,10 +202,10 @@ def protocol_chunk(model, params, x, target, cfg: ProtocolConfig, micro_batch: i
         r = protocol_one(model, params, xi, ti, cfg)
         out = {}
         if "table1" in cfg.experiments:
-            out["table1"] = _dist(r["VG"], r["IG"])
+            out["table1"] = protocol_distance(r["VG"], r["IG"])
         for e in ("A", "B", "C"):
             if e in r:
-                out[e] = _dist(r["VG"], r[e], r[e + "_mask"])
+                out[e] = protocol_distance(r["VG"], r[e], r[e + "_mask"])
         return out
 
     return vmap_in_micro_batches(one, (x, target), micro_batch)
@@ -288,8 +290,6 @@ def run_protocol(
       ``({experiment: distances[N] float64}, seconds spent computing)`` (in a
       multi-process run, the slowest process's seconds).
     """
-    from tqdm.auto import tqdm
-
     model = as_model(model)
     if multihost and jax.process_count() > 1:
         return _run_protocol_multihost(model, params, x, target, cfg, chunk_size=chunk_size,
@@ -317,24 +317,28 @@ def run_protocol(
     micro = None
     if chunk_fn is None and batch_sharding is None and n:  # CPU: a loop over micro-batches inside each chunk
         micro = auto_micro_batch(model, params, jnp.asarray(x[0], dtype), cfg.evaluations_per_image)
-    bar = tqdm(total=n, initial=done, desc=desc or "protocol", disable=not progress, unit="img")
-    while done < n:
-        s, e_ = done, min(done + chunk_size, n)
-        xs, ts = pad_chunk([jnp.asarray(x[s:e_], dtype), jnp.asarray(target[s:e_], jnp.int32)], chunk_size,
-                           batch_sharding)
-        t0 = time.perf_counter()
+    xs_all = np.asarray(x, dtype)
+    ts_all = np.asarray(target, np.int32)
+    clock = [time.perf_counter()]
+
+    def run_chunk(xs, ts):
         if chunk_fn is None:
-            out = jax.device_get(protocol_chunk(model, params, xs, ts, cfg, micro))
-        else:
-            out = jax.device_get(chunk_fn(params, xs, ts))
-        seconds += time.perf_counter() - t0
+            return jax.device_get(protocol_chunk(model, params, xs, ts, cfg, micro))
+        return jax.device_get(chunk_fn(params, xs, ts))
+
+    def save(lo, hi, out):  # after every chunk: the distances so far, atomically (resume point)
+        nonlocal seconds
+        now = time.perf_counter()
+        seconds += now - clock[0]
+        clock[0] = now
         for k, v in out.items():
-            results[k][s:e_] = np.asarray(v, np.float64)[: e_ - s]
-        done = e_
-        bar.update(e_ - s)
+            results[k][lo:hi] = np.asarray(v, np.float64)
         if partial_path is not None:
-            atomic_save_npz(partial_path, fingerprint=fp, done=done, seconds=seconds, **results)
-    bar.close()
+            atomic_save_npz(partial_path, fingerprint=fp, done=hi, seconds=seconds, **results)
+
+    if done < n:  # the engine's loop: fixed-size padded chunks (one compilation), sharded, resumable
+        map_chunks(run_chunk, (xs_all, ts_all), chunk_size, progress=progress, desc=desc or "protocol",
+                   sharding=batch_sharding, start=done, on_chunk=save, keep=False)
     return results, seconds
 
 

@@ -227,14 +227,15 @@ class IGService:
         if check_input_dtype(x) != self.dtype:
             raise TypeError(f"this service answers {self.dtype} inputs, got {x.dtype}; cast x")
         n = int(x.shape[0]) if x.ndim else 0
-        self._check_budget(n)
+        self.check_budget(n)
         answers = self._answer(x, target, int(steps))
         self.charge(n, steps)
         return answers
 
     __call__ = _checked_call(__call__)
 
-    def _check_budget(self, n: int) -> None:
+    def check_budget(self, n: int) -> None:
+        """Raise :class:`QueryBudgetExceeded` if ``n`` more queries would pass the budget (nothing is counted)."""
         if self.budget is not None and self.queries + n > self.budget:
             raise QueryBudgetExceeded(
                 f"query budget exhausted: {self.queries} of {self.budget} queries used, this request needs {n}; "
@@ -248,7 +249,7 @@ class IGService:
         price without making this simulation compute the attributions.
         """
         steps = self.steps if steps is None else int(steps)
-        self._check_budget(int(n))
+        self.check_budget(int(n))
         self.queries += int(n)
         self.evaluations += int(n) * num_evaluations(self.rule, steps)
 

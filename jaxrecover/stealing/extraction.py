@@ -149,7 +149,7 @@ class _Oracle:
         classes = np.broadcast_to(np.asarray(classes, np.int32), (n,))
         x = z.astype(self.service.dtype).reshape(n, *self.shape)
         if not self.free_value:
-            self.service._check_budget(n + n * len(self.plan.queries))
+            self.service.check_budget(n + n * len(self.plan.queries))
         vg, mask, _ = attack(self.service, self.plan, x, classes)
         if not bool(np.all(np.asarray(mask))):
             raise RuntimeError("a query point has a coordinate equal to the baseline, where IG gives no gradient; "

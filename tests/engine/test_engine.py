@@ -7,7 +7,7 @@ import pytest
 from conftest import make_net
 from jaxrecover import engine
 from jaxrecover.engine import explain, sizing
-from jaxrecover.engine.batch import _explain_chunk
+from jaxrecover.engine.batch import explain_chunk
 from jaxrecover.explainers import IG, OUTPUTS, VG, integrated_gradients, select_output
 
 
@@ -81,10 +81,10 @@ def test_jitted_ig_does_not_retrace_for_a_new_batch():
         x = jax.random.normal(jax.random.key(seed), (4, *shape))
         ig_batch(x, jnp.arange(4) % 5)
     # the library's chunked path: one compilation for every equal-shaped chunk
-    _explain_chunk.clear_cache()
+    explain_chunk.clear_cache()
     x = jax.random.normal(jax.random.key(9), (10, *shape))
     explain(IG(steps=10), logit_fn, params, x, jnp.arange(10) % 5, chunk_size=4)
-    assert _explain_chunk._cache_size() == 1
+    assert explain_chunk._cache_size() == 1
 
 
 @pytest.mark.parametrize("name", ["twolayer", "lenet", "resnet18"])
