@@ -1,4 +1,4 @@
-"""Validation of the settings every entry point takes: counts, radii, seeds, class labels.
+"""Validation of the settings every entry point takes: counts, radii, seeds, class labels, a tree's float dtype.
 
 One helper per kind of value, shared by the library (``TrainConfig``, ``boundary_search``, the engine's
 targets) and the CLIs, so the same bad value gets the same one-line error wherever it is given. Each
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["positive_int", "radius", "seed", "class_labels"]
+__all__ = ["positive_int", "radius", "seed", "class_labels", "float_dtype"]
 
 #: Seeds are fed to numpy's and JAX's generators: non-negative and at most 2^32 - 1 (JAX's key takes a 32-bit
 #: integer; numpy accepts larger ones, so a larger seed would mean different things to the two).
@@ -59,3 +59,24 @@ def class_labels(labels, n: int, num_classes: int | None, what: str = "targets")
     if num_classes is not None and t.size and (t.min() < 0 or t.max() >= num_classes):
         raise ValueError(f"{what} must lie in [0, {num_classes}), got values from {t.min()} to {t.max()}")
     return t.astype(np.int32)
+
+
+def float_dtype(tree, what: str = "the parameters"):
+    """The floating-point dtype of a pytree (e.g. a model's variables): THE one place it is found
+    (``jaxrecover.models.float_dtype`` is this function).
+
+    Raises:
+      ValueError: the tree has no floating-point leaf, or mixes float dtypes (cast it with
+        :func:`jaxrecover.models.cast_variables`).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    found = {jnp.result_type(leaf) for leaf in jax.tree.leaves(tree)}
+    floats = {d for d in found if jnp.issubdtype(d, jnp.floating)}
+    if not floats:
+        raise ValueError(f"{what} have no floating-point leaves")
+    if len(floats) > 1:
+        raise ValueError(f"{what} mix float dtypes {sorted(d.name for d in floats)}; cast them with "
+                         "jaxrecover.models.cast_variables")
+    return jnp.dtype(floats.pop())

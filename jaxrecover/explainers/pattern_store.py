@@ -16,6 +16,7 @@ import numpy as np
 from ..checkpoint import (CheckpointError, checkpoint_exists, load_checkpoint, load_metadata, save_checkpoint,
                          tree_sha256)
 from .patterns import ESTIMATORS, fit_patterns
+from ..validate import float_dtype
 
 __all__ = ["save_patterns", "load_patterns", "fitted_patterns", "PATTERN_METADATA"]
 
@@ -71,7 +72,7 @@ def load_patterns(path, model, variables, images=None):
     if images is not None and meta["images_sha256"] != key["images_sha256"]:
         raise CheckpointError(f"the patterns in {path} were fitted on other images ({meta['n_images']} images, "
                               f"{meta['images_sha256'][:12]}...); refit them with jaxrecover.fit_patterns")
-    dtype = jax.tree.leaves(variables)[0].dtype
+    dtype = float_dtype(variables)
     target = {k: {e: np.zeros(v.shape, dtype) for e in (*ESTIMATORS, "relu_neg")}
               for k, v in model.kernels(variables).items()}
     patterns, _ = load_checkpoint(path, target, required=PATTERN_METADATA)

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .gradients import select_output
 from .methods import Explainer, explainer_dataclass
+from ..validate import float_dtype
 
 __all__ = ["ESTIMATORS", "LayerStats", "layer_stats", "patterns_from_stats", "fit_patterns", "PatternNet",
            "PatternAttribution", "kernel_layers", "signal_quality",
@@ -161,7 +162,7 @@ def _capture(model, params, x):
 
 def _layer_kinds(model, params) -> dict[str, str]:
     """``{path: "conv" | "dense"}`` of the kernel layers, in call order."""
-    x = jnp.zeros((1, *model.input_shape), jax.tree.leaves(params)[0].dtype)
+    x = jnp.zeros((1, *model.input_shape), float_dtype(params))
     kinds = {}
 
     def interceptor(next_fun, args, kwargs, context):
@@ -197,7 +198,7 @@ def fit_patterns(model, params, images, *, chunk: int = 256, accumulate=None, pr
     """
     _check_supported(model, params)
     images = jnp.asarray(images)
-    pdtype = jax.tree.leaves(params)[0].dtype
+    pdtype = float_dtype(params)
     if images.dtype != pdtype:
         raise TypeError(f"images are {images.dtype} but the params are {pdtype}; cast the images")
     if images.ndim != 1 + len(model.input_shape) or images.shape[0] < 2:
@@ -393,7 +394,7 @@ def _module_of(model, params, path):
             found["m"] = context.module.clone(parent=None)
         return next_fun(*args, **kwargs)
 
-    x = jnp.zeros((1, *model.input_shape), jax.tree.leaves(params)[0].dtype)
+    x = jnp.zeros((1, *model.input_shape), float_dtype(params))
     with nn.intercept_methods(interceptor):
         jax.eval_shape(lambda p, z: model.module.apply(p, z, train=False), params, x)
     return found["m"]

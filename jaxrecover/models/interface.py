@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..validate import float_dtype
 from .nets import HEAD, INPUT_SHAPE, LeNet, get_model
 
 __all__ = ["Model", "StemSplit", "ReluConvSplit", "make_model", "as_model", "make_batched_logit_fn", "init_variables",
@@ -132,7 +133,7 @@ def _check_input(variables, x, batched: bool):
         form = "(N, 28, 28, 1)" if batched else "(28, 28, 1)"
         raise ValueError(f"expected input of shape {form} (NHWC), got {shape}; "
                          "normalise uint8 images with jaxrecover.data.normalize")
-    pdtype = jax.tree.leaves(variables["params"])[0].dtype
+    pdtype = float_dtype(variables["params"])
     if x.dtype != pdtype:
         raise TypeError(f"input dtype {x.dtype} differs from the parameters' {pdtype}; "
                         f"cast the input (x.astype({pdtype})) or the variables (cast_variables)")
@@ -284,23 +285,6 @@ def cast_variables(variables: Variables, dtype) -> Variables:
 def tree_dtypes(tree) -> set:
     """The set of dtypes of a pytree's leaves."""
     return {jnp.asarray(leaf).dtype for leaf in jax.tree.leaves(tree)}
-
-
-def float_dtype(tree, what: str = "the parameters") -> jnp.dtype:
-    """The floating-point dtype of a pytree (e.g. a model's variables): THE one place it is found.
-
-    Raises:
-      ValueError: the tree has no floating-point leaf, or mixes float dtypes (cast it with
-        :func:`cast_variables`).
-    """
-    found = {jnp.result_type(leaf) for leaf in jax.tree.leaves(tree)}
-    floats = {d for d in found if jnp.issubdtype(d, jnp.floating)}
-    if not floats:
-        raise ValueError(f"{what} have no floating-point leaves")
-    if len(floats) > 1:
-        raise ValueError(f"{what} mix float dtypes {sorted(d.name for d in floats)}; cast them with "
-                         "jaxrecover.models.cast_variables")
-    return jnp.dtype(floats.pop())
 
 
 def param_count(variables: Variables) -> int:

@@ -25,6 +25,7 @@ import optax
 from tqdm.auto import tqdm
 
 from ..ops import tuned_jit
+from ..validate import float_dtype
 
 __all__ = ["CLONE_KINDS", "CloneData", "train_clone", "clone_metrics", "victim_reference"]
 
@@ -89,7 +90,7 @@ def train_clone(model, params, data: CloneData, *, kind: str, steps: int = 1000,
     if kind not in CLONE_KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose one of: {', '.join(CLONE_KINDS)}")
     model = as_model(model)
-    dtype = jax.tree.leaves(params)[0].dtype
+    dtype = float_dtype(params)
     n = int(np.shape(data.x)[0])
     if n < 1 or np.shape(data.logits)[0] != n:
         raise ValueError(f"data has {n} inputs and {np.shape(data.logits)[0]} logit rows; they must match (>= 1)")
@@ -119,7 +120,7 @@ def train_clone(model, params, data: CloneData, *, kind: str, steps: int = 1000,
 def _logits_and_vg(model, params, x, classes=None):
     """Logits of every row of ``x`` and the VG of class ``classes[i]`` (default: the row's own prediction), in
     the parameters' dtype."""
-    x = x.astype(jax.tree.leaves(params)[0].dtype)
+    x = x.astype(float_dtype(params))
     apply = model.batched
     logits = apply(params, x)
     classes = jnp.argmax(logits, axis=1) if classes is None else classes
