@@ -115,8 +115,8 @@ def _compare(study: Study, doc: Path, here: dict[str, dict]) -> list[str]:
 def _merge(path: Path, study: Study, command: str, new_rows: list[dict], key: str) -> None:
     with folder_lock(path.parent, "rows"):
         stored = [r for r in load_rows(path) if r.get("_key") != key]
-        atomic_write_text(path, json.dumps({"study": study.name, "version": study.version, "command": command,
-                                            "rows": stored + new_rows}, indent=1, sort_keys=True, default=float))
+        # rows keep their keys' order (tables list them as the study made them); several studies may share OUT
+        atomic_write_text(path, json.dumps({"command": command, "rows": stored + new_rows}, indent=1, default=float))
 
 
 def run_study(study: Study, cfg=None, *, out: str | Path | None = None, checkpoints: str | Path = "checkpoints",
@@ -176,7 +176,8 @@ def run_study(study: Study, cfg=None, *, out: str | Path | None = None, checkpoi
         new = [dict(r) for r in study.run(unit, ctx)]
         seconds = round(time.perf_counter() - t0, 2)
         for r in new:
-            r.update(_key=key, _seconds=seconds, _checkpoints={c: weights[c][:16] for c in unit.checkpoints})
+            r.update(_study=study.name, _key=key, _seconds=seconds,
+                     _checkpoints={c: weights[c][:16] for c in unit.checkpoints})
         _merge(rows_path, study, command, new, key)
         rows += new
         computed += 1
