@@ -17,12 +17,13 @@ __all__ = ["machine_info", "machine_line", "git_commit", "config_line"]
 
 
 def git_commit() -> str | None:
-    """The checkout's commit (with ``-dirty`` for uncommitted changes), or None outside a git checkout."""
+    """The checkout's commit (with ``-dirty`` for uncommitted changes to the code), or None outside a checkout."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        # "-dirty" is about the code: run outputs (results/) and the docs they fill do not change a number
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!results", ":!docs", ":!README.md"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     if head.returncode != 0:
