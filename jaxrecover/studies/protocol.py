@@ -90,6 +90,21 @@ class ProtocolSeedsStudy(Study):
                     out.append(f"| {NAMES[exp]} | {m} | {d} | {_g(first)} | {_g(v.mean())} | "
                                f"{_g(v.std(ddof=1)) if len(v) > 1 else '-'} | {_g(v.min())} - {_g(v.max())} | "
                                f"{100 * min(acc):.2f} - {100 * max(acc):.2f} % | {_g(paper[0]) if paper else '-'} |")
+        out += ["", "Spread across seeds relative to the mean (std / mean, the largest over the models):", ""]
+        for exp in ("table1", "A", "B", "C"):
+            cells = []
+            for d in cfg.dtypes:
+                rel = []
+                for m in cfg.models:
+                    v = np.asarray([r["results"][exp]["mean"] for r in rows
+                                    if (r["model"], r["dtype"]) == (m, d) and exp in r["results"]])
+                    if len(v) > 1 and v.mean() > 0:
+                        rel.append((v.std(ddof=1) / v.mean(), m, v.max()))
+                if rel:
+                    worst = max(rel)
+                    cells.append(f"{d} {100 * worst[0]:.0f} % ({worst[1]}; largest mean {_g(worst[2])})")
+            if cells:
+                out.append(f"* {NAMES[exp]}: " + "; ".join(cells) + ".")
         return "\n".join(out)
 
 
