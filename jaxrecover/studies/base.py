@@ -72,6 +72,21 @@ class Context:
         name, variables, meta = self._loaded[label]
         return make_model(name), variables, meta
 
+    def test_inputs(self, label: str, n: int, dtype, *, first: int = 0, dataset: str = "mnist"):
+        """``(module, variables in dtype, x[n] normalised in dtype, labels[n])``: checkpoint ``label`` and the
+        test images ``first .. first + n - 1``, the common start of a study's unit."""
+        import jax.numpy as jnp
+        import numpy as np
+
+        from ..data import normalize
+        from ..models import cast_variables
+
+        model, v32, _ = self.checkpoint(label)
+        ds = self.dataset(dataset)
+        dtype = np.dtype(dtype)
+        x = jnp.asarray(normalize(ds.test_images[first:first + n], dtype=dtype))
+        return model, cast_variables(v32, dtype), x, jnp.asarray(ds.test_labels[first:first + n])
+
     def dataset(self, name: str = "mnist"):
         from ..data import load_dataset
 

@@ -18,7 +18,6 @@ import numpy as np
 
 from ..attacks import approx_plan, attack, best_plan, exact_plan, recover_fixed_steps, recover_from_outputs, \
     recover_input_baseline
-from ..data import normalize
 from ..engine import explain
 from ..explainers import VG, BlurBaseline
 from ..metrics import normalized_distance
@@ -107,11 +106,8 @@ class ServicesStudy(Study):
 
     def _plans(self, s, ctx):
         name, n, dtype = s["model"], s["n"], np.dtype(s["dtype"])
-        model, v32, _ = ctx.checkpoint(name)
-        ds = ctx.dataset()
-        v = cast_variables(v32, dtype)
-        x = jnp.asarray(normalize(ds.test_images[:n], dtype=dtype))
-        t = jnp.asarray(ds.test_labels[:n])
+        model, v, x, t = ctx.test_inputs(name, n, dtype)
+        v32 = ctx.checkpoint(name)[1]
         vgs = {label: reference_vg(label, name, model, v32, x, t) for label in ("ours", "captum")}
         base = None if s["baseline"] == "zero" else jnp.full((28, 28, 1), float(x.min()), dtype)
         rows = []
@@ -128,11 +124,8 @@ class ServicesStudy(Study):
         from ..services.external import CaptumIGService, SaliencyIGService
 
         name, n = s["model"], s["n"]
-        model, v32, _ = ctx.checkpoint(name)
-        ds = ctx.dataset()
-        v = cast_variables(v32, jnp.float64)
-        x = jnp.asarray(normalize(ds.test_images[:n], dtype=np.float64))
-        t = jnp.asarray(ds.test_labels[:n])
+        model, v, x, t = ctx.test_inputs(name, n, np.float64)
+        v32 = ctx.checkpoint(name)[1]
         blur = BlurBaseline(s["sigma"])
         bx = blur(x)
         vgs = {label: (reference_vg(label, name, model, v32, x, t),  # VG(x), and VG where the services evaluate "x"
@@ -161,11 +154,8 @@ class ServicesStudy(Study):
     def _fixed(self, s, ctx):
         """Fixed m = 50 on our service (float64, zero baseline): eq. (3), jump decoding, finite differences."""
         name, n = s["model"], s["n"]
-        model, v32, _ = ctx.checkpoint(name)
-        ds = ctx.dataset()
-        v = cast_variables(v32, jnp.float64)
-        x = jnp.asarray(normalize(ds.test_images[:n], dtype=np.float64))
-        t = jnp.asarray(ds.test_labels[:n])
+        model, v, x, t = ctx.test_inputs(name, n, np.float64)
+        v32 = ctx.checkpoint(name)[1]
         vg = explain(VG(), model, v, x, t)
         common = {"model": name, "dtype": "float64", "baseline": "zero", "N": n, "service": "ours, m fixed"}
         rows = []
