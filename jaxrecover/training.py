@@ -173,7 +173,9 @@ def train_and_evaluate(
     if str(workdir) == "":
         raise CheckpointError("--out is empty; give the checkpoint folder, e.g. --out checkpoints/lenet")
     _check_writable(Path(workdir))
-    with writer(workdir):
+    # the same weights whatever the caller's x64 setting (the CLIs differ: studies and evaluate turn x64 on):
+    # training is float32, and with x64 on the schedule and the augmentation would round differently
+    with writer(workdir), jax.enable_x64(False):
         return _train(config, workdir, dataset=dataset, resume=resume, progress=progress)
 
 

@@ -172,3 +172,18 @@ def test_adversarial_training_attacks_inside_the_ball_and_is_recorded(tmp_path, 
         train_and_evaluate(TrainConfig(model=name, epochs=2, batch_size=32), tmp_path, dataset=tiny, progress=False)
     with pytest.raises(ValueError, match="adv_eps"):
         TrainConfig(adv_eps=-1.0)
+
+
+def test_training_gives_the_same_weights_whatever_the_x64_setting(tmp_path, tiny):
+    """Studies and evaluate turn x64 on, train.py does not: a declared TrainConfig must mean one set of weights."""
+    from jaxrecover.checkpoint import load_metadata
+    from jaxrecover.training import TrainConfig, train_and_evaluate
+
+    cfg = TrainConfig(model="twolayer", epochs=1, batch_size=32)
+    with jax.enable_x64(True):
+        train_and_evaluate(cfg, tmp_path / "on", dataset=tiny, progress=False)
+    with jax.enable_x64(False):
+        train_and_evaluate(cfg, tmp_path / "off", dataset=tiny, progress=False)
+    on, off = (load_metadata(tmp_path / k)["state_sha256"] for k in ("on", "off"))
+    assert on == off
+    assert jax.config.jax_enable_x64  # the caller's setting is restored
