@@ -37,12 +37,14 @@ def _train_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help=f"one of: {', '.join(MODEL_NAMES)}")
     p.add_argument("--dataset", default="mnist", help=f"one of: {', '.join(DATASETS)} (default: mnist)")
-    p.add_argument("--epochs", type=int, default=None, help=f"default per model: {DEFAULT_EPOCHS}")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (Adam, cosine decay)")
+    per_model = ", ".join(f"{m} {e}" for m, e in DEFAULT_EPOCHS.items())
+    p.add_argument("--epochs", type=int, default=None, help=f"default per model: {per_model}")
+    p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, AdamW with cosine decay "
+                   "(default: %(default)s)")
     p.add_argument("--no-augment", action="store_true", help="turn off random 2-pixel shifts")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-train", type=int, default=None, help="use only the first k training images")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--max-train", type=int, default=None, help="use only the first k training images (default: all)")
     p.add_argument("--adv-eps", type=float, default=0.0,
                    help="L2 PGD adversarial training: radius in [0, 1] pixel units (default 0: standard training)")
     p.add_argument("--adv-steps", type=int, default=7, help="PGD steps per batch with --adv-eps (default 7)")
@@ -98,17 +100,22 @@ def _evaluate_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODEL_NAMES), help=f"any of: {' '.join(MODEL_NAMES)}")
     p.add_argument("--dataset", default="mnist")
-    p.add_argument("--dtype", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
+    p.add_argument("--dtype", nargs="+", default=["float32", "float64"], choices=["float32", "float64"],
+                   help="attack dtypes (default: float32 float64; distances are float64 either way)")
     p.add_argument("--n", type=int, default=None, help="first N test images (default: all)")
     p.add_argument("--steps", type=int, default=50, help="m, the IG step count (paper: 50)")
     p.add_argument("--a", type=float, default=0.98, help="a of Experiment C, in (0, 1) (paper: 0.98)")
-    p.add_argument("--mode", choices=["faithful", "shared"], default="faithful")
-    p.add_argument("--seed", type=int, default=0, help="training seed of checkpoints trained here")
-    p.add_argument("--checkpoints", default="checkpoints", help="directory with one checkpoint per model")
+    p.add_argument("--mode", choices=["faithful", "shared"], default="faithful",
+                   help="faithful: every IG query computed on its own, as a service would; shared: the queries' "
+                        "path points computed once and shared (same numbers to round-off, faster) "
+                        "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="training seed of checkpoints trained here (default: 0)")
+    p.add_argument("--checkpoints", default="checkpoints",
+                   help="directory with one checkpoint per model (default: %(default)s)")
     p.add_argument("--no-train", action="store_true", help="fail instead of training a missing checkpoint")
     p.add_argument("--epochs", type=int, default=None, help="epochs for models trained because missing")
     p.add_argument("--max-train", type=int, default=None, help="training images for models trained here")
-    p.add_argument("--chunk-size", type=int, default=16)
+    p.add_argument("--chunk-size", type=int, default=16, help="test images per compiled call (default: 16)")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--bn-batch-stats", action="store_true",
                    help="ablation (resnet18): BatchNorm on batch statistics, as a PyTorch model left in train() mode")
