@@ -118,8 +118,10 @@ def _load_or_train_locked(cfg: EvalConfig, model: str, ckpt: Path, dataset, prog
         if not cfg.train_missing:
             raise CheckpointError(f"no checkpoint for {model} in {ckpt}; train it (python train.py --model {model} "
                                   f"--out {ckpt}) or drop --no-train")
-        train_and_evaluate(TrainConfig(model=model, dataset=cfg.dataset, epochs=cfg.epochs, seed=cfg.seed,
-                                       max_train=cfg.max_train), ckpt, dataset=dataset, progress=progress)
+        tc = TrainConfig(model=model, dataset=cfg.dataset, epochs=cfg.epochs, seed=cfg.seed, max_train=cfg.max_train)
+        print(f"no checkpoint for {model} in {ckpt}: training it first ({tc.resolved_epochs()} epochs; "
+              "--no-train refuses instead)", file=sys.stderr, flush=True)
+        train_and_evaluate(tc, ckpt, dataset=dataset, progress=progress)
     return load_trained(ckpt, model=model)
 
 
