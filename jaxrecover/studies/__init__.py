@@ -14,13 +14,13 @@ from .diagnostics import AccuracyStudy, ApproxPlansStudy, RayBreakpointsStudy
 from .extraction import ExtractionStudy
 from .fixed_kinks import FixedKinksStudy
 from .services import ServicesStudy
-from .base import Context, Study, Unit, option, parse_list
+from .base import Context, Study, Unit, option
 from .patterns import PatternLeakageStudy, PatternStudy
 from .precision import KinksAuditStudy, OffRayChainsStudy, UlpSensitivityStudy
 from .protocol import ProtocolSeedsStudy
 from .runner import StudyResult, doc_checkpoints, run_study
 
-__all__ = ["Study", "Unit", "Context", "option", "parse_list", "run_study", "StudyResult", "doc_checkpoints",
+__all__ = ["Study", "Unit", "Context", "option", "run_study", "StudyResult", "doc_checkpoints",
            "STUDIES", "get_study"]
 
 STUDIES: dict[str, Study] = {s.name: s for s in (

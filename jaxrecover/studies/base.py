@@ -18,13 +18,12 @@ Everything else (resume, atomic ``rows.json``, provenance, docs, progress) is th
 from __future__ import annotations
 
 import dataclasses
-import typing
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..training import TrainConfig
 
-__all__ = ["Study", "Unit", "Context", "option", "parse_list"]
+__all__ = ["Study", "Unit", "Context", "option"]
 
 
 def option(default, help: str):  # noqa: A002 - the argparse word
@@ -32,11 +31,6 @@ def option(default, help: str):  # noqa: A002 - the argparse word
     if isinstance(default, (list, dict, set)):
         raise TypeError("study options must be immutable: use a tuple")
     return dataclasses.field(default=default, metadata={"help": help})
-
-
-def parse_list(text: str, kind=str) -> tuple:
-    """``"a,b,c"`` -> ``("a", "b", "c")`` (``kind`` applied to each; empty items dropped)."""
-    return tuple(kind(v.strip()) for v in str(text).split(",") if v.strip())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,9 +127,6 @@ class Study:
             return self.Config(**overrides)
         except TypeError as e:
             raise ValueError(f"study {self.name}: {e}") from None
-
-    def option_types(self) -> dict[str, Any]:
-        return typing.get_type_hints(self.Config)
 
     def default_out(self) -> str:
         return self.out or f"results/{self.name}"
