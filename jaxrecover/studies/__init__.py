@@ -13,6 +13,7 @@ from .defences import DefencesStudy
 from .diagnostics import AccuracyStudy, ApproxPlansStudy, RayBreakpointsStudy
 from .extraction import ExtractionStudy
 from .fixed_kinks import FixedKinksStudy
+from .identification import IdentificationStudy
 from .services import ServicesStudy
 from .base import Context, Study, Unit, option
 from .patterns import PatternLeakageStudy, PatternStudy
@@ -27,7 +28,7 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
     ServicesStudy(), FixedKinksStudy(), DefencesStudy(), PatternStudy(), PatternLeakageStudy(), BoundaryStudy(),
     BoundarySpeedStudy(),
     ExtractionStudy(), CloneStudy(), ProtocolSeedsStudy(), ApproxPlansStudy(), RayBreakpointsStudy(), AccuracyStudy(),
-    UlpSensitivityStudy(), OffRayChainsStudy(), KinksAuditStudy(),
+    UlpSensitivityStudy(), OffRayChainsStudy(), KinksAuditStudy(), IdentificationStudy(),
 )}
 
 

@@ -184,3 +184,86 @@ def test_identification_finds_baseline_rule_and_policy(rule, steps, fixed):
     if fixed:
         assert idn.steps == steps
     assert sum(idn.queries.values()) == svc.queries
+
+
+# ------------------------------------------------------------------------- identification of float32 services
+DEPLOYED = [("gausslegendre", 15), ("gausslegendre", 50), ("riemann_middle", 50), ("riemann_right", 50),
+            ("saliency", 25)]
+
+
+@pytest.mark.parametrize("kind", ["dense2"])
+@pytest.mark.parametrize("base", [None, -0.4242])
+def test_identification_of_float32_fixed_step_services(kind, base):
+    """TorchServe's, Alibi's, Azure's, Captum's and PAIR's settings in float32, zero or constant baseline: rule,
+    m, policy, dtype and the exact baseline from answers alone, within 500 queries. Readings are answers
+    divided by the query as sent: inside a region the sum of gradients is bitwise constant, so a change of a
+    few ulps is a jump."""
+    logit_fn, p, shape = make_net(kind, jax.random.key(5), bias=True, dtype=jnp.float32)
+    assert jax.tree.leaves(p)[0].dtype == jnp.float32
+    x = np.asarray(jax.random.uniform(jax.random.key(60), shape, jnp.float32), np.float64)
+    b = np.zeros(shape) if base is None else np.full(shape, np.float32(base), np.float64)
+    for rule, m in DEPLOYED:
+        svc = jr.SimulatedIGService(logit_fn, p, rule=rule, steps=m, fixed_steps=True,
+                                    baseline=None if base is None else jnp.asarray(b, jnp.float32))
+        idn = R.identify_service(svc, x, 1)
+        assert (idn.rule, idn.steps, idn.fixed_steps, idn.dtype) == (rule, m, True, "float32"), (rule, m, idn)
+        assert np.array_equal(idn.baseline, b)
+        assert svc.queries == sum(idn.queries.values()) <= 500
+
+
+def test_identification_lists_the_rules_answers_cannot_tell_apart():
+    """riemann_right m, riemann_left m+1 and saliency m+1 give the same answers on suitably changed models:
+    shown here exactly (float64), and identification names the class with the deployed one first."""
+    logit_fn, p, shape = make_net("dense2", jax.random.key(5), bias=True)
+    x = jax.random.normal(jax.random.key(6), (4, *shape), jnp.float64)
+    t = jnp.array([0, 1, 2, 3])
+    b = jnp.zeros(shape, jnp.float64)
+    m = 7
+    right = jr.SimulatedIGService(logit_fn, p, rule="riemann_right", steps=m, fixed_steps=True)
+
+    def lin(params, y):  # the baseline's gradient of every class, applied to y - b, over m + 1
+        return jax.jacobian(logit_fn, argnums=1)(params, b) @ (y - b) / (m + 1)
+
+    def f_left(params, y):  # riemann_right m on this model = riemann_left m+1 on logit_fn
+        return lin(params, y) + logit_fn(params, b + (m / (m + 1)) * (y - b))
+
+    def f_sal(params, y):  # riemann_right m on this model = saliency m+1 on logit_fn
+        return lin(params, y) + logit_fn(params, y) * m / (m + 1)
+
+    left = jr.SimulatedIGService(logit_fn, p, rule="riemann_left", steps=m + 1, fixed_steps=True)
+    sal = jr.SimulatedIGService(logit_fn, p, rule="saliency", steps=m + 1, fixed_steps=True)
+    as_left = jr.SimulatedIGService(f_left, p, rule="riemann_right", steps=m, fixed_steps=True)
+    as_sal = jr.SimulatedIGService(f_sal, p, rule="riemann_right", steps=m, fixed_steps=True)
+    assert _rel(as_left(x, t), left(x, t)) <= 1e-13 and _rel(as_sal(x, t), sal(x, t)) <= 1e-13
+    idn = R.identify_service(jr.SimulatedIGService(logit_fn, p, rule="riemann_right", steps=50, fixed_steps=True),
+                             np.asarray(x[0]), 1)
+    assert idn.rule == "riemann_right" and idn.steps == 50
+    assert set(idn.equivalent) == {"riemann_right/50", "riemann_left/51", "saliency/51"}
+    assert right.queries == 0
+
+
+class _MixedRule(S.IGService):
+    """A fixed-step float32 service outside the table: the mean of gausslegendre 15 and riemann_middle 10."""
+
+    def __init__(self, logit_fn, params):
+        super().__init__(rule="gausslegendre", steps=15, fixed_steps=True, dtype=jnp.float32)
+        self.a = jr.SimulatedIGService(logit_fn, params, rule="gausslegendre", steps=15)
+        self.b = jr.SimulatedIGService(logit_fn, params, rule="riemann_middle", steps=10)
+
+    def _answer(self, x, target, steps):
+        return 0.5 * (self.a(x, target) + self.b(x, target))
+
+
+@pytest.mark.xfail(strict=True, reason="issue 35: the mean of gausslegendre 15 and riemann_middle 10 is named gausslegendre 15 (its echoes are there at half size); the check does not yet test the jump SIZES against the first pair")
+def test_float32_services_outside_the_candidates_are_unidentified():
+    logit_fn, p, shape = make_net("dense2", jax.random.key(5), bias=True, dtype=jnp.float32)
+    x = np.asarray(jax.random.uniform(jax.random.key(60), shape, jnp.float32), np.float64)
+    idn = R.identify_service(_MixedRule(logit_fn, p), x, 1)
+    assert idn.rule is None and idn.note.startswith("unidentified"), idn
+
+    class IgnoresSteps(S.ServiceWrapper):
+        def __call__(self, x, target, *, steps=None):
+            return self.inner(x, target, steps=30)
+
+    idn = R.identify_service(IgnoresSteps(jr.SimulatedIGService(logit_fn, p, rule="riemann_left", steps=30)), x, 1)
+    assert idn.rule is None and not idn.fixed_steps and idn.note.startswith("unidentified"), idn
