@@ -7,6 +7,7 @@ The services attacked live in :mod:`jaxrecover.services` (and the real peers in
 
 from .averaged import Averaged
 from .big import BoundaryPointReport, estimate_boundary_point, recover_from_big
+from .echoes import EchoReport, recover_fixed_steps_lsq
 from .fixed_steps import FixedStepsReport, recover_fixed_steps
 from .identify import Identification, identify_service, infer_baseline
 from .input_baseline import ChainReport, recover_input_baseline
@@ -26,7 +27,7 @@ __all__ = [
     "plan_residual", "plan_measure", "realise_plan", "actual_residual", "telescoping_plan", "service_plan",
     "bitwise_shared", "bitwise_plan", "best_plan",
     "query_input", "query_inputs", "recover", "recover_eq2", "recover_eq3", "recover_eq4", "attack",
-    "recover_fixed_steps", "FixedStepsReport", "recover_fixed_steps_from_kinks", "KinkReport", "audit_kinks", "KinkAudit",
+    "recover_fixed_steps", "FixedStepsReport", "recover_fixed_steps_lsq", "EchoReport", "recover_fixed_steps_from_kinks", "KinkReport", "audit_kinks", "KinkAudit",
     "NotPiecewiseLinear", "RecoveryIncomplete", "check_piecewise_linear",
     "recover_input_baseline", "ChainReport", "recover_from_outputs", "OutputsReport", "output_values",
     "recover_random_steps", "RandomStepsReport", "lattice_attack", "lattice_queries", "LatticeReport",

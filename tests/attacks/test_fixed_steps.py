@@ -267,3 +267,20 @@ def test_float32_services_outside_the_candidates_are_unidentified():
 
     idn = R.identify_service(IgnoresSteps(jr.SimulatedIGService(logit_fn, p, rule="riemann_left", steps=30)), x, 1)
     assert idn.rule is None and not idn.fixed_steps and idn.note.startswith("unidentified"), idn
+
+
+def test_echo_least_squares_recovers_float32_gausslegendre_15():
+    """Float32, TorchServe's rule and step count: local jump tests + least squares reach the float64 VG."""
+    logit_fn, p64, shape = make_net("dense2", jax.random.key(5), bias=True)
+    p32 = jax.tree.map(lambda a: a.astype(jnp.float32), p64)
+    x = jax.random.normal(jax.random.key(6), (2, *shape), jnp.float32)
+    t = jnp.array([0, 1])
+    svc = jr.SimulatedIGService(logit_fn, p32, rule="gausslegendre", steps=15, fixed_steps=True)
+    vg, mask, rep = R.recover_fixed_steps_lsq(svc, x, t, budget=4096)
+    truth = jr.explain(jr.VG(), logit_fn, p64, x.astype(jnp.float64), t)
+    assert vg.dtype == jnp.float32 and bool(mask.all())
+    assert max(rep.queries) <= 4096 and min(rep.breakpoints) > 0
+    assert float(jnp.max(jr.metrics.normalized_distance(vg.astype(jnp.float64), truth))) <= 1e-4, rep
+    with pytest.raises(R.RecoveryIncomplete) as info:  # a budget too small: the best estimate, masked out
+        R.recover_fixed_steps_lsq(svc, x[:1], t[:1], budget=40)
+    assert not bool(info.value.partial.mask.any()) and len(info.value.partial.report.error_estimate) == 1
