@@ -196,7 +196,7 @@ class _Ray:
 
     def solve(self, upto: float):
         """Least squares over the clean answers for the pieces below ``upto``: ``(G_last, stderr, residual,
-        rows, G_all, C)``."""
+        rows, G_all)``."""
         k_max = int(np.searchsorted(self.lo, upto, side="left"))  # pieces 0..k_max (piece k: after bracket k-1)
         rows, rhs = [], []
         for s, t in zip(self.seen_s, self.seen_t):
@@ -222,10 +222,10 @@ class _Ray:
         sigma = np.maximum(sigma, answer_noise(t.max(axis=0), t.min(axis=0), self.dtype) / 8)
         last = k_max
         if last not in used or rank < used.size:
-            return g[last], np.full(t.shape[1], np.inf), float(np.max(np.abs(res)) / scale), c.shape[0], g, c
+            return g[last], np.full(t.shape[1], np.inf), float(np.max(np.abs(res)) / scale), c.shape[0], g
         cov = np.linalg.pinv(c[:, used].T @ c[:, used])
         se = sigma * np.sqrt(max(cov[-1, -1], 0.0)) if used[-1] == last else np.full(t.shape[1], np.inf)
-        return g[last], se, float(np.max(np.abs(res)) / scale), c.shape[0], g, c
+        return g[last], se, float(np.max(np.abs(res)) / scale), c.shape[0], g
 
 
 def _heavy_pairs(ray: _Ray, pairs: int, margin: float):
@@ -338,7 +338,7 @@ def _best_so_far(ray: _Ray):
     if not ray.seen_s:
         return np.full(ray.d.size, np.nan), np.full(ray.d.size, np.inf), (2.0, float("inf"), 0)
     reached = max((s for s in ray.seen_s if ray.pieces(s) is not None), default=min(ray.seen_s))
-    vg, se, residual, rows, g, _ = ray.solve(reached)
+    vg, se, residual, rows, g = ray.solve(reached)
     err = _estimate(vg, se)
     ones = [t for s, t in zip(ray.seen_s, ray.seen_t) if s == 1.0]
     if ones and np.all(np.isfinite(g)):
@@ -391,5 +391,5 @@ def _recover_one(ray: _Ray, *, s0, resolution, pairs):
     extra = _heavy_pairs(ray, pairs, margin=4 * resolution)
     for k in range(0, len(extra), 256):
         ray.read(extra[k:k + 256])
-    vg, se, residual, rows, _, _ = ray.solve(1.0)
+    vg, se, residual, rows, _ = ray.solve(1.0)
     return vg, se, (_estimate(vg, se), residual, rows)
