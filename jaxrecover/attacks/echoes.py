@@ -24,7 +24,14 @@ detection exact to round-off, and it is what this recovery builds on:
    unexplained change, which is a new breakpoint seen by the top node (any echo
    of an unknown breakpoint lies above the breakpoint itself). Each jump is
    first read from its top node, ``Delta = residual / w_top``, and re-read
-   whenever a clean stretch holds one heavier echo of it alone.
+   whenever a clean stretch holds one heavier echo of it alone. An unexplained
+   change need not be a new breakpoint: it can be the echo (through node
+   ``j``) of a breakpoint whose higher echoes all fell inside the tolerance of
+   clean stretches (the top weight of gausslegendre 50 is 0.0015 of the sum),
+   or of a known breakpoint whose jump was misread. Each such hypothesis
+   predicts an echo elsewhere; a tight pair of answers there tells them apart
+   (:meth:`_Ray.explain`). Without this, one misplaced breakpoint starts a
+   cascade of phantom ones.
 2. **Least squares.** Every answer whose path points avoid all brackets is a
    linear equation ``T(s) = sum_j w_j G_piece(s r_j)`` in the piece values
    ``G_0, G_1, ...`` (the suggestion of issue 35: answers are linear in the
@@ -105,6 +112,7 @@ class _Ray:
         self.delta = np.zeros((0, self.d.size))
         self.err = np.zeros((0, self.d.size))
         self.src = np.zeros(0)  # weight of the echo each jump was last read from
+        self.passes: list[tuple[float, float, np.ndarray]] = []  # clean stretches (a, b] and their tolerances
         self.seen_s: list[float] = []
         self.seen_t: list[np.ndarray] = []
         self.queries = 0
@@ -172,6 +180,8 @@ class _Ray:
     def clean(self, a, t_a, b, t_b) -> bool:
         res, tol, cross = self.residual(a, t_a, b, t_b)
         ok = bool(np.all(np.abs(res) <= tol))
+        if ok:  # what this stretch could have hidden: for the hypotheses of explain()
+            self.passes.append((a, b, tol))
         if ok and cross.sum() == 1:  # one echo alone: re-read its jump when this echo is heavier
             k, j = (int(v[0]) for v in np.nonzero(cross))
             if self.w[j] > self.src[k]:
@@ -180,12 +190,89 @@ class _Ray:
                 self.src[k] = self.w[j]
         return ok
 
-    def add(self, lo, hi, delta, err) -> None:
+    def add(self, lo, hi, delta, err, src) -> None:
         k = int(np.searchsorted(self.lo, lo))
         self.lo, self.hi = np.insert(self.lo, k, lo), np.insert(self.hi, k, hi)
         self.delta = np.insert(self.delta, k, delta, axis=0)
         self.err = np.insert(self.err, k, err, axis=0)
-        self.src = np.insert(self.src, k, self.w_top)
+        self.src = np.insert(self.src, k, src)
+
+    # ----------------------------------------------------------------------------------------- hypotheses
+    def explain(self, a, b, res, tol, resolution) -> str:
+        """Account for an unexplained change ``res`` in ``(a, b]``: a new breakpoint seen by the top node, or
+        an echo (through node ``j``) of a breakpoint the sweep missed below ``a`` or of a known one whose jump
+        was misread. Each hypothesis predicts an echo elsewhere on the ray; the plausible ones are tested with a
+        tight pair around that echo, the first that matches is kept, and the top node is the default."""
+        top = int(np.argmax(self.r))
+        hyps = [(top, a, b)]
+        for j in np.argsort(-self.r):
+            if j == top or self.r[j] <= 0:
+                continue
+            lo, hi = a * self.r[j], b * self.r[j]
+            known = self.overlap(lo, hi)
+            if known is not None or self.hidden(lo, hi, res / self.w[j], j):
+                hyps.append((int(j), lo, hi))
+        if len(hyps) == 1:
+            self.add(a, b, res / self.w_top, tol / self.w_top, self.w_top)
+            return "new"
+        for j, lo, hi in hyps:
+            delta, err = res / self.w[j], tol / self.w[j]
+            verdict = self.echo_test(lo, hi, delta, err, j, resolution)
+            if verdict is None and j == top:
+                continue  # untestable: stays the default
+            if verdict:
+                return self.accept(j, lo, hi, delta, err, top)
+        return self.accept(top, a, b, res / self.w_top, tol / self.w_top, top)
+
+    def hidden(self, lo, hi, delta, j) -> bool:
+        """Whether a breakpoint in ``(lo, hi]`` with jump ``delta`` could have passed unseen: each of its echoes
+        through the nodes above ``j`` fell in a clean stretch whose tolerance covers it."""
+        for jj in np.flatnonzero(self.r > self.r[j]):
+            s_lo, s_hi = lo / self.r[jj], hi / self.r[jj]
+            cover = [tol for a, b, tol in self.passes if a < s_hi and s_lo <= b]
+            if cover and not any(np.all(np.abs(self.w[jj] * delta) <= 1.5 * tol) for tol in cover):
+                return False
+        return True
+
+    def overlap(self, lo, hi):
+        """Index of the known bracket overlapping ``(lo, hi]``, or None."""
+        k = int(np.searchsorted(self.hi, lo, side="left"))
+        return k if k < self.lo.size and self.lo[k] < hi else None
+
+    def accept(self, j, lo, hi, delta, err, top) -> str:
+        k = self.overlap(lo, hi) if j != top else None
+        if k is None:
+            self.add(lo, hi, delta, err, self.w[j])
+            return "new" if j == top else "missed"
+        self.delta[k] = self.delta[k] + delta
+        self.err[k] = err
+        self.src[k] = self.w[j]
+        return "misread"
+
+    def echo_test(self, lo, hi, delta, err, j, resolution):
+        """Read the predicted echo of a breakpoint in ``(lo, hi]`` with jump ``delta`` through its most telling
+        other node: True (seen), False (absent), None (no clean echo on ``(0, 1]`` stands out of the noise)."""
+        best, best_score = None, 3.0
+        snr = float(np.max(np.abs(delta) / np.maximum(err, 1e-300)))  # the change's size over its noise
+        for jj in range(self.r.size):
+            if jj == j or self.r[jj] <= 0:
+                continue
+            s_lo = lo / self.r[jj] * (1 - 4 * resolution)
+            s_hi = hi / self.r[jj] * (1 + 4 * resolution)
+            if s_hi > 1.0 or self.inside(s_lo) or self.inside(s_hi):
+                continue
+            c = self.w[jj] / self.w[j]  # the test echo's noise is about the change's, plus c times its error
+            score = snr * c / (1 + c)
+            if score > best_score:
+                best, best_score = jj, score
+        if best is None:
+            return None
+        s_lo = lo / self.r[best] * (1 - 4 * resolution)
+        s_hi = hi / self.r[best] * (1 + 4 * resolution)
+        t_lo, t_hi = self.read([s_lo, s_hi])
+        got, tol, _ = self.residual(s_lo, t_lo, s_hi, t_hi)
+        pred = self.w[best] * delta
+        return bool(np.all(np.abs(got - pred) <= tol + self.w[best] * err))
 
     # ----------------------------------------------------------------------------------------- least squares
     def pieces(self, s: float) -> np.ndarray | None:
@@ -386,7 +473,7 @@ def _recover_one(ray: _Ray, *, s0, resolution, pairs):
             else:
                 b, t_b = m, t_m
         res, tol, _ = ray.residual(a, t_a, b, t_b)
-        ray.add(a, b, res / ray.w_top, tol / ray.w_top)
+        ray.explain(a, b, res, tol, resolution)
         p, t_p, grow = b, t_b, step
     extra = _heavy_pairs(ray, pairs, margin=4 * resolution)
     for k in range(0, len(extra), 256):
