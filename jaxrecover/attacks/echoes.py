@@ -94,8 +94,8 @@ class EchoReport(RecoveryReport):
 class _Ray:
     """One example's ray: readings ``T(s)``, the brackets found and their jump estimates."""
 
-    def __init__(self, service, x, b, target, nodes, weights, budget, bar, floor=0.1):
-        self.floor = floor
+    def __init__(self, service, x, b, target, nodes, weights, budget, bar, floor=0.1, fuzz=1e-5):
+        self.floor, self.fuzz = floor, fuzz
         self.service, self.target, self.budget, self.bar = service, target, budget, bar
         self.b = np.asarray(b, np.float64).ravel()
         self.d = np.asarray(x, np.float64).ravel() - self.b
@@ -191,6 +191,17 @@ class _Ray:
         return ok
 
     def add(self, lo, hi, delta, err, src) -> None:
+        """Insert a bracket, widened by ``fuzz`` on each side and merged with any bracket it then overlaps."""
+        lo, hi = lo * (1 - self.fuzz), hi * (1 + self.fuzz)
+        over = np.flatnonzero((self.lo < hi) & (self.hi > lo))
+        if over.size:
+            lo, hi = min(lo, float(self.lo[over].min())), max(hi, float(self.hi[over].max()))
+            delta = delta + self.delta[over].sum(axis=0)
+            err = err + self.err[over].sum(axis=0)
+            src = min(src, float(self.src[over].min()))
+            keep = np.setdiff1d(np.arange(self.lo.size), over)
+            self.lo, self.hi, self.delta, self.err, self.src = (v[keep] for v in (self.lo, self.hi, self.delta,
+                                                                                   self.err, self.src))
         k = int(np.searchsorted(self.lo, lo))
         self.lo, self.hi = np.insert(self.lo, k, lo), np.insert(self.hi, k, hi)
         self.delta = np.insert(self.delta, k, delta, axis=0)
@@ -204,14 +215,27 @@ class _Ray:
         was misread. Each hypothesis predicts an echo elsewhere on the ray; the plausible ones are tested with a
         tight pair around that echo, the first that matches is kept, and the top node is the default."""
         top = int(np.argmax(self.r))
-        hyps = [(top, a, b)]
+        if np.all(np.abs(res) <= tol):
+            return "noise"  # the bisection's last step split a change made of noise: nothing to place
+        fuzzy = self.fuzzy_echo(a, b, res, tol)
+        if fuzzy is not None:
+            return fuzzy
+        hyps, small = [(top, a, b)], []
         for j in np.argsort(-self.r):
             if j == top or self.r[j] <= 0:
                 continue
             lo, hi = a * self.r[j], b * self.r[j]
             known = self.overlap(lo, hi)
+            if known is not None:  # how far the correction lies outside the known jump's error
+                small.append((float(np.max(np.abs(res) / (self.w[j] * self.err[known] + tol))), int(j), lo, hi))
             if known is not None or self.hidden(lo, hi, res / self.w[j], j):
                 hyps.append((int(j), lo, hi))
+        small = sorted(v for v in small if v[0] <= 10.0)
+        if small and float(np.max(np.abs(res) / tol)) <= 3.0:
+            # a change at the noise level on an echo of a known jump: float32 rounding of that echo, not a
+            # new breakpoint (one at this size would be a coin toss to verify); fold it into the jump
+            _, j, lo, hi = small[0]
+            return self.accept(j, lo, hi, res / self.w[j], tol / self.w[j], top)
         if len(hyps) == 1:
             self.add(a, b, res / self.w_top, tol / self.w_top, self.w_top)
             return "new"
@@ -222,7 +246,40 @@ class _Ray:
                 continue  # untestable: stays the default
             if verdict:
                 return self.accept(j, lo, hi, delta, err, top)
+        if small:  # nothing verified: a misread jump within ten times its error beats a new breakpoint
+            _, j, lo, hi = small[0]
+            return self.accept(j, lo, hi, res / self.w[j], tol / self.w[j], top)
         return self.accept(top, a, b, res / self.w_top, tol / self.w_top, top)
+
+    def fuzzy_echo(self, a, b, res, tol, reach: float = 1e-3):
+        """An echo of a known jump seen just outside its bracket. In float32 each node's path point is rounded
+        on its own (the query, ``a_j q``, the matmul), so the ray crosses a breakpoint at a slightly different
+        ``t`` for each node: 1.2e-5 relative measured on trained TwoLayerNet, where a hidden unit's bias is small
+        beside ``sum |W_i x_i|``. A change within ``reach`` of an echo region whose size matches that echo widens
+        the bracket to cover it."""
+        for j in np.flatnonzero(self.r > 0):
+            lo, hi = a * self.r[j], b * self.r[j]
+            k = int(np.searchsorted(self.lo, lo))
+            for kk in (k - 1, k):
+                if not 0 <= kk < self.lo.size:
+                    continue
+                gap = max(self.lo[kk] - hi, lo - self.hi[kk], 0.0)
+                if gap > reach * hi:
+                    continue
+                pred = self.w[j] * self.delta[kk]
+                if np.all(np.abs(res - pred) <= tol + self.w[j] * self.err[kk]):
+                    self.lo[kk] = min(self.lo[kk], lo * (1 - self.fuzz))
+                    self.hi[kk] = max(self.hi[kk], hi * (1 + self.fuzz))
+                    self._merge(kk)
+                    return "fuzzy"
+        return None
+
+    def _merge(self, k) -> None:
+        """Merge bracket ``k`` (after widening) with the neighbours it now overlaps."""
+        lo, hi, delta, err, src = self.lo[k], self.hi[k], self.delta[k], self.err[k], self.src[k]
+        self.lo, self.hi, self.delta, self.err, self.src = (np.delete(v, k, axis=0) for v in (
+            self.lo, self.hi, self.delta, self.err, self.src))
+        self.add(lo / (1 - self.fuzz), hi / (1 + self.fuzz), delta, err, src)
 
     def hidden(self, lo, hi, delta, j) -> bool:
         """Whether a breakpoint in ``(lo, hi]`` with jump ``delta`` could have passed unseen: each of its echoes
@@ -297,14 +354,23 @@ class _Ray:
             rows.append(row)
             rhs.append(t)
         c, t = np.asarray(rows), np.asarray(rhs)
-        used = np.flatnonzero(c.any(axis=0))
-        g = np.full((k_max + 1, t.shape[1]), np.nan)
-        sol, _, rank, _ = np.linalg.lstsq(c[:, used], t, rcond=None)
-        g[used] = sol
-        fit = c[:, used] @ sol
-        res = t - fit
-        dof = max(c.shape[0] - used.size, 1)
         scale = float(np.max(np.abs(t))) or 1.0
+        eps = float(np.finfo(np.dtype(self.dtype)).eps)
+        for _ in range(max(1, c.shape[0] // 10)):
+            # drop the worst row while it is far off the fit: a path point that crossed a breakpoint just
+            # outside its bracket (float32 moves each node's crossing on its own) is one wrong row, and least
+            # squares would spread its error over every piece
+            used = np.flatnonzero(c.any(axis=0))
+            sol, _, rank, _ = np.linalg.lstsq(c[:, used], t, rcond=None)
+            res = t - c[:, used] @ sol
+            off = np.max(np.abs(res), axis=1) / scale
+            worst = int(np.argmax(off))
+            if off[worst] <= max(1024 * eps, 16 * float(np.median(off))) or c.shape[0] <= used.size + 1:
+                break
+            c, t = np.delete(c, worst, axis=0), np.delete(t, worst, axis=0)
+        g = np.full((k_max + 1, t.shape[1]), np.nan)
+        g[used] = sol
+        dof = max(c.shape[0] - used.size, 1)
         sigma = np.sqrt(np.sum(res ** 2, axis=0) / dof)
         sigma = np.maximum(sigma, answer_noise(t.max(axis=0), t.min(axis=0), self.dtype) / 8)
         last = k_max
@@ -384,7 +450,8 @@ def recover_fixed_steps_lsq(service, x, target, *, budget: int | None = 2**12, s
     for i in tqdm(range(xs.shape[0]), disable=not progress or xs.shape[0] == 1, desc="fixed-m recovery",
                   unit="example"):
         bar = tqdm(total=budget, disable=not progress, desc=f"example {i}: answers", leave=False, unit="query")
-        ray = _Ray(service, xs[i], b_all[i], int(target[i]), nodes, weights, budget, bar)
+        ray = _Ray(service, xs[i], b_all[i], int(target[i]), nodes, weights, budget, bar,
+                   fuzz=resolution)
         try:
             vg, se, stats = _recover_one(ray, s0=s0, resolution=resolution, pairs=pairs)
         except QueryBudgetExceeded as e:
