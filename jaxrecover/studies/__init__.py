@@ -12,6 +12,7 @@ from .clone import CloneStudy
 from .defences import DefencesStudy
 from .diagnostics import AccuracyStudy, ApproxPlansStudy, RayBreakpointsStudy
 from .extraction import ExtractionStudy
+from .fixed_float32 import FixedFloat32Study
 from .fixed_kinks import FixedKinksStudy
 from .identification import IdentificationStudy
 from .services import ServicesStudy
@@ -28,7 +29,7 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
     ServicesStudy(), FixedKinksStudy(), DefencesStudy(), PatternStudy(), PatternLeakageStudy(), BoundaryStudy(),
     BoundarySpeedStudy(),
     ExtractionStudy(), CloneStudy(), ProtocolSeedsStudy(), ApproxPlansStudy(), RayBreakpointsStudy(), AccuracyStudy(),
-    UlpSensitivityStudy(), OffRayChainsStudy(), KinksAuditStudy(), IdentificationStudy(),
+    UlpSensitivityStudy(), OffRayChainsStudy(), KinksAuditStudy(), IdentificationStudy(), FixedFloat32Study(),
 )}
 
 
