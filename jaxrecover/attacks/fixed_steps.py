@@ -36,6 +36,7 @@ the residual at ``s = 1`` catches it).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -214,6 +215,10 @@ def recover_fixed_steps(service, x, target, *, s0: float = 1e-4, resolution: flo
     """
     x, target = attack_inputs(service, x, target)
     eps = float(np.finfo(np.dtype(service.dtype)).eps)
+    if eps > 1e-10:
+        warnings.warn(f"recover_fixed_steps reads single jumps against a sqrt(eps) tolerance and rarely finishes on "
+                      f"{np.dtype(service.dtype).name} answers (issue 35); use recover_fixed_steps_lsq for float32 "
+                      "services (docs/SERVICES.md, 'Fixed step count in float32')", RuntimeWarning, stacklevel=2)
     resolution = resolution if resolution is not None else (1e-8 if eps < 1e-10 else 1e-5)
     rel_tol = tol if tol is not None else float(np.sqrt(eps))
     nodes, weights = (np.asarray(v, np.float64) for v in service.quadrature(service.steps))

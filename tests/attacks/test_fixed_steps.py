@@ -269,13 +269,16 @@ def test_float32_services_outside_the_candidates_are_unidentified():
     assert idn.rule is None and not idn.fixed_steps and idn.note.startswith("unidentified"), idn
 
 
-def test_echo_least_squares_recovers_float32_gausslegendre_15():
-    """Float32, TorchServe's rule and step count: local jump tests + least squares reach the float64 VG."""
+@pytest.mark.parametrize("rule,steps", [("gausslegendre", 15), ("gausslegendre", 50), ("riemann_middle", 50),
+                                        ("saliency", 25)])
+def test_echo_least_squares_recovers_float32_deployed_rules(rule, steps):
+    """Float32 with the deployed rules and step counts (TorchServe, Alibi, Azure, PAIR): local jump tests + least
+    squares reach the float64 VG."""
     logit_fn, p64, shape = make_net("dense2", jax.random.key(5), bias=True)
     p32 = jax.tree.map(lambda a: a.astype(jnp.float32), p64)
     x = jax.random.normal(jax.random.key(6), (2, *shape), jnp.float32)
     t = jnp.array([0, 1])
-    svc = jr.SimulatedIGService(logit_fn, p32, rule="gausslegendre", steps=15, fixed_steps=True)
+    svc = jr.SimulatedIGService(logit_fn, p32, rule=rule, steps=steps, fixed_steps=True)
     vg, mask, rep = R.recover_fixed_steps_lsq(svc, x, t, budget=4096)
     truth = jr.explain(jr.VG(), logit_fn, p64, x.astype(jnp.float64), t)
     assert vg.dtype == jnp.float32 and bool(mask.all())
@@ -284,3 +287,16 @@ def test_echo_least_squares_recovers_float32_gausslegendre_15():
     with pytest.raises(R.RecoveryIncomplete) as info:  # a budget too small: the best estimate, masked out
         R.recover_fixed_steps_lsq(svc, x[:1], t[:1], budget=40)
     assert not bool(info.value.partial.mask.any()) and len(info.value.partial.report.error_estimate) == 1
+
+
+def test_single_jump_recovery_warns_on_float32_services():
+    """recover_fixed_steps is the float64 method: on a float32 service it says which recovery to use."""
+    logit_fn, p64, shape = make_net("dense2", jax.random.key(5), bias=True)
+    p32 = jax.tree.map(lambda a: a.astype(jnp.float32), p64)
+    x = jax.random.normal(jax.random.key(6), (1, *shape), jnp.float32)
+    svc = jr.SimulatedIGService(logit_fn, p32, rule="gausslegendre", steps=15, fixed_steps=True)
+    with pytest.warns(RuntimeWarning, match="recover_fixed_steps_lsq"):
+        try:
+            R.recover_fixed_steps(svc, x, jnp.array([0]), budget=16)
+        except R.RecoveryIncomplete:
+            pass  # the warning is the point; 16 answers do not finish
