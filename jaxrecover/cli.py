@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["main", "train_main", "evaluate_main", "study_main", "demo_main"]
+__all__ = ["main", "train_main", "evaluate_main", "study_main", "demo_main", "serve_main", "audit_main"]
 
 TRAIN_DOC = """Train one of the paper's models (jaxrecover.training.train_and_evaluate).
 
@@ -188,6 +188,42 @@ def demo_main(argv=None) -> int:
     return main(argv)
 
 
+SERVE_DOC = """Serve a defended IG explanation endpoint (KServe V1 protocol, Vertex AI's response fields).
+
+POST /v1/models/NAME:explain {"instances": [x], "parameters": {"targets": [t]}} answers IG with the rule,
+step count, baseline and dtype given here, through each --defence (innermost first); :predict answers logits.
+Needs the endpoints extra (pip install 'jaxrecover[endpoints]').
+
+Examples:
+    jaxrecover serve checkpoints/lenet --rule gausslegendre --steps 15
+    jaxrecover serve checkpoints/twolayer --defence round:3 --budget-per-key 1000 --port 8081
+"""
+
+
+def serve_main(argv=None) -> int:
+    """``jaxrecover serve CHECKPOINT ...``: a defended explanation endpoint (blocks until interrupted)."""
+    from .services.serving import add_serve_arguments, check_config, config_from_args, serve
+
+    p = argparse.ArgumentParser(prog="jaxrecover serve", description=SERVE_DOC,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_arguments(p)
+    a = p.parse_args(argv)
+    try:
+        cfg = config_from_args(a)
+        check_config(cfg)
+        print(f"serving {a.checkpoint} on http://{a.host}:{a.port}/v1/models/{a.name or '<model>'}:explain "
+              f"({cfg.rule}, m={cfg.steps}, {'fixed' if cfg.fixed_steps else 'free'} steps, {cfg.dtype}, "
+              f"baseline {cfg.baseline}, defences: {', '.join(cfg.defences) or 'none'}, "
+              f"budget per key: {cfg.budget_per_key or 'none'})", flush=True)
+        serve(a.checkpoint, cfg, name=a.name, host=a.host, port=a.port)
+    except (ValueError, OSError, ImportError) as e:
+        print(f"jaxrecover serve: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
 STUDY_DOC = """Run one study: the rows of a table in docs/, resumable, with provenance (jaxrecover.studies.run_study).
 
 A study trains the checkpoints it declares when they are missing (in --checkpoints, one folder per training
@@ -301,18 +337,21 @@ def study_main(argv=None) -> int:
     return 0
 
 
-COMMANDS = {"train": "train_main", "evaluate": "evaluate_main", "study": "study_main", "demo": "demo_main"}
+COMMANDS = {"train": "train_main", "evaluate": "evaluate_main", "study": "study_main", "demo": "demo_main",
+            "serve": "serve_main", "audit": "audit_main"}
 
 
 def main(argv=None) -> int:
     """``jaxrecover COMMAND ...``: train, evaluate, study, demo."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: jaxrecover {train,evaluate,study,demo} ...\n\n"
+        print("usage: jaxrecover {train,evaluate,study,demo,serve,audit} ...\n\n"
               "  train     train one of the paper's models (python train.py)\n"
               "  evaluate  the paper's Tables 1-4 and Figures 4-5 (python evaluate.py)\n"
               "  study     one table of docs/, resumable, with provenance (jaxrecover study --list)\n"
               "  demo      the main job: VG recovered from IG answers\n"
+              "  serve     a defended IG explanation endpoint (KServe protocol) for a checkpoint\n"
+              "  audit     identify an explanation endpoint, recover VG from it, and report what stops it\n"
               "\n'jaxrecover COMMAND --help' shows each command's options.",
               file=sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2

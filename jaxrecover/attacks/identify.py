@@ -498,7 +498,8 @@ def identify_service(service, x, target, *, max_steps: int = 256, candidates=Non
     spent["baseline"] = service.queries - q0
     q0 = service.queries
     try:
-        _answers(service, [x], target, steps=int(service.steps) + 7)
+        # a step count the service is unlikely to fix (its declared one + 7; 57 when it declares none, e.g. remote)
+        _answers(service, [x], target, steps=int(service.steps or 50) + 7)
         fixed = False
     except StepCountRefused:
         fixed = True
