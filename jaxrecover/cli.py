@@ -224,6 +224,58 @@ def serve_main(argv=None) -> int:
     return 0
 
 
+AUDIT_DOC = """Audit an IG explanation endpoint: identify it, recover VG from it, report what would stop it.
+
+Prints a table (and with --out writes report.md and report.json there). Needs the endpoints extra.
+
+Examples:
+    jaxrecover audit http://127.0.0.1:8080/v1/models/twolayer:explain
+    jaxrecover audit http://127.0.0.1:8080/explanations/lenet --budget 16384 --n 2
+    jaxrecover audit http://127.0.0.1:8080 --model twolayer --protocol kserve --checkpoint checkpoints/twolayer
+"""
+
+
+def audit_main(argv=None) -> int:
+    """``jaxrecover audit URL ...``."""
+    p = argparse.ArgumentParser(prog="jaxrecover audit", description=AUDIT_DOC,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("url", help="the endpoint (see the examples)")
+    p.add_argument("--model", default=None, help="the model's name (default: read from the URL)")
+    p.add_argument("--protocol", default=None, choices=("kserve", "torchserve"),
+                   help="the endpoint's protocol (default: read from the URL, else kserve)")
+    p.add_argument("--budget", type=int, default=2**12, help="explanation queries per input (default: %(default)s)")
+    p.add_argument("--inputs", default=None,
+                   help="a .npy of inputs [N, H, W, C] in the model's scale (default: the first --n MNIST test images)")
+    p.add_argument("--n", type=int, default=3, help="inputs to attack when --inputs is not given (default: %(default)s)")
+    p.add_argument("--checkpoint", default=None,
+                   help="the served checkpoint, for the distance to its own VG (operators; default: none)")
+    p.add_argument("--api-key", default=None, help="sent as X-API-Key (default: none)")
+    p.add_argument("--out", default=None, help="folder for report.md and report.json (default: print only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    try:
+        import numpy as np
+
+        from .audit import audit_endpoint, default_inputs, parse_url, report_markdown, write_report
+        url, model, protocol = parse_url(a.url, a.model, a.protocol)
+        if a.inputs is not None:
+            x = np.load(a.inputs)
+            if x.ndim != 4:
+                raise ValueError(f"--inputs must hold [N, H, W, C] inputs, got shape {x.shape}")
+        else:
+            x = default_inputs(a.n)
+        rep = audit_endpoint(url, model, x, protocol=protocol, budget=a.budget, checkpoint=a.checkpoint,
+                             api_key=a.api_key, progress=not a.quiet)
+        print(report_markdown(rep), end="")
+        if a.out:
+            for path in write_report(rep, a.out):
+                print(f"wrote {path}")
+    except (ValueError, OSError, ImportError, RuntimeError) as e:
+        print(f"jaxrecover audit: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
 STUDY_DOC = """Run one study: the rows of a table in docs/, resumable, with provenance (jaxrecover.studies.run_study).
 
 A study trains the checkpoints it declares when they are missing (in --checkpoints, one folder per training

@@ -1,0 +1,195 @@
+"""Build a ``.mar`` of a model's PyTorch twin and run TorchServe on loopback (see the package docstring)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["build_archive", "TorchServe", "free_port"]
+
+HANDLER = Path(__file__).with_name("handler.py")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tool(name: str) -> str:
+    path = Path(sys.executable).with_name(name)
+    found = str(path) if path.exists() else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} not found: pip install 'jaxrecover[endpoints]' (or bash scripts/setup.sh "
+                                "endpoints)")
+    return found
+
+
+def build_archive(model: str, variables, export_dir, *, name: str | None = None, topk: int | None = None) -> Path:
+    """A TorchServe archive ``export_dir/NAME.mar`` of ``model``'s float32 PyTorch twin (TorchScript) with the
+    VisionHandler IG call; ``/predictions`` answers raw logits (``topk=None``) or the top-``topk`` probabilities."""
+    import torch
+
+    from ..external import torch_twins
+
+    name = name or model
+    export_dir = Path(export_dir)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    work = export_dir / f".{name}.build"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    twin = torch_twins.torch_twin(model, variables, torch.float32).eval()
+    shape = (1, 28, 28)  # every model of this library takes an MNIST image (NCHW in torch)
+    example = torch.zeros((1, *shape), dtype=torch.float32)
+    with torch.no_grad():
+        traced = torch.jit.trace(twin, example)
+        if not torch.equal(traced(example + 0.5), twin(example + 0.5)):
+            raise RuntimeError(f"the TorchScript trace of the {model} twin does not match the twin")
+    traced.save(str(work / "model.pt"))
+    (work / "serving.json").write_text(json.dumps({"topk": topk, "input_shape": list(shape)}))
+    cmd = [_tool("torch-model-archiver"), "--model-name", name, "--version", "1.0",
+           "--serialized-file", str(work / "model.pt"), "--handler", str(HANDLER),
+           "--extra-files", str(work / "serving.json"), "--export-path", str(export_dir), "--force"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    shutil.rmtree(work, ignore_errors=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"torch-model-archiver failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-300:]}")
+    return export_dir / f"{name}.mar"
+
+
+class TorchServe:
+    """A TorchServe process on 127.0.0.1 serving the archives in ``model_store`` (a context manager).
+
+    Args:
+      model_store: the folder of ``.mar`` files; models: the archive names (``"twolayer"`` for twolayer.mar).
+      workdir: where its config, logs and snapshots go (kept after :meth:`stop`: read ``log`` when a test fails).
+      batch_size, max_batch_delay: TorchServe's batching (requests arriving within ``max_batch_delay`` ms are
+        explained together, with the first one's target).
+      startup_timeout: seconds to wait for every model's worker to be ready.
+    """
+
+    def __init__(self, model_store, models, workdir, *, batch_size: int = 1, max_batch_delay: int = 50,
+                 startup_timeout: float = 180.0):
+        self.model_store = Path(model_store)
+        self.models = list(models)
+        self.workdir = Path(workdir)
+        self.batch_size = int(batch_size)
+        self.max_batch_delay = int(max_batch_delay)
+        self.startup_timeout = float(startup_timeout)
+        self.proc: subprocess.Popen | None = None
+        self.log = self.workdir / "torchserve.log"
+        self.port = self.management_port = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> TorchServe:
+        if shutil.which("java") is None:
+            raise FileNotFoundError("TorchServe needs a Java 17 runtime: apt-get install openjdk-17-jre-headless")
+        for m in self.models:
+            if not (self.model_store / f"{m}.mar").exists():
+                raise FileNotFoundError(f"no archive {m}.mar in {self.model_store}; build it with build_archive")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port, self.management_port, metrics = free_port(), free_port(), free_port()
+        models = {m: {"1.0": {"defaultVersion": True, "marName": f"{m}.mar", "minWorkers": 1, "maxWorkers": 1,
+                              "batchSize": self.batch_size, "maxBatchDelay": self.max_batch_delay,
+                              "responseTimeout": 120}} for m in self.models}
+        cfg = self.workdir / "config.properties"
+        cfg.write_text("\n".join([
+            f"inference_address=http://127.0.0.1:{self.port}",
+            f"management_address=http://127.0.0.1:{self.management_port}",
+            f"metrics_address=http://127.0.0.1:{metrics}",
+            f"model_store={self.model_store}", "load_models=" + ",".join(f"{m}.mar" for m in self.models),
+            f"models={json.dumps(models)}", "disable_token_authorization=true", "install_py_dep_per_model=false",
+            "default_workers_per_model=1", "enable_envvars_config=false", "disable_system_metrics=true", ""]))
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                   LOG_LOCATION=str(self.workdir / "logs"), METRICS_LOCATION=str(self.workdir / "logs"),
+                   TS_CONFIG_FILE=str(cfg), OMP_NUM_THREADS="1")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [_tool("torchserve"), "--start", "--foreground", "--ncs", "--disable-token-auth",
+                 "--ts-config", str(cfg), "--model-store", str(self.model_store)],
+                cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        import httpx
+
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:  # bounded: one poll every 0.5 s until the deadline
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"TorchServe exited with {self.proc.returncode} while starting; log: {self.log}")
+            try:
+                ready = all(
+                    any(w.get("status") == "READY" for w in httpx.get(
+                        f"http://127.0.0.1:{self.management_port}/models/{m}", timeout=2).json()[0]["workers"])
+                    for m in self.models)
+                if ready:
+                    return
+            except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"TorchServe's models were not ready within {self.startup_timeout:.0f} s; log: {self.log}")
+
+    def stop(self) -> None:
+        """Stop the launcher, the Java frontend and its workers (their process group, by the launcher's pid)."""
+        if self.proc is None or self.proc.poll() is not None and not _group_alive(self.proc.pid):
+            return
+        for sig, wait in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and _group_alive(self.proc.pid):
+                self.proc.poll()
+                time.sleep(0.2)
+            if not _group_alive(self.proc.pid):
+                break
+        self.proc.poll()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie leader counts as gone once reaped; members still running keep the group alive
+    return _members(pgid) > 0
+
+
+def _members(pgid: int) -> int:
+    n = 0
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                n += 1
+    return n
+
+
