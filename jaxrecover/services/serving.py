@@ -191,6 +191,8 @@ def make_kserve_model(name: str, model, params, input_shape, cfg: ServeConfig):
 def serve(checkpoint: str, cfg: ServeConfig, *, name: str | None = None, host: str = "127.0.0.1",
           port: int = 8080) -> None:
     """Serve ``checkpoint`` (a ``train.py`` checkpoint folder) on ``host:port`` until interrupted (blocks)."""
+    if cfg.dtype == "float64":  # this process serves only this model: float64 on for all of it
+        jax.config.update("jax_enable_x64", True)
     from ..models import make_model
     from ..training import load_trained
     model_name, variables, _ = load_trained(checkpoint)

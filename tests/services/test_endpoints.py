@@ -1,0 +1,247 @@
+"""Real endpoints over HTTP on 127.0.0.1: KServe (`jaxrecover serve`), TorchServe, and a flaky test server.
+
+Every server is a real process started here on a free port in its own session and stopped by its own pid's
+process group; its log stays in the test's tmp folder (pytest keeps the last runs' folders) and its tail is
+printed when it fails to start.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import httpx
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrecover.attacks import attack, best_plan, identify_service, recover_fixed_steps_lsq
+from jaxrecover.data import normalize
+from jaxrecover.engine import explain
+from jaxrecover.explainers import VG
+from jaxrecover.metrics import normalized_distance
+from jaxrecover.models import cast_variables, make_model
+from jaxrecover.services import QueryBudgetExceeded, ServiceAnswerError, StepCountRefused, round_significant
+from jaxrecover.services.remote import RemoteIGService, RemoteServiceError
+from jaxrecover.services.torchserve import TorchServe, build_archive, free_port
+from jaxrecover.training import load_trained
+
+
+def _stop(proc):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=15)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _start(cmd, log, ready_url, timeout=120):
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # bounded: one poll per 0.3 s
+        if proc.poll() is not None:
+            break
+        try:
+            if httpx.get(ready_url, timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    _stop(proc)
+    pytest.fail(f"server did not start ({cmd[:4]}...); log {log}:\n{log.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory, trained):
+    """``serve(*args) -> url``: a `jaxrecover serve` of the module's checkpoint with ``args``."""
+    procs = []
+
+    def start(*args):
+        port = free_port()
+        log = tmp_path_factory.mktemp("kserve") / "server.log"
+        cmd = [sys.executable, "-m", "jaxrecover", "serve", str(trained), "--port", str(port), *args]
+        procs.append(_start(cmd, log, f"http://127.0.0.1:{port}/v1/models/twolayer"))
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for p in procs:
+        _stop(p)
+        assert p.poll() is not None
+
+
+@pytest.fixture(scope="module")
+def images(tiny):
+    return np.asarray(normalize(tiny.test_images[:4]), np.float32), np.asarray(tiny.test_labels[:4])
+
+
+def _vg(trained, x, t, dtype=jnp.float32):
+    name, v, _ = load_trained(trained)
+    return np.asarray(explain(VG(), make_model(name), cast_variables(v, dtype), jnp.asarray(x, dtype), jnp.asarray(t)))
+
+
+def test_kserve_fixed_gl15_identified_and_recovered_over_http(serve, trained, images, tmp_path):
+    url = serve("--rule", "gausslegendre", "--steps", "15")
+    x, t = images
+    with RemoteIGService(url, "twolayer", protocol="kserve") as r:
+        a = r(x, t)
+        assert a.dtype == jnp.float32 and a.shape == x.shape and r.queries == 4
+        with pytest.raises(StepCountRefused, match="fixes the step count at 15"):
+            r(x[:1], t[:1], steps=20)
+        assert r.queries == 4  # a refused request is not a query
+        idf = identify_service(r, x[0], int(t[0]))
+        assert (idf.rule, idf.steps, idf.fixed_steps, idf.dtype) == ("gausslegendre", 15, True, "float32")
+        assert not np.any(idf.baseline) and sum(idf.queries.values()) <= 500
+        q0 = r.queries
+        vg, mask, rep = recover_fixed_steps_lsq(r.identified(idf), x[:1], t[:1], budget=4096)
+        assert r.queries - q0 == rep.queries[0] <= 4096
+        assert r.stats.requests >= r.queries // r.per_request and r.stats.bytes_received > 0
+        d = float(normalized_distance(jnp.asarray(_vg(trained, x[:1], t[:1])), jnp.asarray(vg))[0])
+        assert d <= 1e-4, d
+    from jaxrecover.cli import audit_main
+    assert audit_main([f"{url}/v1/models/twolayer:explain", "--n", "1", "--quiet", "--checkpoint", str(trained),
+                       "--out", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["identification"]["rule"] == "gausslegendre" and rep["identification"]["steps"] == 15
+    assert rep["rows"][0]["status"] == "recovered" and rep["rows"][0]["distance"] <= 1e-4
+    assert "per-key budget below" in (tmp_path / "report.md").read_text()
+
+
+def test_kserve_float64_free_steps_exact_plan_over_json(serve, trained, images):
+    url = serve("--rule", "riemann_right", "--steps", "50", "--free-steps", "--dtype", "float64")
+    x, t = images
+    x64 = x.astype(np.float64)
+    with RemoteIGService(url, "twolayer", dtype=jnp.float64) as r:
+        idf = identify_service(r, x64[0], int(t[0]))
+        assert (idf.rule, idf.fixed_steps) == ("riemann_right", False)
+        svc = r.identified(idf)
+        vg, mask, _ = attack(svc, best_plan(svc), x64[:2], t[:2])
+        d = np.asarray(normalized_distance(jnp.asarray(_vg(trained, x64[:2], t[:2], jnp.float64)), vg))
+        assert d.max() <= 1e-10, d  # JSON carries float64 exactly (shortest round-trip repr)
+
+
+def test_kserve_rounding_and_per_key_budget_answer_429(serve, images):
+    url = serve("--defence", "round:3", "--budget-per-key", "5")
+    x, t = images
+    with RemoteIGService(url, "twolayer", api_key="alice") as alice, \
+            RemoteIGService(url, "twolayer", api_key="bob") as bob:
+        a = np.asarray(alice(x, t))
+        np.testing.assert_array_equal(np.asarray(round_significant(a, 3), np.float32), a)
+        alice(x[:1], t[:1])
+        with pytest.raises(QueryBudgetExceeded, match="HTTP 429"):
+            alice(x[:1], t[:1])
+        assert alice.queries == 5 and alice.stats.retries == 0  # a spent budget is not retried
+        assert bob(x[:2], t[:2]).shape == x[:2].shape  # another key has its own budget
+
+
+FLAKY = textwrap.dedent('''
+    import json, sys
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    mode = sys.argv[2]
+    seen = {}
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+        def do_GET(self):
+            self.send_response(200); self.end_headers(); self.wfile.write(b"{}")
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            n = seen[body] = seen.get(body, 0) + 1
+            if mode == "flaky" and n == 1:  # every request fails once
+                self.send_response(503); self.end_headers(); self.wfile.write(b'{"error": "busy"}'); return
+            req = json.loads(body)
+            scale = 2.0 if mode != "float64" else 2.0000000001
+            out = {"explanations": [{"attributions": [{"featureAttributions": [[[v * scale for v in c] for c in r]
+                                                                              for r in x]}]} for x in req["instances"]]}
+            data = json.dumps(out).encode()
+            self.send_response(200); self.send_header("Content-Length", str(len(data))); self.end_headers()
+            self.wfile.write(data)
+    ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+''')
+
+
+@pytest.fixture
+def flaky(tmp_path):
+    procs = []
+
+    def start(mode):
+        script = tmp_path / "flaky.py"
+        script.write_text(FLAKY)
+        port = free_port()
+        procs.append(_start([sys.executable, str(script), str(port), mode], tmp_path / f"{mode}.log",
+                            f"http://127.0.0.1:{port}/"))
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for p in procs:
+        _stop(p)
+
+
+def test_retries_count_each_query_once_and_failures_raise(flaky, images):
+    x, t = images
+    url = flaky("flaky")
+    with RemoteIGService(url, "m", per_request=1, concurrency=2, backoff=0.01) as r:
+        a = np.asarray(r(x, t))
+        np.testing.assert_array_equal(a, 2 * x)
+        assert r.queries == 4 and r.stats.retries == 4 and r.stats.requests == 8
+    with RemoteIGService(url, "m", per_request=1, retries=0, backoff=0.01) as r:
+        with pytest.raises(RemoteServiceError, match="did not answer after 1 attempts.*HTTP 503"):
+            r(x[3:] + 1, t[3:])  # a fresh request fails once, and no retry is allowed
+        assert r.queries == 0
+    with RemoteIGService(flaky("float64"), "m") as r:
+        with pytest.raises(ServiceAnswerError, match="not float32 values"):
+            r(x[:1], t[:1])
+
+
+def test_unreachable_and_unknown_model_are_one_line_errors(serve, images):
+    x, t = images
+    with RemoteIGService(f"http://127.0.0.1:{free_port()}", "twolayer", retries=1, backoff=0.01) as r:
+        with pytest.raises(RemoteServiceError, match="is the server running"):
+            r(x[:1], t[:1])
+    url = serve("--steps", "15")
+    with RemoteIGService(url, "nomodel") as r:
+        with pytest.raises(RemoteServiceError, match="404.*no model 'nomodel'"):
+            r(x[:1], t[:1])
+    with pytest.raises(ValueError, match="protocol"):
+        RemoteIGService(url, "twolayer", protocol="grpc")
+
+
+@pytest.mark.slow
+def test_torchserve_visionhandler_ig_identified_and_recovered(tmp_path, trained, images):
+    from jaxrecover.services.external.peers import CaptumIGService
+
+    x, t = images
+    name, v, _ = load_trained(trained)
+    store = tmp_path / "store"
+    build_archive(name, v, store)
+    build_archive(name, v, store, name="twolayer_top5", topk=5)
+    ts = TorchServe(store, ["twolayer", "twolayer_top5"], tmp_path / "ts")
+    with ts:
+        with RemoteIGService(ts.url, "twolayer", protocol="torchserve", concurrency=4) as r:
+            twin = CaptumIGService(name, v, rule="gausslegendre", steps=15, fixed_steps=True)
+            a = np.asarray(r(x, t))
+            np.testing.assert_allclose(a, np.asarray(twin(jnp.asarray(x), t)), rtol=0, atol=1e-6 * np.abs(a).max())
+            logits = r.predict(x[:2])
+            np.testing.assert_allclose(logits, twin.logits(x[:2]), rtol=1e-6, atol=1e-6)
+            with pytest.raises(StepCountRefused, match="no step-count parameter"):
+                r(x[:1], t[:1], steps=15)
+            idf = identify_service(r, x[0], int(t[0]))
+            assert (idf.rule, idf.steps, idf.fixed_steps) == ("gausslegendre", 15, True)
+            vg, _, rep = recover_fixed_steps_lsq(r.identified(idf), x[:1], t[:1], budget=4096)
+            d = float(normalized_distance(twin.gradient(x[:1], t[:1]), jnp.asarray(vg))[0])
+            assert d <= 1e-4, d
+        with RemoteIGService(ts.url, "twolayer_top5", protocol="torchserve") as r5:
+            (top,) = r5.predict(x[:1])
+            assert len(top) == 5 and abs(sum(top.values()) - 1) < 0.5 and max(top, key=top.get) == str(
+                int(np.argmax(twin.logits(x[:1]))))
+        pgid = ts.proc.pid
+    from jaxrecover.services.torchserve.launch import _group_alive
+    assert not _group_alive(pgid), f"TorchServe processes left behind; log {ts.log}"
