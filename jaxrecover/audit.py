@@ -20,7 +20,6 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -58,9 +57,11 @@ class AuditReport:
 def _targets(service, x, targets):
     if targets is not None:
         return np.asarray(targets, np.int64).reshape(-1)
+    from .services import ServiceAnswerError
+    from .services.remote import RemoteServiceError
     try:
         pred = service.predict(x)
-    except Exception:  # noqa: BLE001 - an endpoint without predictions: explain class 0
+    except (RemoteServiceError, ServiceAnswerError):  # an endpoint without predictions: explain class 0
         return np.zeros(len(x), np.int64)
     if isinstance(pred, list):  # top-k {class: prob}
         return np.asarray([int(max(p, key=p.get)) for p in pred], np.int64)

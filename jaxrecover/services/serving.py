@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import threading
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -235,7 +233,3 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(a) -> ServeConfig:
     return ServeConfig(rule=a.rule, steps=a.steps, fixed_steps=a.fixed_steps, baseline=a.baseline, dtype=a.dtype,
                        defences=tuple(a.defences), budget_per_key=a.budget_per_key, seed=a.seed)
-
-
-def describe(cfg: ServeConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
