@@ -65,18 +65,42 @@ def _targets(service, x, targets):
         return np.zeros(len(x), np.int64)
     if isinstance(pred, list):  # top-k {class: prob}
         return np.asarray([int(max(p, key=p.get)) for p in pred], np.int64)
+    if np.ndim(pred) == 1:  # labels only
+        return np.asarray(pred, np.int64)
     return np.argmax(np.asarray(pred), axis=-1)
+
+
+def assumed_settings(assume: str | None, protocol: str) -> tuple[str, int] | None:
+    """``(rule, m)`` to attack with when identification fails: ``"RULE/M"``; ``"auto"``: TorchServe's
+    VisionHandler settings (gausslegendre, 15 fixed steps) for the torchserve protocol, nothing otherwise;
+    ``None`` / ``"none"``: nothing."""
+    from .explainers import RULES
+
+    if assume is None or assume == "none" or (assume == "auto" and protocol != "torchserve"):
+        return None
+    if assume == "auto":
+        return "gausslegendre", 15
+    rule, _, m = str(assume).partition("/")
+    if rule not in RULES or not m.isdigit() or int(m) < 1:
+        raise ValueError(f"--assume {assume!r}: write RULE/M with RULE one of {', '.join(sorted(RULES))} "
+                         "(e.g. gausslegendre/15), or 'auto' / 'none'")
+    return rule, int(m)
 
 
 def audit_endpoint(url: str, model: str, x, *, protocol: str = "kserve", targets=None, budget: int = 2**12,
                    checkpoint: str | None = None, api_key: str | None = None, progress: bool = True,
-                   dtype=jnp.float32) -> AuditReport:
-    """Audit the endpoint ``url`` / ``model`` on inputs ``x[N, H, W, C]`` (see the module docstring)."""
+                   dtype=jnp.float32, assume: str | None = "auto") -> AuditReport:
+    """Audit the endpoint ``url`` / ``model`` on inputs ``x[N, H, W, C]`` (see the module docstring).
+
+    ``assume`` (:func:`assumed_settings`): when identification names no rule, attack with these settings
+    (fixed m, zero baseline) anyway, as an attacker who knows the serving stack would; the report says so."""
     from .attacks import RecoveryIncomplete, best_plan, identify_service, recover_fixed_steps_lsq
     from .attacks import attack as run_plan
+    from .services import QueryBudgetExceeded
     from .services.remote import RemoteIGService
 
     t_all = time.perf_counter()
+    fallback = assumed_settings(assume, protocol)
     x = np.asarray(x, dtype)
     remote = RemoteIGService(url, model, protocol=protocol, dtype=dtype, api_key=api_key)
     with remote:
@@ -87,7 +111,13 @@ def audit_endpoint(url: str, model: str, x, *, protocol: str = "kserve", targets
                  "baseline": ("zeros" if idf.baseline is not None and not np.any(idf.baseline)
                               else "constant %.6g" % float(np.ravel(idf.baseline)[0])
                               if idf.baseline is not None and np.ptp(idf.baseline) == 0 else "per pixel"),
-                 "queries": int(sum(idf.queries.values())), "note": idf.note}
+                 "queries": int(sum(idf.queries.values())), "note": idf.note, "assumed": False}
+        if not idf.identified and fallback is not None:
+            idf = dataclasses.replace(idf, rule=fallback[0], steps=fallback[1], fixed_steps=True,
+                                      baseline=np.zeros(x.shape[1:], np.float64),
+                                      note=f"not identified ({idf.note}); assumed {fallback[0]}/{fallback[1]} "
+                                           "fixed, zero baseline")
+            ident["assumed"], ident["note"] = f"{fallback[0]}/{fallback[1]} fixed, zero baseline", idf.note
         ref = None
         if checkpoint is not None:
             from .engine import explain
@@ -115,11 +145,17 @@ def audit_endpoint(url: str, model: str, x, *, protocol: str = "kserve", targets
                 except RecoveryIncomplete as e:
                     vg, mask, rep = e.partial
                     est = float(rep.error_estimate[-1]) if getattr(rep, "error_estimate", None) else float("nan")
-                    status = f"budget ran out ({budget} queries)"
+                    status = ("refused: the endpoint's budget (HTTP 429)" if "HTTP 429" in str(e)
+                              else f"budget ran out ({budget} queries)")
+                except QueryBudgetExceeded as e:  # the endpoint's own budget (HTTP 429): nothing for this input
+                    vg, est = np.full(x[i:i + 1].shape, np.nan), float("nan")
+                    status = "refused: the endpoint's budget (HTTP 429)"
                 row = {"input": i, "target": int(t[i]), "method": method, "status": status,
                        "queries": remote.queries - q0, "seconds": round(time.perf_counter() - t0, 2),
                        "error_estimate": est}
-                if ref is not None:
+                if ref is not None and not np.isfinite(np.asarray(vg)).any():  # no answer for this input
+                    row["distance"] = float("nan")
+                elif ref is not None:
                     from .metrics import normalized_distance
                     v = np.where(np.isfinite(np.asarray(vg)), np.asarray(vg), 0.0)
                     row["distance"] = float(np.asarray(normalized_distance(jnp.asarray(ref(x[i:i + 1], t[i:i + 1])),
@@ -158,8 +194,9 @@ def report_markdown(r: AuditReport) -> str:
     """The report as markdown (the terminal prints the same)."""
     i = r.identification
     lines = [f"# Audit of {r.url} (model {r.model}, protocol {r.protocol})", "",
-             f"Identified: rule {i['rule']}, m {i['steps']}, {'fixed' if i['fixed_steps'] else 'free'} step count, "
-             f"dtype {i['dtype']}, baseline {i['baseline']} ({i['queries']} queries; {i['note']})", ""]
+             (f"Identified: rule {i['rule']}, m {i['steps']}, {'fixed' if i['fixed_steps'] else 'free'} step count, "
+              f"dtype {i['dtype']}, baseline {i['baseline']} ({i['queries']} queries; {i['note']})" if i["rule"]
+              else f"Not identified ({i['queries']} queries): {i['note']}"), ""]
     if r.rows:
         cols = ["input", "target", "method", "status", "queries", "seconds", "error_estimate"] + (
             ["distance"] if "distance" in r.rows[0] else [])

@@ -250,6 +250,10 @@ def audit_main(argv=None) -> int:
     p.add_argument("--checkpoint", default=None,
                    help="the served checkpoint, for the distance to its own VG (operators; default: none)")
     p.add_argument("--api-key", default=None, help="sent as X-API-Key (default: none)")
+    p.add_argument("--assume", default="auto", metavar="RULE/M",
+                   help="settings to attack with when identification fails: RULE/M (a fixed m, zero baseline), "
+                        "'none', or 'auto' = TorchServe VisionHandler's gausslegendre/15 for --protocol torchserve, "
+                        "none otherwise (default: %(default)s)")
     p.add_argument("--out", default=None, help="folder for report.md and report.json (default: print only)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
@@ -265,7 +269,7 @@ def audit_main(argv=None) -> int:
         else:
             x = default_inputs(a.n)
         rep = audit_endpoint(url, model, x, protocol=protocol, budget=a.budget, checkpoint=a.checkpoint,
-                             api_key=a.api_key, progress=not a.quiet)
+                             api_key=a.api_key, progress=not a.quiet, assume=a.assume)
         print(report_markdown(rep), end="")
         if a.out:
             for path in write_report(rep, a.out):
@@ -407,4 +411,20 @@ def main(argv=None) -> int:
               "\n'jaxrecover COMMAND --help' shows each command's options.",
               file=sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    if argv[0] in ("study", "audit"):
+        _terminate_as_exit()
     return globals()[COMMANDS[argv[0]]](argv[1:])
+
+
+def _terminate_as_exit() -> None:
+    """SIGTERM unwinds like an exception, so the servers a study or an audit started (each in its own process
+    group, stopped by its context manager) are stopped instead of outliving the run."""
+    import signal
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, _exit)
+    except ValueError:  # not the main thread
+        pass

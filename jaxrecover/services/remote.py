@@ -30,6 +30,7 @@ answer is checked for shape, finiteness and, for a float32 service, that each JS
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import dataclasses
 import json
@@ -129,6 +130,7 @@ class RemoteIGService(IGService):
         self.max_wait = float(max_wait)
         self.stats = TransportStats()
         self._lock = threading.Lock()
+        self._reported: collections.OrderedDict = collections.OrderedDict()  # (x, t) -> (f(x), f(b)), bounded
         headers = {"Content-Type": "application/json"}
         if api_key:
             headers["X-API-Key"] = api_key
@@ -260,7 +262,36 @@ class RemoteIGService(IGService):
         except (KeyError, IndexError, TypeError):
             raise ServiceAnswerError(f"{self.url} answered without explanations[].attributions[].featureAttributions "
                                      "(not a Vertex-style explanation); check --protocol") from None
+        self._remember_outputs(xs, ts, out["explanations"])
         return self._from_wire(self._values(attrs, wire.shape, "attributions"))
+
+    def _remember_outputs(self, xs, ts, explanations) -> None:
+        """Keep the ``instanceOutputValue`` / ``baselineOutputValue`` the endpoint reported (Vertex fields)."""
+        with self._lock:
+            for xi, ti, e in zip(xs, ts, explanations):
+                a = e["attributions"][0]
+                if "instanceOutputValue" in a and "baselineOutputValue" in a:
+                    self._reported[(xi.tobytes(), int(ti))] = (float(a["instanceOutputValue"]),
+                                                              float(a["baselineOutputValue"]))
+            while len(self._reported) > _REPORTED_MAX:
+                self._reported.popitem(last=False)
+
+    def outputs(self, x, target):
+        """``(f(x), f(baseline))`` as the endpoint reported them with its explanations (KServe / Vertex fields).
+        Values of an (x, target) explained before are free; others cost one explanation query each."""
+        if self.protocol != "kserve":
+            raise NotImplementedError(f"the {self.protocol} protocol reports no output values with its explanations")
+        x = np.asarray(x, self.dtype)
+        target = np.broadcast_to(np.asarray(target).reshape(-1), (x.shape[0],))
+        missing = [i for i in range(x.shape[0]) if (x[i].tobytes(), int(target[i])) not in self._reported]
+        if missing:
+            self(x[missing], target[missing])
+        try:
+            vals = np.asarray([self._reported[(x[i].tobytes(), int(target[i]))] for i in range(x.shape[0])])
+        except KeyError:
+            raise ServiceAnswerError(f"{self.url} reports no instanceOutputValue / baselineOutputValue with its "
+                                     "explanations; attacks that read output values do not apply") from None
+        return jnp.asarray(vals[:, 0], self.dtype), jnp.asarray(vals[:, 1], self.dtype)
 
     def __call__(self, x, target, *, steps: int | None = None):
         """IG answers ``[N, ...]`` from the endpoint (its own rule and step count unless ``steps`` is given and
@@ -295,8 +326,9 @@ class RemoteIGService(IGService):
         return jnp.asarray(out, self.dtype)
 
     def predict(self, x) -> list:
-        """What the endpoint's prediction route reports for ``x[N, ...]`` (raw logits ``[N, C]`` as an array, or
-        a list of ``{class: probability}`` for a top-k handler). Counted in ``stats.predictions``."""
+        """What the endpoint's prediction route reports for ``x[N, ...]``: raw logits ``[N, C]`` as an array, a
+        list of ``{class: probability}`` for a top-k handler, or labels ``[N]`` (int64) for a label-only one.
+        Counted in ``stats.predictions``."""
         x = np.asarray(x, self.dtype)
         wire = self._to_wire(x)
         res = []
@@ -312,7 +344,12 @@ class RemoteIGService(IGService):
             self.stats.predictions += x.shape[0]
         if all(isinstance(r, dict) for r in res):
             return res
+        if all(isinstance(r, int) and not isinstance(r, bool) for r in res):
+            return np.asarray(res, np.int64)
         return self._values(res, (x.shape[0], np.shape(res)[1]), "predictions")
+
+
+_REPORTED_MAX = 65536  # output values kept for outputs() (two floats each)
 
 
 def _error_text(r) -> str:

@@ -10,6 +10,7 @@ from .boundary import BoundaryStudy
 from .boundary_speed import BoundarySpeedStudy
 from .clone import CloneStudy
 from .defences import DefencesStudy
+from .endpoints import EndpointsStudy
 from .diagnostics import AccuracyStudy, ApproxPlansStudy, RayBreakpointsStudy
 from .extraction import ExtractionStudy
 from .fixed_float32 import FixedFloat32Study
@@ -30,6 +31,7 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
     BoundarySpeedStudy(),
     ExtractionStudy(), CloneStudy(), ProtocolSeedsStudy(), ApproxPlansStudy(), RayBreakpointsStudy(), AccuracyStudy(),
     UlpSensitivityStudy(), OffRayChainsStudy(), KinksAuditStudy(), IdentificationStudy(), FixedFloat32Study(),
+    EndpointsStudy(),
 )}
 
 

@@ -52,10 +52,18 @@ class Context:
     """What ``Study.run`` may read: the declared checkpoints (loaded once), datasets (loaded once), the output
     folder (figures, side files), the config, and whether to show progress."""
 
-    def __init__(self, cfg, out: Path, loaded: dict[str, tuple], progress: bool = True):
+    def __init__(self, cfg, out: Path, loaded: dict[str, tuple], progress: bool = True,
+                 folders: dict[str, Path] | None = None):
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         self._loaded = loaded  # label -> (model name, float32 variables, metadata)
+        self._folders = dict(folders or {})  # label -> checkpoint folder
         self._datasets: dict[str, Any] = {}
+
+    def checkpoint_folder(self, label: str) -> Path:
+        """The folder of the declared checkpoint ``label`` (for studies that hand it to a server process)."""
+        if label not in self._folders:
+            raise KeyError(f"checkpoint {label!r} is not declared by this study's checkpoints()")
+        return Path(self._folders[label])
 
     def checkpoint(self, label: str) -> tuple[Any, Any, dict]:
         """``(module, float32 variables, metadata)`` of the declared checkpoint ``label``."""

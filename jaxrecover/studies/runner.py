@@ -156,7 +156,7 @@ def run_study(study: Study, cfg=None, *, out: str | Path | None = None, checkpoi
         meta = loaded[label][2]
         prov[label] = {"folder": str(folder), "config": config_line(dataclasses.replace(tc, epochs=tc.resolved_epochs())),
                        "state_sha256": meta["state_sha256"], "test_accuracy": meta.get("test_accuracy")}
-    ctx = Context(cfg, out, loaded, progress)
+    ctx = Context(cfg, out, loaded, progress, folders={label: p["folder"] for label, p in prov.items()})
     datasets = list(dict.fromkeys(d for u in units for d in u.datasets))
     data = {d: data_sha256(d, ctx) for d in datasets}
     weights = {label: p["state_sha256"] for label, p in prov.items()}

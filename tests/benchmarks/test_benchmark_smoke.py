@@ -71,3 +71,11 @@ def test_switching_backward_benchmark_is_exact_and_prints_its_table():
     err = float(r.stdout.split("relative error against jr.IG: ")[1].split()[0])
     assert err <= 1e-12, r.stdout  # the one-transposed-convolution backward is IG to round-off (float64)
     assert "| switching backward |" in r.stdout and "| engine IG (jr.explain, affine stem) |" in r.stdout
+
+
+def test_torchserve_benchmark_smoke():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_torchserve.py"), "--smoke", "--random"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| twolayer | random init (seed 0) | batch_size 1, delay 0 ms | 2 |" in r.stdout
+    assert "| twolayer | random init (seed 0) | batch_size 8, delay 5 ms | 1 |" in r.stdout

@@ -1,17 +1,14 @@
 """Real endpoints over HTTP on 127.0.0.1: KServe (`jaxrecover serve`), TorchServe, and a flaky test server.
 
 Every server is a real process started here on a free port in its own session and stopped by its own pid's
-process group; its log stays in the test's tmp folder (pytest keeps the last runs' folders) and its tail is
-printed when it fails to start.
+process group (:mod:`jaxrecover.services.process`); its log stays in the test's tmp folder (pytest keeps the
+last runs' folders) and its tail is printed when it fails to start.
 """
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 
 import httpx
 import jax.numpy as jnp
@@ -26,38 +23,9 @@ from jaxrecover.metrics import normalized_distance
 from jaxrecover.models import cast_variables, make_model
 from jaxrecover.services import QueryBudgetExceeded, ServiceAnswerError, StepCountRefused, round_significant
 from jaxrecover.services.remote import RemoteIGService, RemoteServiceError
-from jaxrecover.services.torchserve import TorchServe, build_archive, free_port
+from jaxrecover.services.process import ServeProcess, ServerProcess, free_port, group_alive
+from jaxrecover.services.torchserve import TorchServe, build_archive
 from jaxrecover.training import load_trained
-
-
-def _stop(proc):
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=15)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _start(cmd, log, ready_url, timeout=120):
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:  # bounded: one poll per 0.3 s
-        if proc.poll() is not None:
-            break
-        try:
-            if httpx.get(ready_url, timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    _stop(proc)
-    pytest.fail(f"server did not start ({cmd[:4]}...); log {log}:\n{log.read_text()[-2000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +34,13 @@ def serve(tmp_path_factory, trained):
     procs = []
 
     def start(*args):
-        port = free_port()
-        log = tmp_path_factory.mktemp("kserve") / "server.log"
-        cmd = [sys.executable, "-m", "jaxrecover", "serve", str(trained), "--port", str(port), *args]
-        procs.append(_start(cmd, log, f"http://127.0.0.1:{port}/v1/models/twolayer"))
-        return f"http://127.0.0.1:{port}"
+        procs.append(ServeProcess(trained, args, log=tmp_path_factory.mktemp("kserve") / "server.log").start())
+        return procs[-1].url
 
     yield start
     for p in procs:
-        _stop(p)
-        assert p.poll() is not None
+        p.stop()
+        assert not p.running, f"server left behind; log {p.log}"
 
 
 @pytest.fixture(scope="module")
@@ -176,13 +141,13 @@ def flaky(tmp_path):
         script = tmp_path / "flaky.py"
         script.write_text(FLAKY)
         port = free_port()
-        procs.append(_start([sys.executable, str(script), str(port), mode], tmp_path / f"{mode}.log",
-                            f"http://127.0.0.1:{port}/"))
+        procs.append(ServerProcess([sys.executable, str(script), str(port), mode], tmp_path / f"{mode}.log",
+                                   f"http://127.0.0.1:{port}/").start())
         return f"http://127.0.0.1:{port}"
 
     yield start
     for p in procs:
-        _stop(p)
+        p.stop()
 
 
 def test_retries_count_each_query_once_and_failures_raise(flaky, images):
@@ -243,5 +208,53 @@ def test_torchserve_visionhandler_ig_identified_and_recovered(tmp_path, trained,
             assert len(top) == 5 and abs(sum(top.values()) - 1) < 0.5 and max(top, key=top.get) == str(
                 int(np.argmax(twin.logits(x[:1]))))
         pgid = ts.proc.pid
-    from jaxrecover.services.torchserve.launch import _group_alive
-    assert not _group_alive(pgid), f"TorchServe processes left behind; log {ts.log}"
+    assert not group_alive(pgid), f"TorchServe processes left behind; log {ts.log}"
+
+
+def test_endpoints_study_unit_starts_its_server_and_a_per_key_budget_stops_the_recovery(trained, tmp_path):
+    from jaxrecover.studies import Context
+    from jaxrecover.studies.endpoints import EndpointsStudy
+
+    study = EndpointsStudy()
+    cfg = study.make_config(models=("twolayer",), servers=("kserve/budget",), n=3, per_key=1500, extraction=False)
+    (unit,) = study.units(cfg)
+    ctx = Context(cfg, tmp_path, {"twolayer": load_trained(trained)}, progress=False, folders={"twolayer": trained})
+    (row,) = study.run(unit, ctx)
+    assert (row["rule"], row["steps"], row["fixed_steps"], row["dtype"]) == ("gausslegendre", 15, True, "float32")
+    first, *_, last = row["images"]
+    assert first["status"] == "recovered" and first["distance"] <= 1e-4, row["images"]
+    assert last["status"] == "refused: the endpoint's budget (HTTP 429)", row["images"]
+    assert row["identify_queries"] + sum(i["queries"] for i in row["images"]) <= 1500
+    table = study.markdown([row], cfg)
+    assert "| kserve/budget | twolayer | gausslegendre 15 fixed, float32, zeros baseline" in table
+    assert "--budget-per-key 1500" in table and (tmp_path / "logs" / "kserve-twolayer-budget.log").exists()
+
+
+def test_sigterm_to_a_study_stops_the_servers_it_started(trained, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "hold.py"
+    script.write_text(textwrap.dedent(f'''
+        import sys, time
+        from jaxrecover.cli import _terminate_as_exit
+        from jaxrecover.services.process import ServeProcess
+        _terminate_as_exit()  # what `jaxrecover study` and `jaxrecover audit` install
+        with ServeProcess({str(trained)!r}, ["--steps", "15"], log={str(tmp_path / "serve.log")!r}) as s:
+            print(s.proc.pid, flush=True)
+            time.sleep(300)
+    '''))
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        pgid = int(p.stdout.readline())  # the server is up once its pid is printed
+        assert group_alive(pgid)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not group_alive(pgid), f"the server outlived its parent; log {tmp_path / 'serve.log'}"
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)

@@ -10,7 +10,8 @@ build does not load beside the CPU torch used here, so this subclasses ``BaseHan
 Requests: a JSON body ``{"data": nested list (C, H, W), "target": t}``. As in ``BaseHandler.explain_handle``
 the target is read from the FIRST row of a batch only. ``serving.json`` (an extra file of the archive) says
 what ``/predictions`` answers: ``{"topk": null}`` raw logits (``BaseHandler``), ``{"topk": 5}`` the top-5
-softmax probabilities as ``{class: probability}`` (``ImageClassifier``), and the input shape.
+softmax probabilities as ``{class: probability}`` (``ImageClassifier``), ``{"topk": 0}`` the predicted label
+only, and the input shape.
 """
 
 import json
@@ -55,8 +56,10 @@ class JaxrecoverIGHandler(BaseHandler):
         return self.ig.attribute(tensor_data, target=target, n_steps=15).tolist()  # VisionHandler.get_insights
 
     def postprocess(self, data):
-        if not self.topk:
+        if self.topk is None:
             return data.tolist()
+        if self.topk == 0:  # a label-only endpoint
+            return data.argmax(dim=1).tolist()
         ps = F.softmax(data, dim=1)  # ImageClassifier.postprocess (no index_to_name: classes as strings)
         probs, classes = torch.topk(ps, self.topk, dim=1)
         return [{str(c): p for c, p in zip(cs, pr)} for cs, pr in zip(classes.tolist(), probs.tolist())]

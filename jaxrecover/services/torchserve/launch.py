@@ -5,23 +5,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from ..process import free_port, stop_group
+
 __all__ = ["build_archive", "TorchServe", "free_port"]
 
 HANDLER = Path(__file__).with_name("handler.py")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tool(name: str) -> str:
@@ -35,7 +28,8 @@ def _tool(name: str) -> str:
 
 def build_archive(model: str, variables, export_dir, *, name: str | None = None, topk: int | None = None) -> Path:
     """A TorchServe archive ``export_dir/NAME.mar`` of ``model``'s float32 PyTorch twin (TorchScript) with the
-    VisionHandler IG call; ``/predictions`` answers raw logits (``topk=None``) or the top-``topk`` probabilities."""
+    VisionHandler IG call; ``/predictions`` answers raw logits (``topk=None``), the top-``topk`` probabilities, or
+    the predicted label only (``topk=0``)."""
     import torch
 
     from ..external import torch_twins
@@ -78,9 +72,9 @@ class TorchServe:
 
     def __init__(self, model_store, models, workdir, *, batch_size: int = 1, max_batch_delay: int = 50,
                  startup_timeout: float = 180.0):
-        self.model_store = Path(model_store)
+        self.model_store = Path(model_store).resolve()
         self.models = list(models)
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()  # TorchServe runs in it: relative paths would break
         self.batch_size = int(batch_size)
         self.max_batch_delay = int(max_batch_delay)
         self.startup_timeout = float(startup_timeout)
@@ -147,49 +141,10 @@ class TorchServe:
 
     def stop(self) -> None:
         """Stop the launcher, the Java frontend and its workers (their process group, by the launcher's pid)."""
-        if self.proc is None or self.proc.poll() is not None and not _group_alive(self.proc.pid):
-            return
-        for sig, wait in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _group_alive(self.proc.pid):
-                self.proc.poll()
-                time.sleep(0.2)
-            if not _group_alive(self.proc.pid):
-                break
-        self.proc.poll()
+        stop_group(self.proc, term_wait=20.0, kill_wait=10.0)
 
     def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc):
         self.stop()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie leader counts as gone once reaped; members still running keep the group alive
-    return _members(pgid) > 0
-
-
-def _members(pgid: int) -> int:
-    n = 0
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                n += 1
-    return n
-
-
