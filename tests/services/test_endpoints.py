@@ -10,7 +10,6 @@ import os
 import sys
 import textwrap
 
-import httpx
 import jax.numpy as jnp
 import numpy as np
 import pytest
