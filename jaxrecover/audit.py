@@ -147,12 +147,10 @@ def audit_endpoint(url: str, model: str, x, *, protocol: str = "kserve", targets
                     est = float(rep.error_estimate[-1]) if getattr(rep, "error_estimate", None) else float("nan")
                     status = ("refused: the endpoint's budget (HTTP 429)" if "HTTP 429" in str(e)
                               else f"budget ran out ({budget} queries)")
-                except ValueError as e:  # the method refuses these answers (e.g. rounded: no linear piece at 0)
+                except (ValueError, QueryBudgetExceeded) as e:  # nothing for this input
                     vg, est = np.full(x[i:i + 1].shape, np.nan), float("nan")
-                    status = "method refused: " + str(e).splitlines()[0][:120]
-                except QueryBudgetExceeded as e:  # the endpoint's own budget (HTTP 429): nothing for this input
-                    vg, est = np.full(x[i:i + 1].shape, np.nan), float("nan")
-                    status = "refused: the endpoint's budget (HTTP 429)"
+                    status = ("refused: the endpoint's budget (HTTP 429)" if isinstance(e, QueryBudgetExceeded)
+                              else "method refused: " + str(e).splitlines()[0][:120])  # e.g. rounded answers
                 row = {"input": i, "target": int(t[i]), "method": method, "status": status,
                        "queries": remote.queries - q0, "seconds": round(time.perf_counter() - t0, 2),
                        "error_estimate": est}

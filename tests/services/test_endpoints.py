@@ -58,9 +58,16 @@ def test_kserve_fixed_gl15_identified_and_recovered_over_http(serve, trained, im
     with RemoteIGService(url, "twolayer", protocol="kserve") as r:
         a = r(x, t)
         assert a.dtype == jnp.float32 and a.shape == x.shape and r.queries == 4
+        f, fb = r.outputs(x, t)  # Vertex fields of the answers just received: no new query
+        name, v, _ = load_trained(trained)
+        logits = np.asarray([make_model(name)(v, jnp.asarray(xi)) for xi in x])
+        assert r.queries == 4 and f.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(f), logits[np.arange(4), t], rtol=1e-5, atol=1e-5)
+        r.outputs(x[:1] + 0.5, t[:1])  # an input not explained before costs one query
+        assert r.queries == 5
         with pytest.raises(StepCountRefused, match="fixes the step count at 15"):
             r(x[:1], t[:1], steps=20)
-        assert r.queries == 4  # a refused request is not a query
+        assert r.queries == 5  # a refused request is not a query
         idf = identify_service(r, x[0], int(t[0]))
         assert (idf.rule, idf.steps, idf.fixed_steps, idf.dtype) == ("gausslegendre", 15, True, "float32")
         assert not np.any(idf.baseline) and sum(idf.queries.values()) <= 500
