@@ -194,7 +194,7 @@ def test_torchserve_visionhandler_ig_identified_and_recovered(tmp_path, trained,
     store = tmp_path / "store"
     build_archive(name, v, store)
     build_archive(name, v, store, name="twolayer_top5", topk=5)
-    ts = TorchServe(store, ["twolayer", "twolayer_top5"], tmp_path / "ts")
+    ts = TorchServe(store, ["twolayer"], tmp_path / "ts")
     with ts:
         with RemoteIGService(ts.url, "twolayer", protocol="torchserve", concurrency=4) as r:
             twin = CaptumIGService(name, v, rule="gausslegendre", steps=15, fixed_steps=True)
@@ -209,10 +209,14 @@ def test_torchserve_visionhandler_ig_identified_and_recovered(tmp_path, trained,
             vg, _, rep = recover_fixed_steps_lsq(r.identified(idf), x[:1], t[:1], budget=4096)
             d = float(normalized_distance(twin.gradient(x[:1], t[:1]), jnp.asarray(vg))[0])
             assert d <= 1e-4, d
-        with RemoteIGService(ts.url, "twolayer_top5", protocol="torchserve") as r5:
+        # a second TorchServe beside the first (the launcher's one pid file and the gRPC ports would clash)
+        with TorchServe(store, ["twolayer_top5"], tmp_path / "ts2") as ts2, RemoteIGService(
+                ts2.url, "twolayer_top5", protocol="torchserve") as r5:
             (top,) = r5.predict(x[:1])
             assert len(top) == 5 and abs(sum(top.values()) - 1) < 0.5 and max(top, key=top.get) == str(
                 int(np.argmax(twin.logits(x[:1]))))
+            assert ts.proc.poll() is None and ts2.port != ts.port
+        assert not group_alive(ts2.proc.pid), f"TorchServe processes left behind; log {ts2.log}"
         pgid = ts.proc.pid
     assert not group_alive(pgid), f"TorchServe processes left behind; log {ts.log}"
 

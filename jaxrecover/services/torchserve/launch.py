@@ -94,6 +94,7 @@ class TorchServe:
                 raise FileNotFoundError(f"no archive {m}.mar in {self.model_store}; build it with build_archive")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port, self.management_port, metrics = free_port(), free_port(), free_port()
+        grpc_inference, grpc_management = free_port(), free_port()  # defaults 7070/7071 collide between servers
         models = {m: {"1.0": {"defaultVersion": True, "marName": f"{m}.mar", "minWorkers": 1, "maxWorkers": 1,
                               "batchSize": self.batch_size, "maxBatchDelay": self.max_batch_delay,
                               "responseTimeout": 120}} for m in self.models}
@@ -102,10 +103,16 @@ class TorchServe:
             f"inference_address=http://127.0.0.1:{self.port}",
             f"management_address=http://127.0.0.1:{self.management_port}",
             f"metrics_address=http://127.0.0.1:{metrics}",
+            f"grpc_inference_port={grpc_inference}", f"grpc_management_port={grpc_management}",
             f"model_store={self.model_store}", "load_models=" + ",".join(f"{m}.mar" for m in self.models),
             f"models={json.dumps(models)}", "disable_token_authorization=true", "install_py_dep_per_model=false",
             "default_workers_per_model=1", "enable_envvars_config=false", "disable_system_metrics=true", ""]))
+        # the launcher keeps ONE pid file in the temp folder (ts/model_server.py) and exits 1 when another
+        # TorchServe runs: a temp folder of its own lets servers run side by side (tests, studies)
+        tmp = self.workdir / "tmp"
+        tmp.mkdir(exist_ok=True)
         env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                   TMPDIR=str(tmp),
                    LOG_LOCATION=str(self.workdir / "logs"), METRICS_LOCATION=str(self.workdir / "logs"),
                    TS_CONFIG_FILE=str(cfg), OMP_NUM_THREADS="1")
         with open(self.log, "ab") as log:
@@ -126,7 +133,8 @@ class TorchServe:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:  # bounded: one poll every 0.5 s until the deadline
             if self.proc.poll() is not None:
-                raise RuntimeError(f"TorchServe exited with {self.proc.returncode} while starting; log: {self.log}")
+                raise RuntimeError(f"TorchServe exited with {self.proc.returncode} while starting: "
+                                   f"{self._log_tail()!r}; log: {self.log}")
             try:
                 ready = all(
                     any(w.get("status") == "READY" for w in httpx.get(
@@ -137,7 +145,15 @@ class TorchServe:
             except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
                 pass
             time.sleep(0.5)
-        raise TimeoutError(f"TorchServe's models were not ready within {self.startup_timeout:.0f} s; log: {self.log}")
+        raise TimeoutError(f"TorchServe's models were not ready within {self.startup_timeout:.0f} s: "
+                           f"{self._log_tail()!r}; log: {self.log}")
+
+    def _log_tail(self, n: int = 400) -> str:
+        """The end of the server's log (what a CI log shows when the run's folder is gone)."""
+        try:
+            return self.log.read_text(errors="replace")[-n:].strip()
+        except OSError:
+            return "(no log)"
 
     def stop(self) -> None:
         """Stop the launcher, the Java frontend and its workers (their process group, by the launcher's pid)."""
