@@ -31,7 +31,8 @@ from .explainers import (BIG, BSG, BSM, IG, OUTPUTS, RULES, VG, BlurBaseline, Ex
                          load_patterns, quadrature, save_patterns, vanilla_gradient)
 from .metrics import (cosine_similarity, normalized_distance, relative_error, spearman, summarize,
                       top_fraction_overlap)
-from .models import MODEL_NAMES, Model, cast_variables, float_dtype, init_variables, make_model
+from .models import (MODEL_NAMES, Model, as_model, cast_variables, float_dtype, init_variables, make_model,
+                     model_variables)
 from .protocol import EvalConfig, ProtocolConfig, evaluate, run_protocol
 from .search import BoundaryResult, InputBox, boundary_attributions, boundary_search
 from .services import (AssumedBaseline, BoundaryBaseline, ClientBudget, ExpectedGradients, FixSteps, GaussianNoise,
@@ -52,7 +53,8 @@ __all__ = [
     # boundary search
     "InputBox", "BoundaryResult", "boundary_search", "boundary_attributions",
     # models
-    "Model", "MODEL_NAMES", "make_model", "init_variables", "cast_variables", "float_dtype",
+    "Model", "MODEL_NAMES", "make_model", "as_model", "model_variables", "init_variables", "cast_variables",
+    "float_dtype",
     # services and defences
     "IGService", "SimulatedIGService", "ServiceWrapper", "AssumedBaseline", "QueryBudgetExceeded", "StepCountRefused",
     "ServiceAnswerError", "BoundaryBaseline", "RoundAnswers", "GaussianNoise", "LaplaceNoise", "TopK", "FixSteps",

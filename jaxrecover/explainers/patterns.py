@@ -19,8 +19,9 @@ the sums into patterns in the kernels' shapes.
 The explainers (:class:`PatternNet`, :class:`PatternAttribution`) run the gradient's backward pass with each
 kernel replaced by its pattern (PatternNet) or by ``kernel * pattern`` (PatternAttribution), ReLU gates and
 max-pool routing from the forward pass with the real weights; like iNNvestigate, the backward pass starts from
-the explained output's value (not 1). Sequential ReLU nets only (TwoLayerNet, LeNet, with or without bias):
-BatchNorm and residual connections are outside the method as published and are refused.
+the explained output's value (not 1). Sequential ReLU nets only (TwoLayerNet, LeNet, with or without bias, or
+your own Flax Linen or NNX net of Dense and 2-D Conv layers): BatchNorm and residual connections are outside
+the method as published and are refused.
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ import dataclasses
 import warnings
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 from tqdm.auto import tqdm
 
+from ..models import layers as L
 from .gradients import select_output
 from .methods import Explainer, explainer_dataclass
 from ..validate import float_dtype
@@ -101,20 +102,18 @@ def patterns_from_stats(stats: LayerStats, w) -> dict[str, jax.Array]:
 
 
 # ---------------------------------------------------------------------------------------------- the model's layers
-_KERNEL_MODULES = (nn.Dense, nn.Conv)
-
-
 def _check_supported(model, params):
-    if model.module is None:
-        raise NotImplementedError("patterns need a Flax model (jaxrecover.models.make_model)")
+    if not L.has_layers(model):
+        raise NotImplementedError(f"patterns need a Flax Linen or NNX model of Dense/Conv layers; {model.name!r} is a "
+                                  "plain function (pass the module: jaxrecover.as_model(module))")
     if "batch_stats" in params or any("BatchNorm" in k or "Block" in k for k in model.kernels(params)):
         raise ValueError(f"{model.name}: BatchNorm and residual connections are outside PatternNet as published "
                          "(iNNvestigate refuses them too); use a sequential ReLU net (twolayer, lenet, *_nobias)")
 
 
-def _flat_kernel(module, kernel):
-    """The kernel as ``[d, u]`` matching :func:`_samples` (conv: patch features ordered (C, kh, kw))."""
-    if isinstance(module, nn.Conv) or module is nn.Conv:
+def _flat_kernel(kind, kernel):
+    """The kernel as ``[d, u]`` matching :func:`jaxrecover.models.layers.patches` (conv: features (C, kh, kw))."""
+    if kind == "conv":
         kh, kw, c, u = kernel.shape
         return kernel.transpose(2, 0, 1, 3).reshape(c * kh * kw, u)
     return kernel
@@ -123,7 +122,7 @@ def _flat_kernel(module, kernel):
 def flatten_kernel(kernel):
     """A Dense kernel as is, a Conv kernel ``[kh, kw, C, u]`` as ``[C * kh * kw, u]`` (the order of the patch
     features :func:`layer_samples` gives): patterns come in kernel shapes, rho works on flat ones."""
-    return _flat_kernel(nn.Conv if np.ndim(kernel) == 4 else None, kernel)
+    return _flat_kernel("conv" if np.ndim(kernel) == 4 else "dense", kernel)
 
 
 def _unflat_kernel(module_kind, flat, shape):
@@ -133,53 +132,32 @@ def _unflat_kernel(module_kind, flat, shape):
     return flat
 
 
-def _samples(module, x):
-    """Rows of inputs one output unit sees: a Dense input as is, a Conv input as patches [n * positions, d]."""
-    if isinstance(module, nn.Conv):
-        strides = module.strides or 1
-        strides = (strides,) * len(module.kernel_size) if isinstance(strides, int) else strides
-        p = jax.lax.conv_general_dilated_patches(x, tuple(module.kernel_size), tuple(strides), module.padding,
-                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return p.reshape(-1, p.shape[-1])
-    return x.reshape(-1, x.shape[-1])
-
-
 def _capture(model, params, x):
-    """Run the model on a batch; ``({path: (module kind, input, output with bias, kernel)}, logits)`` in call order."""
+    """Run the model on a batch; ``({path: (layer, input, output with bias)}, logits)`` in call order."""
     seen = {}
 
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        m = context.module
-        if context.method_name == "__call__" and isinstance(m, _KERNEL_MODULES):
-            seen["/".join(m.path)] = (m, args[0], out)
+    def hook(layer, xin, out):
+        seen[layer.path] = (layer, xin, out)
         return out
 
-    with nn.intercept_methods(interceptor):
-        logits = model.module.apply(params, x, train=False)
+    logits = L.run_with_hook(model, params, x, hook)
     return seen, logits
 
 
-def _layer_kinds(model, params) -> dict[str, str]:
-    """``{path: "conv" | "dense"}`` of the kernel layers, in call order."""
-    x = jnp.zeros((1, *model.input_shape), float_dtype(params))
-    kinds = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-        m = context.module
-        if context.method_name == "__call__" and isinstance(m, _KERNEL_MODULES):
-            kinds["/".join(m.path)] = "conv" if isinstance(m, nn.Conv) else "dense"
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        jax.eval_shape(lambda p, z: model.module.apply(p, z, train=False), params, x)
-    return kinds
+def _layers(model, params, images=None) -> dict:
+    """``{path: Layer}`` of the kernel layers, in call order (the input shape: the model's, or ``images``')."""
+    shape = model.input_shape if model.input_shape is not None else (
+        None if images is None else tuple(images.shape[1:]))
+    if shape is None:
+        raise ValueError(f"the input shape of {model.name!r} is unknown: jaxrecover.as_model(module, example=x[0])")
+    return L.kernel_layers(model, params, shape)
 
 
-def kernel_layers(model, params) -> list[str]:
-    """The paths of the model's kernel layers in call order (the last one produces the logits)."""
+def kernel_layers(model, params, images=None) -> list[str]:
+    """The paths of the model's kernel layers in call order (the last one produces the logits); ``images``
+    (a batch) give the input shape where the model does not know it."""
     _check_supported(model, params)
-    return list(_layer_kinds(model, params))
+    return list(_layers(model, params, images))
 
 
 def fit_patterns(model, params, images, *, chunk: int = 256, accumulate=None, progress: bool = True):
@@ -201,22 +179,23 @@ def fit_patterns(model, params, images, *, chunk: int = 256, accumulate=None, pr
     pdtype = float_dtype(params)
     if images.dtype != pdtype:
         raise TypeError(f"images are {images.dtype} but the params are {pdtype}; cast the images")
-    if images.ndim != 1 + len(model.input_shape) or images.shape[0] < 2:
-        raise ValueError(f"images must be [N >= 2, {', '.join(map(str, model.input_shape))}], got {images.shape}")
+    want = model.input_shape if model.input_shape is not None else images.shape[1:]
+    if images.ndim != 1 + len(want) or tuple(images.shape[1:]) != tuple(want) or images.shape[0] < 2:
+        raise ValueError(f"images must be [N >= 2, {', '.join(map(str, want))}], got {images.shape}")
     acc = jnp.dtype(accumulate) if accumulate is not None else (
         jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
     if acc == jnp.float64 and not jax.config.jax_enable_x64:
         raise ValueError("float64 accumulation needs jax_enable_x64; enable it or pass accumulate=jnp.float32")
-    layers = kernel_layers(model, params)
+    layers = kernel_layers(model, params, images)
     last = layers[-1]
 
     @jax.jit
     def batch_stats(p, xb):
         seen, _ = _capture(model, p, xb)
         out = {}
-        for path, (m, xin, y) in seen.items():
-            w = _flat_kernel(m, _lookup(p["params"], path)["kernel"])
-            xs = _samples(m, xin)
+        for path, (layer, xin, y) in seen.items():
+            w = _flat_kernel(layer.kind, _lookup(p["params"], path)["kernel"])
+            xs = L.patches(layer, xin)
             ys = xs @ w
             mask = (y.reshape(-1, y.shape[-1]) > 0) if path != last else jnp.ones(ys.shape, bool)
             out[path] = layer_stats(xs, ys, mask, acc)
@@ -228,11 +207,11 @@ def fit_patterns(model, params, images, *, chunk: int = 256, accumulate=None, pr
         part = batch_stats(params, images[s:s + chunk])
         total = part if total is None else {k: total[k].merge(part[k]) for k in total}
     kernels = model.kernels(params)
-    kinds = _layer_kinds(model, params)
+    kinds = {path: layer.kind for path, layer in _layers(model, params, images).items()}
     out = {}
     for path in layers:
         k = kernels[path]
-        flat = _flat_kernel(nn.Conv if kinds[path] == "conv" else None, k)
+        flat = _flat_kernel(kinds[path], k)
         pats = patterns_from_stats(total[path], flat)
         flat_w = jnp.asarray(flat, total[path].sxy.dtype)
         const = np.asarray(constant_units(total[path], flat_w,
@@ -267,7 +246,7 @@ def constant_units(stats: LayerStats, w, eps: float) -> jax.Array:
 
 def _lookup(tree, path):
     for key in path.split("/"):
-        tree = tree[key]
+        tree = tree[key] if key in tree else tree[int(key)]  # an NNX list's entries are keyed by int
     return tree
 
 
@@ -275,26 +254,14 @@ def _lookup(tree, path):
 def _backward_with(model, params, replaced: dict, x, target, output):
     """``d output / d x`` where each kernel layer's backward pass uses ``replaced[path]`` instead of its kernel
     (forward values, ReLU gates and max-pool routing unchanged), seeded with the output's value."""
-    inside = []
 
-    def interceptor(next_fun, args, kwargs, context):
-        m = context.module
-        out = next_fun(*args, **kwargs)
-        if inside or context.method_name != "__call__" or not isinstance(m, _KERNEL_MODULES):
-            return out
-        path = "/".join(m.path)
-        inside.append(True)
-        try:  # the same layer with the replacement kernel and no bias: linear in the input
-            clone = m.clone(parent=None, use_bias=False)
-            z = clone.apply({"params": {"kernel": replaced[path]}}, args[0])
-        finally:
-            inside.pop()
+    def hook(layer, xin, out):  # the same layer with the replacement kernel and no bias: linear in the input
+        z = L.linear(layer, replaced[layer.path], xin)
         # value exactly ``out`` (z - z is exactly 0: max-pool ties and ReLU gates see the forward values)
         return jax.lax.stop_gradient(out) + (z - jax.lax.stop_gradient(z))
 
     def f(z):
-        with nn.intercept_methods(interceptor):
-            logits = model.module.apply(params, z[None], train=False)[0]
+        logits = L.run_with_hook(model, params, z[None], hook)[0]
         return select_output(logits, target, output)
 
     value, grad = jax.value_and_grad(f)(x)
@@ -372,32 +339,15 @@ def layer_samples(model, params, images, path: str, max_rows: int | None = None,
     at most ``max_rows`` rows, drawn at random (numpy float64)."""
     _check_supported(model, params)
     seen = jax.jit(lambda p, z: _capture(model, p, z)[0][path][1])(params, images)
-    module_kind = _layer_kinds(model, params)[path]
+    layer = _layers(model, params, images)[path]
     kernel = _lookup(params["params"], path)["kernel"]
-    if module_kind == "conv":
-        x = _samples(_module_of(model, params, path), seen)
-    else:
-        x = seen.reshape(seen.shape[0], -1)
+    x = L.patches(layer, seen) if layer.kind == "conv" else seen.reshape(seen.shape[0], -1)
     x = np.asarray(x, np.float64)
     if max_rows is not None and x.shape[0] > max_rows:
         x = x[np.random.default_rng(seed).choice(x.shape[0], max_rows, replace=False)]
-    layer = _lookup(params["params"], path)
-    bias = np.asarray(layer["bias"], np.float64) if "bias" in layer else np.zeros(kernel.shape[-1])
-    return x, np.asarray(_flat_kernel(nn.Conv if module_kind == "conv" else None, kernel), np.float64), bias
-
-
-def _module_of(model, params, path):
-    found = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and "/".join(context.module.path) == path:
-            found["m"] = context.module.clone(parent=None)
-        return next_fun(*args, **kwargs)
-
-    x = jnp.zeros((1, *model.input_shape), float_dtype(params))
-    with nn.intercept_methods(interceptor):
-        jax.eval_shape(lambda p, z: model.module.apply(p, z, train=False), params, x)
-    return found["m"]
+    entry = _lookup(params["params"], path)
+    bias = np.asarray(entry["bias"], np.float64) if "bias" in entry else np.zeros(kernel.shape[-1])
+    return x, np.asarray(_flat_kernel(layer.kind, kernel), np.float64), bias
 
 
 def layer_signal_quality(x_fit, x_eval, w, a, a_neg=None, bias=None, ridge: float = 1e-9) -> np.ndarray:

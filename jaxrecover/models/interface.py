@@ -28,10 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..validate import float_dtype
-from .nets import HEAD, INPUT_SHAPE, LeNet, get_model
+from . import user
+from .nets import HEAD, INPUT_SHAPE, LeNet, ResNet18, TwoLayerNet, get_model
 
 __all__ = ["Model", "StemSplit", "ReluConvSplit", "make_model", "as_model", "make_batched_logit_fn", "init_variables",
-           "cast_variables", "check_float_dtype", "param_count", "tree_dtypes", "float_dtype"]
+           "cast_variables", "check_float_dtype", "param_count", "tree_dtypes", "float_dtype", "model_variables"]
+
+_LIBRARY_NETS = (TwoLayerNet, LeNet, ResNet18)  # take ``part=`` (the affine stem split) and MNIST images
+model_variables = user.model_variables
 
 Variables = Any
 
@@ -72,6 +76,9 @@ class Model:
       module: the Flax module behind it (None for a plain function); needed by
         :meth:`kernels` and :meth:`activations`.
       input_shape: the shape of one example, or None when unknown.
+      batch_fn: ``(params, x[B, *input_shape]) -> logits[B, C]`` in one call (a Flax module's own batched
+        apply), or None (:meth:`batched` then maps ``logit_fn``).
+      graph: an NNX model's ``variables -> module`` (a fresh copy in eval mode; None otherwise).
     """
 
     logit_fn: Callable[[Variables, jax.Array], jax.Array]
@@ -80,6 +87,8 @@ class Model:
     relu_conv: ReluConvSplit | None = None
     module: nn.Module | None = None
     input_shape: tuple[int, ...] | None = None
+    batch_fn: Callable[[Variables, jax.Array], jax.Array] | None = None
+    graph: Callable[[Variables], Any] | None = None
 
     def __call__(self, params: Variables, x: jax.Array) -> jax.Array:
         return self.logit_fn(params, x)
@@ -88,21 +97,23 @@ class Model:
         """Logits ``[B, C]`` of a batch ``x [B, *input_shape]``: the Flax module applied once to the whole batch
         (one batched convolution; XLA:CPU runs B per-example ones, and their weight gradients, far slower),
         or ``jax.vmap`` of ``logit_fn`` for a plain function. Examples stay independent (inference mode)."""
-        if self.module is not None:
-            return self.module.apply(params, x, train=False)
+        if self.batch_fn is not None:
+            return self.batch_fn(params, x)
         return jax.vmap(self.logit_fn, in_axes=(None, 0))(params, x)
 
     def _need_module(self, what: str) -> nn.Module:
         if self.module is None:
-            raise NotImplementedError(f"{what} needs a Flax model (make_model); {self.name!r} is a plain function")
+            raise NotImplementedError(f"{what} needs a Flax Linen model (as_model(linen_module)); {self.name!r} is "
+                                      "a plain function or an NNX module")
         return self.module
 
     def kernels(self, params: Variables) -> dict[str, jax.Array]:
         """Every layer's kernel by layer path (``"Conv_0"``, ``"BasicBlock_0/Conv_0"``, ...)."""
-        self._need_module("kernels()")
+        if self.graph is None:
+            self._need_module("kernels()")
         out = {}
         for path, leaf in jax.tree_util.tree_flatten_with_path(params["params"])[0]:
-            keys = [getattr(k, "key", str(k)) for k in path]
+            keys = [str(getattr(k, "key", k)) for k in path]
             if keys[-1] == "kernel":
                 out["/".join(keys[:-1])] = leaf
         return out
@@ -114,8 +125,9 @@ class Model:
         ReLU is not a layer). ``"logits"`` is the model's output.
         """
         module = self._need_module("activations()")
-        _check_input(params, x, batched=False)
-        logits, state = module.apply(params, x[None], train=False, capture_intermediates=True,
+        if self.input_shape == INPUT_SHAPE and isinstance(module, _LIBRARY_NETS):
+            _check_input(params, x, batched=False)
+        logits, state = module.apply(params, x[None], **user.linen_kwargs(module), capture_intermediates=True,
                                      mutable=["intermediates"])
         out = {}
         for path, leaf in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]:
@@ -166,42 +178,68 @@ def _build(module: nn.Module, name: str) -> Model:
             return module.apply(variables, u[None], train=False, part=HEAD)[0]
 
         relu_conv = ReluConvSplit(conv, head, pool=2)
+    def batch_fn(variables, x):
+        return module.apply(variables, x, train=False)
+
     return Model(logit_fn, name=name, affine_stem=StemSplit(stem, body), relu_conv=relu_conv, module=module,
-                 input_shape=INPUT_SHAPE)
+                 input_shape=INPUT_SHAPE, batch_fn=batch_fn)
 
 
-def make_model(model: nn.Module | str) -> Model:
-    """The :class:`Model` of a built-in model (by name, cached: the same object each time) or a Flax module.
+def make_model(model, example=None) -> Model:
+    """The :class:`Model` of a built-in model (by name, cached: the same object each time) or of a Flax module
+    (Linen or NNX; see :func:`as_model`).
 
     Inference mode is fixed here (BatchNorm on its running statistics); there
-    is no ``train()``/``eval()`` toggle anywhere downstream. A module must take
-    ``(x, train=..., part=...)`` like :mod:`jaxrecover.models.nets`.
+    is no ``train()``/``eval()`` toggle anywhere downstream.
     """
     if isinstance(model, str):
         return _model_by_name(model)
-    if isinstance(model, nn.Module):
+    if isinstance(model, _LIBRARY_NETS):
         return _build(model, type(model).__name__)
-    raise TypeError(f"make_model takes a model name or a Flax module, got {type(model).__name__}")
+    if isinstance(model, nn.Module):
+        return user.linen_model(model, user.example_shape(example))
+    if user.is_nnx(model):
+        return user.nnx_model(model, user.example_shape(example))
+    raise TypeError(f"make_model takes a model name or a Flax (Linen or NNX) module, got {type(model).__name__}")
 
 
-_WRAPPED: "weakref.WeakKeyDictionary[Callable, Model]" = weakref.WeakKeyDictionary()
+_WRAPPED: "weakref.WeakKeyDictionary[Any, Model]" = weakref.WeakKeyDictionary()
 
 
-def as_model(model: Model | Callable) -> Model:
-    """``model`` itself, or a plain ``logit_fn(params, x_one)`` wrapped as a :class:`Model` (once per function)."""
+def as_model(model, example=None) -> Model:
+    """Anything this library can explain, as a :class:`Model` (built once per object and reused, so jitted
+    functions compile once):
+
+    * a :class:`Model`: itself; a name (``"lenet"``): :func:`make_model`;
+    * a Flax Linen module whose ``__call__(x[B, ...])`` returns logits ``[B, C]`` (``train=False`` is passed
+      when it takes ``train``); variables from ``module.init`` or :func:`init_variables`;
+    * a Flax NNX module (same call convention), in eval mode; variables from :func:`model_variables`;
+    * a plain function ``logit_fn(params, x_one) -> logits[C]`` of ONE example.
+
+    ``example``: one input example (or its shape), so that inputs of another shape get a clear error; optional.
+    """
     if isinstance(model, Model):
         return model
-    if not callable(model):
-        raise TypeError(f"expected a jaxrecover Model or a function logit_fn(params, x), got {type(model).__name__}")
-    try:
-        return _WRAPPED[model]
-    except (KeyError, TypeError):
-        wrapped = Model(model, name=getattr(model, "__name__", "custom"))
+    if isinstance(model, str):
+        return _model_by_name(model)
+    if not callable(model) and not user.is_nnx(model):
+        raise TypeError(f"expected a jaxrecover Model, a Flax Linen or NNX module, or a function logit_fn(params, x), "
+                        f"got {type(model).__name__}")
+    if example is None:  # an example shape makes a different Model: not cached
         try:
-            _WRAPPED[model] = wrapped
-        except TypeError:  # not weak-referenceable: no caching (compiles per wrapper)
+            return _WRAPPED[model]
+        except (KeyError, TypeError):
             pass
-        return wrapped
+    if isinstance(model, nn.Module) or user.is_nnx(model):
+        wrapped = make_model(model, example)
+    else:
+        wrapped = Model(model, name=getattr(model, "__name__", "custom"), input_shape=user.example_shape(example))
+    try:
+        if example is None:
+            _WRAPPED[model] = wrapped
+    except TypeError:  # not weak-referenceable: no caching (compiles per wrapper)
+        pass
+    return wrapped
 
 
 def make_batched_logit_fn(model: nn.Module | str) -> Callable[[Variables, jax.Array], jax.Array]:
@@ -216,9 +254,13 @@ def make_batched_logit_fn(model: nn.Module | str) -> Callable[[Variables, jax.Ar
     return logit_fn
 
 
-def init_variables(model: nn.Module | str, key: jax.Array, dtype=jnp.float32, *, biases: str = "zeros"
+def init_variables(model, key: jax.Array, dtype=jnp.float32, *, biases: str = "zeros", example=None
                    ) -> Variables:
     """Initialise ``{'params': ..., ['batch_stats': ...]}`` in ``dtype``.
+
+    ``model``: a built-in model's name or module, a user's Linen module (initialised on ``example``, one input
+    or its shape; default an MNIST image ``(28, 28, 1)``), or an NNX module (its own weights, drawn when it was
+    built: ``key`` is not used; see :func:`model_variables`).
 
     ``biases``: ``"zeros"`` (Flax's default: a bias-free ReLU net is positively homogeneous, so every IG path
     point has the same gradient) or ``"torch"``: every Conv/Dense bias drawn like PyTorch's default,
@@ -229,7 +271,17 @@ def init_variables(model: nn.Module | str, key: jax.Array, dtype=jnp.float32, *,
         raise ValueError(f"biases must be 'zeros' or 'torch', got {biases!r}")
     if isinstance(model, str):
         model = get_model(model)
-    variables = dict(model.init(key, jnp.zeros((1, *INPUT_SHAPE), jnp.float32), train=False))
+    if user.is_nnx(model):
+        if biases != "zeros":
+            raise ValueError("biases='torch' redraws a Linen model's biases; an NNX module brings its own weights")
+        return cast_variables(user.model_variables(model), dtype)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"init_variables takes a model name or a Flax module, got {type(model).__name__}; a plain "
+                        "function brings its own params")
+    if isinstance(model, _LIBRARY_NETS):
+        variables = dict(model.init(key, jnp.zeros((1, *INPUT_SHAPE), jnp.float32), train=False))
+    else:
+        variables = user.init_linen(model, key, user.example_shape(example) or INPUT_SHAPE)
     if biases == "torch":
         layers = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(variables["params"])[0]]
         kernels = {tuple(map(str, path[:-1])): leaf for path, leaf in layers if getattr(path[-1], "key", "") == "kernel"}

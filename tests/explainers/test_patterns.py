@@ -78,7 +78,7 @@ def test_dense_and_conv_patterns_equal_a_numpy_reference():
     model = jr.make_model(_Tiny())
     v = jr.init_variables(_Tiny(), jax.random.key(0), jnp.float64)
     images = jax.random.normal(jax.random.key(1), (40, 28, 28, 1), jnp.float64)
-    assert P.kernel_layers(model, v) == ["Conv_0", "Dense_0", "Dense_1"]
+    assert P.kernel_layers(model, v, images) == ["Conv_0", "Dense_0", "Dense_1"]
     pats = P.fit_patterns(model, v, images, chunk=16, progress=False)
     p, x = jax.tree.map(np.asarray, v["params"]), np.asarray(images)
     # conv: every output position a sample, patch features ordered like the kernel's (kh, kw, C)
