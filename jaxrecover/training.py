@@ -22,9 +22,9 @@ from . import ops, validate
 from ._version import __version__
 from .checkpoint import CheckpointError, checkpoint_exists, load_checkpoint, load_metadata, save_checkpoint, writer
 from .data import Dataset, load_dataset, normalize
-from .models import get_model, init_variables, make_batched_logit_fn
+from .models import INPUT_SHAPE, get_model, init_variables, make_batched_logit_fn
 
-__all__ = ["TrainConfig", "DEFAULT_EPOCHS", "train_and_evaluate", "load_trained", "accuracy", "make_train_step",
+__all__ = ["TrainConfig", "DEFAULT_EPOCHS", "train_and_evaluate", "estimate_train_seconds", "load_trained", "accuracy", "make_train_step",
            "checkpoint_folder", "ensure_trained"]
 
 #: Epochs that reach the README's accuracies on the offline split.
@@ -150,6 +150,33 @@ def _initial_state(config: TrainConfig, steps_per_epoch: int):
         "epoch": np.int32(0),
     }
     return model, optimizer, state
+
+
+def estimate_train_seconds(config: TrainConfig, n_train: int, *, steps: int = 3) -> float:
+    """Seconds ``train_and_evaluate`` would take here for ``n_train`` images: ``steps`` training steps timed on
+    this machine (the first one's compilation counted once, the median of the rest per step) times the planned
+    steps. A few seconds (ResNet18: its compilation); an estimate, not a promise (data loading and evaluation
+    are not timed)."""
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2 (one compiles, the rest are timed), got {steps}")
+    bs = max(1, min(config.batch_size, n_train))
+    per_epoch = max(1, n_train // bs)
+    with jax.enable_x64(False):
+        model, optimizer, state = _initial_state(config, per_epoch)
+        fill = float(normalize(np.zeros((1, 1), np.uint8))[0, 0, 0])
+        adversary = make_adversary(model, config.adv_eps, config.adv_steps) if config.adv_eps > 0 else None
+        step = make_train_step(model, optimizer, config.augment, fill, adversary)
+        x = jnp.zeros((bs, *INPUT_SHAPE), jnp.float32)
+        y = jnp.zeros((bs,), jnp.int32)
+        variables, opt_state, key = state["variables"], state["opt_state"], jax.random.key(0)
+        times = []
+        for _ in range(steps):  # bounded: ``steps`` calls
+            t0 = time.perf_counter()
+            variables, opt_state, loss, _ = step(variables, opt_state, x, y, key)
+            jax.block_until_ready(loss)
+            times.append(time.perf_counter() - t0)
+    compile_s = max(0.0, times[0] - float(np.median(times[1:])))
+    return compile_s + float(np.median(times[1:])) * per_epoch * config.resolved_epochs()
 
 
 def train_and_evaluate(

@@ -38,7 +38,7 @@ from ..data import load_dataset, normalize
 from ..engine import agreed
 from ..fileio import atomic_save_npz, atomic_write_text
 from ..models import MODEL_NAMES, cast_variables, check_float_dtype, get_model, make_model
-from ..training import TrainConfig, load_trained, train_and_evaluate
+from ..training import TrainConfig, estimate_train_seconds, load_trained, train_and_evaluate
 from .ablation import batchstats_protocol_chunk, make_batchstats_logit_fn
 from ..provenance import machine_info
 from .experiments import (PAPER, RULE, ProtocolConfig, experiments_for, explain_examples,
@@ -91,6 +91,25 @@ def _load_or_train(cfg: EvalConfig, model: str, dataset, progress: bool):
         with writer(ckpt, wait=True, on_wait=say):
             return _load_or_train_locked(cfg, model, ckpt, dataset, progress)
     return _load_or_train_locked(cfg, model, ckpt, dataset, progress)
+
+
+def _announce_training(cfg: EvalConfig, ds) -> None:
+    """Before anything runs: which checkpoints are missing and will be trained first, and how long that takes
+    on this machine (:func:`jaxrecover.training.estimate_train_seconds`), on stderr."""
+    missing = [m for m in cfg.models if not _finished(_checkpoint_dir(cfg, m))]
+    if not missing or not cfg.train_missing or jax.process_count() > 1:
+        return
+    n_train = len(ds.train_images) if not cfg.max_train else min(cfg.max_train, len(ds.train_images))
+    print(f"{len(missing)} of {len(cfg.models)} checkpoints missing in {cfg.checkpoints}/: timing a few training "
+          "steps of each (--no-train refuses instead, --models picks fewer) ...", file=sys.stderr, flush=True)
+    total = 0.0
+    for m in missing:
+        tc = TrainConfig(model=m, dataset=cfg.dataset, epochs=cfg.epochs, seed=cfg.seed, max_train=cfg.max_train)
+        seconds = estimate_train_seconds(tc, n_train)
+        total += seconds
+        print(f"  will train {m}: {tc.resolved_epochs()} epochs on {n_train} images, about {seconds / 60:.1f} min here",
+              file=sys.stderr, flush=True)
+    print(f"  training first: about {total / 60:.1f} min in all, then the protocol", file=sys.stderr, flush=True)
 
 
 def _finished(ckpt: Path) -> bool:
@@ -180,6 +199,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
     if len(ds.test_images) == 0:
         raise ValueError(f"dataset {ds.name} has no test images")
     n = len(ds.test_images) if cfg.n is None else min(cfg.n, len(ds.test_images))
+    _announce_training(cfg, ds)
     records = []
     for model_name in cfg.models:
         name, variables32, meta = _load_or_train(cfg, model_name, ds, progress)

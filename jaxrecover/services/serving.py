@@ -223,7 +223,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", default=d.baseline, help="'zeros' or a constant (default: %(default)s)")
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "float64"), help="(default: %(default)s)")
     p.add_argument("--defence", dest="defences", action="append", default=[], metavar="SPEC",
-                   help="a defence, repeatable, innermost first: " + "; ".join(f"{k}: {v}"
+                   help="a defence, repeatable, innermost first (default: none): " + "; ".join(f"{k}: {v}"
                                                                                for k, v in DEFENCE_SPECS.items()))
     p.add_argument("--budget-per-key", type=int, default=None,
                    help="explanation queries per X-API-Key before HTTP 429 (default: no budget)")

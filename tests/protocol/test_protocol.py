@@ -1,4 +1,7 @@
+import contextlib
+import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,11 +29,24 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     cfg = EvalConfig(models=SMALL, dtypes=("float32", "float64"), n=16, steps=8, checkpoints=str(root / "ckpt"),
                      out=str(root / "out"), epochs=1, max_train=512, chunk_size=8, fig5_n=8, command="pytest")
-    return cfg, evaluate(cfg, progress=False)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        records = evaluate(cfg, progress=False)
+    return cfg, records, err.getvalue()
+
+
+def test_evaluate_says_what_it_trains_and_how_long_before_starting(tiny_run):
+    *_, err = tiny_run
+    lines = err.splitlines()
+    assert lines[0].startswith(f"{len(SMALL)} of {len(SMALL)} checkpoints missing"), err
+    for i, model in enumerate(SMALL, start=1):
+        assert re.fullmatch(rf"  will train {model}: 1 epochs on 512 images, about \d+\.\d min here", lines[i]), err
+    assert re.fullmatch(r"  training first: about \d+\.\d min in all, then the protocol", lines[len(SMALL) + 1])
+    assert lines.index(lines[len(SMALL) + 1]) < next(i for i, s in enumerate(lines) if s.startswith("no checkpoint"))
 
 
 def test_evaluate_end_to_end_recovers_vg_in_float64(tiny_run):
-    cfg, records = tiny_run
+    cfg, records, _ = tiny_run
     assert len(records) == 2 * len(SMALL)
     by = {(r["model"], r["dtype"]): r for r in records}
     for model in ("twolayer_nobias", "lenet_nobias"):
@@ -47,7 +63,7 @@ def test_evaluate_end_to_end_recovers_vg_in_float64(tiny_run):
 
 
 def test_result_json_schema_and_files(tiny_run):
-    cfg, _ = tiny_run
+    cfg, *_ = tiny_run
     out = Path(cfg.out)
     files = sorted(out.glob("*.json"))
     assert len(files) == 2 * len(SMALL)
@@ -83,13 +99,13 @@ def test_result_json_schema_and_files(tiny_run):
 
 
 def test_report_is_rebuilt_from_json_only(tiny_run):
-    cfg, _ = tiny_run
+    cfg, *_ = tiny_run
     assert markdown_report(load_results(cfg.out)) == (Path(cfg.out) / "report.md").read_text()
 
 
 @pytest.mark.parametrize("model", ["twolayer", "lenet"])
 def test_shared_mode_matches_faithful_mode(tiny_run, model):
-    cfg, _ = tiny_run
+    cfg, *_ = tiny_run
     from jaxrecover.training import load_trained
 
     _, variables, _ = load_trained(Path(cfg.checkpoints) / model)
@@ -144,7 +160,7 @@ def test_interrupted_protocol_resumes(tmp_path):
 
 
 def test_cli_errors_and_report_only(tmp_path, tiny_run):
-    cfg, _ = tiny_run
+    cfg, *_ = tiny_run
     r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--models", "vgg", "--out", str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "unknown model" in r.stderr
