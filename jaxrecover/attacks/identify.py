@@ -514,12 +514,17 @@ def identify_service(service, x, target, *, max_steps: int = 256, candidates=Non
         seen = {n: _first_jumps(service, x, b_use, target, count=1, steps=n)[0] for n in (2, 3, 4)}
         # near the baseline every node sees g(0+): T = (sum of the weights) g(0+), which tells rules whose top
         # weights are proportional apart (saliency 1/n vs Captum's riemann_trapezoid 1/(2n), weights summing to < 1)
+        # (below the first breakpoint: at c < c_n, where n steps first jump, even the top node is below t1;
+        # LeNet's first breakpoint can sit at t1 ~ 1e-10, so a fixed c = 1e-4 would read a mix of regions)
         d0 = x - b_use
         low = {}
         for n in (2, 3, 4):
-            (a0,) = _answers(service, [b_use + 1e-4 * d0], target, steps=n)
+            c_low = min(1e-4, 0.5 * seen[n][0][0]) if seen[n] else 1e-4
+            q = (b_use + c_low * d0).astype(np.dtype(service.dtype)).astype(np.float64)
+            (a0,) = _answers(service, [q], target, steps=n)
+            sent = q - b_use  # what the service integrates over: the query as sent, rounded to its dtype
             with np.errstate(divide="ignore", invalid="ignore"):
-                low[n] = np.where(d0 != 0, a0 / np.where(d0 != 0, 1e-4 * d0, 1), 0.0).ravel()
+                low[n] = np.where(sent != 0, a0 / np.where(sent != 0, sent, 1), 0.0).ravel()
         if all(seen.values()):
             best = np.inf
             for cand, r in RULES.items():
