@@ -97,7 +97,7 @@ def audit_endpoint(url: str, model: str, x, *, protocol: str = "kserve", targets
     from .attacks import RecoveryIncomplete, best_plan, identify_service, recover_fixed_steps_lsq
     from .attacks import attack as run_plan
     from .services import QueryBudgetExceeded
-    from .services.remote import RemoteIGService
+    from .services.remote import EndpointBudgetExceeded, RemoteIGService
 
     t_all = time.perf_counter()
     fallback = assumed_settings(assume, protocol)
@@ -145,11 +145,12 @@ def audit_endpoint(url: str, model: str, x, *, protocol: str = "kserve", targets
                 except RecoveryIncomplete as e:
                     vg, mask, rep = e.partial
                     est = float(rep.error_estimate[-1]) if getattr(rep, "error_estimate", None) else float("nan")
-                    status = ("refused: the endpoint's budget (HTTP 429)" if "HTTP 429" in str(e)
-                              else f"budget ran out ({budget} queries)")
+                    status = ("refused: the endpoint's budget (HTTP 429)"
+                              if isinstance(e.cause, EndpointBudgetExceeded) else f"budget ran out ({budget} queries)")
                 except (ValueError, QueryBudgetExceeded) as e:  # nothing for this input
                     vg, est = np.full(x[i:i + 1].shape, np.nan), float("nan")
-                    status = ("refused: the endpoint's budget (HTTP 429)" if isinstance(e, QueryBudgetExceeded)
+                    status = ("refused: the endpoint's budget (HTTP 429)" if isinstance(e, EndpointBudgetExceeded)
+                              else f"budget ran out ({budget} queries)" if isinstance(e, QueryBudgetExceeded)
                               else "method refused: " + str(e).splitlines()[0][:120])  # e.g. rounded answers
                 row = {"input": i, "target": int(t[i]), "method": method, "status": status,
                        "queries": remote.queries - q0, "seconds": round(time.perf_counter() - t0, 2),

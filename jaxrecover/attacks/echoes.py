@@ -462,7 +462,7 @@ def recover_fixed_steps_lsq(service, x, target, *, budget: int | None = 2**12, s
             raise RecoveryIncomplete(
                 f"query budget ran out at example {i} of {xs.shape[0]} ({e}); the {i} finished example(s) and "
                 f"this one's best estimate (error estimate {stats[0]:.2g}, masked out) are in .partial",
-                Recovery(jnp.asarray(out, x.dtype), jnp.asarray(mask), rep)) from None
+                Recovery(jnp.asarray(out, x.dtype), jnp.asarray(mask), rep), cause=e) from None
         finally:
             bar.close()
         keep = (ray.d != 0) & np.isfinite(vg) & (se <= trust * max(float(np.nanmax(np.abs(vg))), 1e-300))

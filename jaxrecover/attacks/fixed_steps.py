@@ -240,7 +240,7 @@ def recover_fixed_steps(service, x, target, *, s0: float = 1e-4, resolution: flo
             rep.stopped = f"example {i} of {x.shape[0]}: {e}"
             part = Recovery(jnp.asarray(out, x.dtype), jnp.asarray(mask & done.reshape((-1,) + (1,) * (x.ndim - 1))), rep)
             raise RecoveryIncomplete(f"query budget ran out at example {i} of {x.shape[0]} ({e}); the {i} "
-                                     "finished example(s) are in .partial", part) from None
+                                     "finished example(s) are in .partial", part, cause=e) from None
     return jnp.asarray(out, x.dtype), jnp.asarray(mask), rep
 
 

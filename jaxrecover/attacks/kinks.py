@@ -562,7 +562,7 @@ def recover_fixed_steps_from_kinks(service, x, target, *, grid: int = 16384, tol
             part = Recovery(jnp.asarray(out, x.dtype),
                     jnp.asarray(mask_all & done.reshape((-1,) + (1,) * (x.ndim - 1))), rep)
             raise RecoveryIncomplete(f"query budget ran out at example {i} of {x.shape[0]} ({e}); the {i} "
-                                     "finished example(s) are in .partial", part) from None
+                                     "finished example(s) are in .partial", part, cause=e) from None
     return jnp.asarray(out, x.dtype), jnp.asarray(mask_all), rep
 
 

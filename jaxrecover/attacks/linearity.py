@@ -34,11 +34,13 @@ class NotPiecewiseLinear(ValueError):
 
 class RecoveryIncomplete(QueryBudgetExceeded):
     """A recovery's query budget ran out. ``partial`` holds a :class:`Recovery` ``(vg, mask, report)`` with every example finished
-    before it (the unfinished ones NaN and masked out); ``report.stopped`` says where it stopped."""
+    before it (the unfinished ones NaN and masked out); ``report.stopped`` says where it stopped; ``cause`` is the
+    service's own :class:`QueryBudgetExceeded` that stopped it (e.g. an endpoint's HTTP 429), or None."""
 
-    def __init__(self, message: str, partial):
+    def __init__(self, message: str, partial, cause: BaseException | None = None):
         super().__init__(message)
         self.partial = partial
+        self.cause = cause
 
 
 def check_piecewise_linear(answer_of, lo: float, hi: float, floor: float, *, levels: int = 24, streak: int = 4,

@@ -43,10 +43,15 @@ import numpy as np
 
 from .base import IGService, QueryBudgetExceeded, ServiceAnswerError, ServiceWrapper, StepCountRefused
 
-__all__ = ["RemoteIGService", "IdentifiedService", "RemoteServiceError", "TransportStats", "PROTOCOLS"]
+__all__ = ["RemoteIGService", "IdentifiedService", "RemoteServiceError", "EndpointBudgetExceeded", "TransportStats",
+           "PROTOCOLS"]
 
 PROTOCOLS = ("torchserve", "kserve")
 _RETRY_STATUS = (429, 500, 502, 503, 504)
+
+
+class EndpointBudgetExceeded(QueryBudgetExceeded):
+    """The endpoint itself refused: its per-client budget is spent (HTTP 429 saying so), not the attack's own."""
 
 
 class RemoteServiceError(RuntimeError):
@@ -207,8 +212,8 @@ class RemoteIGService(IGService):
                                              f"({r.content[:80]!r}); the endpoint or a proxy is broken") from None
             msg = _error_text(r)
             if r.status_code == 429 and "budget" in msg.lower():
-                raise QueryBudgetExceeded(f"{url} refused: {msg} (HTTP 429; {self.queries} answers received so far "
-                                          "stay valid)")
+                raise EndpointBudgetExceeded(f"{url} refused: {msg} (HTTP 429; {self.queries} answers received so "
+                                             "far stay valid)")
             if r.status_code in _RETRY_STATUS:
                 last = f"HTTP {r.status_code}: {msg}"
                 wait = self.backoff * 2 ** attempt

@@ -10,6 +10,7 @@ import os
 import sys
 import textwrap
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,9 +20,9 @@ from jaxrecover.data import normalize
 from jaxrecover.engine import explain
 from jaxrecover.explainers import VG
 from jaxrecover.metrics import normalized_distance
-from jaxrecover.models import cast_variables, make_model
+from jaxrecover.models import cast_variables, init_variables, make_model
 from jaxrecover.services import QueryBudgetExceeded, ServiceAnswerError, StepCountRefused, round_significant
-from jaxrecover.services.remote import RemoteIGService, RemoteServiceError
+from jaxrecover.services.remote import EndpointBudgetExceeded, RemoteIGService, RemoteServiceError
 from jaxrecover.services.process import ServeProcess, ServerProcess, free_port, group_alive
 from jaxrecover.services.torchserve import TorchServe, build_archive
 from jaxrecover.training import load_trained
@@ -107,8 +108,9 @@ def test_kserve_rounding_and_per_key_budget_answer_429(serve, images):
         a = np.asarray(alice(x, t))
         np.testing.assert_array_equal(np.asarray(round_significant(a, 3), np.float32), a)
         alice(x[:1], t[:1])
-        with pytest.raises(QueryBudgetExceeded, match="HTTP 429"):
+        with pytest.raises(QueryBudgetExceeded, match="HTTP 429") as refused:
             alice(x[:1], t[:1])
+        assert isinstance(refused.value, EndpointBudgetExceeded)  # the endpoint's budget, not the attack's own
         assert alice.queries == 5 and alice.stats.retries == 0  # a spent budget is not retried
         assert bob(x[:2], t[:2]).shape == x[:2].shape  # another key has its own budget
 
@@ -193,7 +195,8 @@ def test_torchserve_visionhandler_ig_identified_and_recovered(tmp_path, trained,
     name, v, _ = load_trained(trained)
     store = tmp_path / "store"
     build_archive(name, v, store)
-    build_archive(name, v, store, name="twolayer_top5", topk=5)
+    lenet = init_variables("lenet", jax.random.key(3), jnp.float32, biases="torch")  # a LeNet twin, top-5 variant
+    build_archive("lenet", lenet, store, name="lenet_top5", topk=5)
     ts = TorchServe(store, ["twolayer"], tmp_path / "ts")
     with ts:
         with RemoteIGService(ts.url, "twolayer", protocol="torchserve", concurrency=4) as r:
@@ -210,11 +213,15 @@ def test_torchserve_visionhandler_ig_identified_and_recovered(tmp_path, trained,
             d = float(normalized_distance(twin.gradient(x[:1], t[:1]), jnp.asarray(vg))[0])
             assert d <= 1e-4, d
         # a second TorchServe beside the first (the launcher's one pid file and the gRPC ports would clash)
-        with TorchServe(store, ["twolayer_top5"], tmp_path / "ts2") as ts2, RemoteIGService(
-                ts2.url, "twolayer_top5", protocol="torchserve") as r5:
+        with TorchServe(store, ["lenet_top5"], tmp_path / "ts2") as ts2, RemoteIGService(
+                ts2.url, "lenet_top5", protocol="torchserve") as r5:
+            lenet_twin = CaptumIGService("lenet", lenet, rule="gausslegendre", steps=15, fixed_steps=True)
             (top,) = r5.predict(x[:1])
             assert len(top) == 5 and abs(sum(top.values()) - 1) < 0.5 and max(top, key=top.get) == str(
-                int(np.argmax(twin.logits(x[:1]))))
+                int(np.argmax(lenet_twin.logits(x[:1]))))
+            a5 = np.asarray(r5(x[:2], t[:2]))  # LeNet's VisionHandler IG over HTTP equals Captum's on the twin
+            np.testing.assert_allclose(a5, np.asarray(lenet_twin(jnp.asarray(x[:2]), t[:2])), rtol=0,
+                                       atol=1e-6 * np.abs(a5).max())
             assert ts.proc.poll() is None and ts2.port != ts.port
         assert not group_alive(ts2.proc.pid), f"TorchServe processes left behind; log {ts2.log}"
         pgid = ts.proc.pid
