@@ -206,7 +206,9 @@ void Backward(ffi::ThreadPool& pool, const Geometry& g, int64_t batch, const ffi
   const int64_t units = g.h * g.w * g.c, outs = g.oh * g.ow * g.o, tasks = Tasks(pool, g.o);
   const int64_t ph = pool_size ? g.oh / pool_size : g.oh, pw = pool_size ? g.ow / pool_size : g.ow;
   const int64_t pooled = ph * pw * g.o;
-  std::vector<T> parts(tasks * units);  // each task's partial correction (its channels' share of each dot)
+  // each task's partial correction (its channels' share of each dot); the prefix sums and dots in double,
+  // whatever T is: the correction is a difference of prefix sums, which float32 would cancel
+  std::vector<double> parts(tasks * units);
   for (int64_t b = 0; b < batch; ++b) {
     const T* vp = cot.typed_data<T>() + b * Step(cot, g.m * pooled);
     const uint8_t* fp = first_data ? first_data + b * g.m * pooled : nullptr;
@@ -219,11 +221,11 @@ void Backward(ffi::ThreadPool& pool, const Geometry& g, int64_t batch, const ffi
       int64_t lo, hi;
       Slice(g.o, tasks, t, &lo, &hi);
       const int64_t n = hi - lo, pixels = g.oh * g.ow;
-      std::vector<T> Q(pixels * n, T(0)), acc(n);
-      T* part = parts.data() + t * units;
-      std::fill(part, part + units, T(0));
-      auto add = [&](int64_t k, T* __restrict dst) {  // dst (this task's channels) += w_k * V_k
-        const T wk = wp[k];
+      std::vector<double> Q(pixels * n, 0.0), acc(n);
+      double* part = parts.data() + t * units;
+      std::fill(part, part + units, 0.0);
+      auto add = [&](int64_t k, double* __restrict dst) {  // dst (this task's channels) += w_k * V_k
+        const double wk = wp[k];
         if (!pool_size) {
           const T* __restrict vk = vp + k * outs + lo;
           for (int64_t px = 0; px < pixels; ++px)
@@ -246,8 +248,8 @@ void Backward(ffi::ThreadPool& pool, const Geometry& g, int64_t batch, const ffi
         const uint8_t* now = mp + j * units;
         ForEachChange(now, now - units, units, [&](int64_t u) {
           const int64_t ch = u % g.c, col = (u / g.c) % g.w, row = u / (g.c * g.w);
-          T* __restrict ac = acc.data();
-          std::fill(ac, ac + n, T(0));
+          double* __restrict ac = acc.data();
+          std::fill(ac, ac + n, 0.0);
           for (int64_t i = 0; i < g.kh; ++i) {
             const int64_t p = row - i;
             if (p < 0 || p >= g.oh) continue;
@@ -255,23 +257,23 @@ void Backward(ffi::ThreadPool& pool, const Geometry& g, int64_t batch, const ffi
               const int64_t q = col - jj;
               if (q < 0 || q >= g.ow) continue;
               const T* __restrict wr = kp + ((i * g.kw + jj) * g.c + ch) * g.o + lo;
-              const T* __restrict qr = Q.data() + (p * g.ow + q) * n;
+              const double* __restrict qr = Q.data() + (p * g.ow + q) * n;
               for (int64_t o = 0; o < n; ++o) ac[o] += wr[o] * qr[o];
             }
           }
-          T val = 0;
+          double val = 0;
           for (int64_t o = 0; o < n; ++o) val += ac[o];
           part[u] += now[u] ? -val : val;  // -Delta_j * convT(Q_j), this task's channels
         });
       }
       add(g.m - 1, Q.data());
       for (int64_t px = 0; px < pixels; ++px)
-        for (int64_t o = 0; o < n; ++o) tp[px * g.o + lo + o] = Q[px * n + o];
+        for (int64_t o = 0; o < n; ++o) tp[px * g.o + lo + o] = static_cast<T>(Q[px * n + o]);
     });
     for (int64_t u = 0; u < units; ++u) {
-      T sum = 0;
+      double sum = 0;
       for (int64_t t = 0; t < tasks; ++t) sum += parts[t * units + u];
-      cp[u] = sum;
+      cp[u] = static_cast<T>(sum);
     }
   }
 }
