@@ -79,3 +79,13 @@ def test_torchserve_benchmark_smoke():
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| twolayer | random init (seed 0) | batch_size 1, delay 0 ms | 2 |" in r.stdout
     assert "| twolayer | random init (seed 0) | batch_size 8, delay 5 ms | 1 |" in r.stdout
+
+
+def test_sparse_precision_benchmark_prints_both_paths_against_float64():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_sparse_precision.py"), "--n", "2",
+                        "--steps", "8"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| random weights")]
+    assert len(rows) == 2, r.stdout
+    medians = [float(cell.split("/")[0]) for row in rows for cell in row.split("|")[2:4]]
+    assert all(0 <= m < 1e-2 for m in medians), r.stdout  # float32 against float64: round-off, not garbage
