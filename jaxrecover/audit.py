@@ -106,7 +106,16 @@ def audit_endpoint(url: str, model: str, x, *, protocol: str = "kserve", targets
     with remote:
         t = _targets(remote, x, targets)
         remote(x[:1], t[:1])  # probe
-        idf = identify_service(remote, x[0], int(t[0]))
+        q_before = remote.queries
+        try:
+            idf = identify_service(remote, x[0], int(t[0]))
+        except EndpointBudgetExceeded:  # the key's budget ran out while identifying: report it, do not crash
+            from .attacks.identify import Identification
+            spent = remote.queries - q_before
+            idf = Identification(None, None, True, np.zeros(x.shape[1:], np.float64), float("nan"),
+                                 np.dtype(dtype).name, {"until refused": spent}, {},
+                                 f"the endpoint's budget (HTTP 429) ran out during identification after {spent} "
+                                 "queries", ())
         ident = {"rule": idf.rule, "steps": idf.steps, "fixed_steps": idf.fixed_steps, "dtype": idf.dtype,
                  "baseline": ("zeros" if idf.baseline is not None and not np.any(idf.baseline)
                               else "constant %.6g" % float(np.ravel(idf.baseline)[0])
