@@ -38,7 +38,7 @@ from .search import BoundaryResult, InputBox, boundary_attributions, boundary_se
 from .services import (AssumedBaseline, BoundaryBaseline, ClientBudget, ExpectedGradients, FixSteps, GaussianNoise,
                        IGService, LaplaceNoise, QueryBudgetExceeded, RandomSteps, RoundAnswers, ServiceAnswerError,
                        ServiceWrapper, SimulatedIGService, SmoothGradIG, StepCountRefused, TopK)
-from .stealing import extract_two_layer, train_clone
+from .stealing import extract_mlp, extract_two_layer, train_clone
 from .training import TrainConfig, load_trained, train_and_evaluate
 
 __all__ = [
@@ -66,7 +66,7 @@ __all__ = [
     "recover_from_outputs", "recover_input_baseline", "recover_random_steps", "recover_from_big", "Averaged",
     "NotPiecewiseLinear", "RecoveryIncomplete", "Recovery", "RecoveryReport",
     # stealing
-    "extract_two_layer", "train_clone",
+    "extract_two_layer", "extract_mlp", "train_clone",
     # metrics
     "normalized_distance", "cosine_similarity", "relative_error", "spearman", "top_fraction_overlap", "summarize",
     # data and training

@@ -30,12 +30,13 @@ Examples:
 
 def _train_parser():
     from .data import DATASETS
-    from .models import MODEL_NAMES
+    from .models import EXTRA_MODEL_NAMES, MODEL_NAMES
     from .training import DEFAULT_EPOCHS
 
     p = argparse.ArgumentParser(prog="jaxrecover-train", description=TRAIN_DOC,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help=f"one of: {', '.join(MODEL_NAMES)}")
+    p.add_argument("--model", required=True, help=f"one of: {', '.join(MODEL_NAMES)}; extraction victims: "
+                   f"{', '.join(EXTRA_MODEL_NAMES)}")
     p.add_argument("--dataset", default="mnist", help=f"one of: {', '.join(DATASETS)} (default: mnist)")
     per_model = ", ".join(f"{m} {e}" for m, e in DEFAULT_EPOCHS.items())
     p.add_argument("--epochs", type=int, default=None, help=f"default per model: {per_model}")
@@ -59,11 +60,12 @@ def train_main(argv=None) -> int:
     a = _train_parser().parse_args(argv)
     from .checkpoint import CheckpointError
     from .data import DataError
-    from .models import MODEL_NAMES
+    from .models import EXTRA_MODEL_NAMES, MODEL_NAMES
     from .training import TrainConfig, train_and_evaluate
 
-    if a.model not in MODEL_NAMES:
-        print(f"error: unknown model {a.model!r}; choose one of: {', '.join(MODEL_NAMES)}", file=sys.stderr)
+    if a.model not in MODEL_NAMES + EXTRA_MODEL_NAMES:
+        print(f"error: unknown model {a.model!r}; choose one of: {', '.join(MODEL_NAMES + EXTRA_MODEL_NAMES)}",
+              file=sys.stderr)
         return 2
     try:
         cfg = TrainConfig(model=a.model, dataset=a.dataset, epochs=a.epochs, batch_size=a.batch_size,

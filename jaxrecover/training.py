@@ -28,7 +28,8 @@ __all__ = ["TrainConfig", "DEFAULT_EPOCHS", "train_and_evaluate", "estimate_trai
            "checkpoint_folder", "ensure_trained"]
 
 #: Epochs that reach the README's accuracies on the offline split.
-DEFAULT_EPOCHS = {"twolayer": 30, "twolayer_nobias": 30, "lenet": 15, "lenet_nobias": 15, "resnet18": 10}
+DEFAULT_EPOCHS = {"twolayer": 30, "twolayer_nobias": 30, "lenet": 15, "lenet_nobias": 15, "resnet18": 10,
+                  "mlp2": 20, "mlp2_nobias": 20, "mlp3": 20, "mlp3_nobias": 20}
 
 
 @dataclasses.dataclass

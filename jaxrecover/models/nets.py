@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from .. import ops
 
-__all__ = ["MODEL_NAMES", "INPUT_SHAPE", "NUM_CLASSES", "PARTS", "TwoLayerNet", "LeNet", "ResNet18", "BasicBlock",
+__all__ = ["MODEL_NAMES", "EXTRA_MODEL_NAMES", "MLP", "INPUT_SHAPE", "NUM_CLASSES", "PARTS", "TwoLayerNet", "LeNet", "ResNet18", "BasicBlock",
            "get_model"]
 
 INPUT_SHAPE = (28, 28, 1)
@@ -59,6 +59,30 @@ class TwoLayerNet(nn.Module):
             if part == "stem":
                 return x
         return nn.Dense(self.num_classes, use_bias=self.use_bias, name="Dense_1")(nn.relu(x))
+
+
+class MLP(nn.Module):
+    """flatten 784 -> (fc -> ReLU) per entry of ``hidden`` -> fc 10: the deep-extraction victims (``mlp2``,
+    ``mlp3``). Layers are ``Dense_0, Dense_1, ...`` (:func:`jaxrecover.stealing.mlp_params` reads them).
+
+    ``part``: ``"stem"`` is the first Dense layer, ``"body"`` the rest applied to its output.
+    """
+
+    hidden: Sequence[int] = (128, 128)
+    use_bias: bool = True
+    num_classes: int = NUM_CLASSES
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, part: str = "all"):
+        _check_part(part)
+        widths = (*self.hidden, self.num_classes)
+        if part != "body":
+            x = nn.Dense(widths[0], use_bias=self.use_bias, name="Dense_0")(x.reshape(x.shape[0], -1))
+            if part == "stem":
+                return x
+        for i, w in enumerate(widths[1:], start=1):
+            x = nn.Dense(w, use_bias=self.use_bias, name=f"Dense_{i}")(nn.relu(x))
+        return x
 
 
 class LeNet(nn.Module):
@@ -137,7 +161,17 @@ _FACTORIES: dict[str, Callable[[], nn.Module]] = {
     "lenet": lambda: LeNet(use_bias=True),
     "resnet18": lambda: ResNet18(),
 }
+#: The paper's five models (the protocol's tables run over these).
 MODEL_NAMES = tuple(_FACTORIES)
+#: Victims of the deep extraction (issue 37): fully connected ReLU nets on MNIST.
+_FACTORIES.update({
+    "mlp2": lambda: MLP(hidden=(128, 128)),
+    "mlp2_nobias": lambda: MLP(hidden=(128, 128), use_bias=False),
+    "mlp3": lambda: MLP(hidden=(64, 64, 64)),
+    "mlp3_nobias": lambda: MLP(hidden=(64, 64, 64), use_bias=False),
+})
+#: The extraction victims: :data:`MODEL_NAMES` plus these can be trained, loaded and served.
+EXTRA_MODEL_NAMES = tuple(n for n in _FACTORIES if n not in MODEL_NAMES)
 
 
 def get_model(name: str) -> nn.Module:
@@ -145,4 +179,4 @@ def get_model(name: str) -> nn.Module:
     try:
         return _FACTORIES[name]()
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}") from None
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(_FACTORIES)}") from None

@@ -34,8 +34,9 @@ import dataclasses
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..attacks import attack, best_plan
+from ..attacks import best_plan
 from ..services import QueryBudgetExceeded
+from .lines import GradientOracle, search_line, tolerances
 
 __all__ = ["extract_two_layer", "Extraction", "ExtractionIncomplete", "canonical_two_layer", "two_layer_logits",
            "two_layer_variables", "extraction_fidelity"]
@@ -134,110 +135,6 @@ class ExtractionIncomplete(QueryBudgetExceeded):
         self.partial = partial
 
 
-# ---------------------------------------------------------------------------------------------- the oracle
-class _Oracle:
-    """Gradients and reported outputs of one class at points (rows of ``z``), through the service's answers."""
-
-    def __init__(self, service, plan, shape):
-        self.service, self.plan, self.shape = service, plan, tuple(shape)
-        # the output reported with the answer at scale 1 is f(z) itself; otherwise a separate query buys it
-        self.free_value = any(q.scale == 1.0 for q in plan.queries)
-
-    def __call__(self, z: np.ndarray, classes):
-        z = np.atleast_2d(np.asarray(z, np.float64))
-        n = z.shape[0]
-        classes = np.broadcast_to(np.asarray(classes, np.int32), (n,))
-        x = z.astype(self.service.dtype).reshape(n, *self.shape)
-        if not self.free_value:
-            self.service.check_budget(n + n * len(self.plan.queries))
-        vg, mask, _ = attack(self.service, self.plan, x, classes)
-        if not bool(np.all(np.asarray(mask))):
-            raise RuntimeError("a query point has a coordinate equal to the baseline, where IG gives no gradient; "
-                               "use another seed")
-        if not self.free_value:  # an explanation at the plan's smallest step count, for its reported output
-            self.service.charge(n, min(q.steps for q in self.plan.queries))
-        f, _ = self.service.outputs(x, classes)
-        return (np.asarray(vg, np.float64).reshape(n, -1), np.asarray(f, np.float64),
-                x.reshape(n, -1).astype(np.float64))
-
-
-def _tolerances(dtype) -> dict:
-    if np.dtype(dtype) == np.float64:
-        return {"grad": 1e-9, "rank": 1e-7, "match": 1e-6, "binary": 0.05, "check": 1e-7,
-                "side": 1e-6}
-    return {"grad": 1e-4, "rank": 2e-2, "match": 1e-2, "binary": 0.2, "check": 1e-2, "side": 1e-3}
-
-
-def _differ(ga, gb, tol, scale):
-    """Whether two gradients differ by more than ``tol`` times ``scale`` (the largest gradient norm on the line:
-    round-off is relative to it, also in pieces where the gradient is about 0)."""
-    return np.linalg.norm(ga - gb) > tol * scale
-
-
-# ---------------------------------------------------------------------------------------------- one line
-def _search(oracle, p, d, k, span, tol, grid, min_width):
-    """Crossings of class ``k``'s gradient on ``x(t) = p + t d``, ``t`` in ``[-span, span]``.
-
-    Returns (crossings, points, unresolved): crossings ``(t*, a, b)`` with ``a < t* < b`` queried points
-    on either side and no other crossing of class ``k`` in ``(a, b)``; points ``{t: (g_k, f_k)}``.
-    """
-    eps = float(np.finfo(oracle.service.dtype).eps)
-    ts = np.linspace(-span, span, grid)
-    g, f, _ = oracle(p + ts[:, None] * d, k)
-    points = {float(t): (g[i], f[i]) for i, t in enumerate(ts)}
-    gscale = max(float(np.max(np.linalg.norm(g, axis=1))), np.finfo(np.float64).tiny)
-    todo = [(float(a), float(b)) for a, b in zip(ts[:-1], ts[1:])]
-    crossings, unresolved = [], 0
-    while todo:
-        asks = []
-        for a, b in todo:
-            (ga, fa), (gb, fb) = points[a], points[b]
-            if not _differ(ga, gb, tol["grad"], gscale):
-                continue
-            if b - a < min_width:
-                unresolved += 1
-                continue
-            sa, sb = float(ga @ d), float(gb @ d)
-            t = (fb - fa + sa * a - sb * b) / (sa - sb) if sa != sb else np.nan
-            inside = np.isfinite(t) and a + 1e-3 * (b - a) < t < b - 1e-3 * (b - a)
-            asks.append((a, b, t if inside else 0.5 * (a + b), inside))
-        if not asks:
-            break
-        # a crossing candidate t* is asked on both sides, t* -+ delta: exactly one crossing in (a, b) iff the
-        # gradients there are g_a and g_b (f(t*) alone cannot tell: t* beyond every crossing also lies on both lines)
-        ts = []
-        for a, b, t, inside in asks:
-            if inside:
-                (ga, fa), (gb, fb) = points[a], points[b]
-                sa, sb = float(ga @ d), float(gb @ d)
-                # t* is known to about eps |f| / |s_a - s_b| (the reported values' round-off): never ask closer
-                precision = 16 * eps * max(abs(fa), abs(fb), abs(sa * t), abs(sb * t)) / abs(sa - sb)
-                delta = max(tol["side"] * (b - a), precision, 64 * np.finfo(np.float64).eps * abs(t))
-                ts += [max(t - delta, 0.5 * (a + t)), min(t + delta, 0.5 * (t + b))]
-            else:
-                ts.append(t)
-        g, f, _ = oracle(p + np.array(ts)[:, None] * d, k)
-        i, todo = 0, []
-        for a, b, t, inside in asks:
-            if inside:
-                (lo, hi), (glo, ghi), (flo, fhi) = ts[i:i + 2], g[i:i + 2], f[i:i + 2]
-                i += 2
-                points[lo], points[hi] = (glo, flo), (ghi, fhi)
-                if not (_differ(glo, points[a][0], tol["grad"], gscale) or _differ(ghi, points[b][0], tol["grad"], gscale)):
-                    # the same intersection from the two near points: smaller values, less round-off than from (a, b)
-                    slo, shi = float(glo @ d), float(ghi @ d)
-                    near = (fhi - flo + slo * lo - shi * hi) / (slo - shi) if slo != shi else t
-                    crossings.append((near if lo < near < hi else t, lo, hi))
-                else:
-                    todo += [(a, lo), (lo, hi), (hi, b)]
-            else:
-                points[ts[i]] = (g[i], f[i])
-                todo += [(a, ts[i]), (ts[i], b)]
-                i += 1
-    crossings.sort()
-    return crossings, points, unresolved
-
-
 class _Units:
     """Units found so far: unit normals, biases, output weights."""
 
@@ -268,7 +165,7 @@ class _Units:
 
 def _line(oracle, units, p, d, k, classes, span, tol, grid, min_width, cache):
     """Search one line, add its new units to ``units``; returns (new units, rejected, unresolved)."""
-    crossings, points, unresolved = _search(oracle, p, d, k, span, tol, grid, min_width)
+    crossings, points, unresolved = search_line(oracle, p, d, k, span, tol, grid, min_width)
     if not crossings:
         return 0, 0, unresolved
     # one point per piece, in its middle (far from both crossings: the model's activities there do not hinge
@@ -356,11 +253,11 @@ def extract_two_layer(service, data, *, classes: int, plan=None, span: float = 1
         raise ValueError(f"classes must be a positive int, got {classes!r}")
     plan = best_plan(service) if plan is None else plan
     service.fixed_baseline(data[:1].astype(service.dtype))  # clear error for input-dependent baselines
-    tol = _tolerances(service.dtype)
+    tol = tolerances(service.dtype)
     shape = data.shape[1:]
     flat = data.reshape(data.shape[0], -1).astype(np.float64)
     scale = float(np.max(np.linalg.norm(flat, axis=1)))
-    oracle = _Oracle(service, plan, shape)
+    oracle = GradientOracle(service, plan, shape)
     units = _Units(flat.shape[1], classes)
     rng = np.random.default_rng(seed)
     q0, e0 = service.queries, service.evaluations
@@ -423,7 +320,7 @@ def _result(units, cache, flat, service, q0, e0, lines, plan, rejected, complete
     consistency, b2 = _consistency(units, cache)
     if b2 is None:
         b2 = np.full(units.W2.shape[0], np.nan)
-    tol = _tolerances(service.dtype)
+    tol = tolerances(service.dtype)
     if complete and consistency > tol["check"]:
         complete = False
         message += f"; but the model misses some answers (consistency {consistency:.2g})"

@@ -50,6 +50,18 @@ def _bn(layer: nn.BatchNorm2d, p, s, dtype):
     layer.running_var.data = _t(s["var"], dtype)
 
 
+class MLPTwin(nn.Module):
+    def __init__(self, widths, bias):
+        super().__init__()
+        self.fcs = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(widths[:-1], widths[1:]))
+
+    def forward(self, x):
+        x = x.flatten(1)
+        for fc in self.fcs[:-1]:
+            x = torch.relu(fc(x))
+        return self.fcs[-1](x)
+
+
 class TwoLayer(nn.Module):
     def __init__(self, bias):
         super().__init__()
@@ -131,6 +143,12 @@ def torch_twin(name: str, variables, dtype=None) -> nn.Module:
         m = TwoLayer(bias)
         _dense(m.fc1, p["Dense_0"], dtype)
         _dense(m.fc2, p["Dense_1"], dtype)
+    elif name.startswith("mlp"):
+        names = sorted((k for k in p if k.startswith("Dense_")), key=lambda k: int(k.split("_")[1]))
+        widths = [np.asarray(p[names[0]]["kernel"]).shape[0]] + [np.asarray(p[n]["kernel"]).shape[1] for n in names]
+        m = MLPTwin(widths, bias)
+        for fc, n in zip(m.fcs, names):
+            _dense(fc, p[n], dtype)
     elif name.startswith("lenet"):
         m = LeNet(bias)
         _conv(m.c1, p["Conv_0"], dtype)
