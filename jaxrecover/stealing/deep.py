@@ -323,17 +323,22 @@ def _prune(oracle, layer, classes, tol, delta):
 
 def _targets(oracle, layer, pts, G, classes, tol, cache):
     """Segments from test points whose gradients the units found explain to points where they do not: each
-    crosses a missing unit's hyperplane (a rarely crossed unit that random segments keep missing). Adds central
-    test points (random convex combinations of four vertices) when every point is unexplained."""
+    crosses a missing unit's hyperplane (a rarely crossed unit that random segments keep missing). Adds test
+    points (vertices, and random convex combinations of four) while every point is unexplained."""
     region = layer.region
-    for _ in range(3):
+    for round_ in range(7):
         res = np.array([_decompose(layer, g[None])[1] for g in G])
         bad, good = pts[res > tol["check"]], pts[res <= tol["check"]]
         if len(good) and len(bad):
             n = min(len(bad), len(good), 4)
-            return pts, G, [(bad[i], good[i]) for i in range(n)]
-        extra = np.stack([region.rng.dirichlet(np.ones(4)) @ np.stack([region.point() for _ in range(4)])
-                          for _ in range(4)])
+            pick = region.rng.permutation(len(bad))[:n], region.rng.permutation(len(good))[:n]
+            return pts, G, [(bad[i], good[j]) for i, j in zip(*pick)]
+        if round_ == 6:
+            break
+        # a unit active at most vertices is crossed by few segments: more vertices (and a few central points)
+        extra = np.stack([region.point() for _ in range(6)] +
+                         [region.rng.dirichlet(np.ones(4)) @ np.stack([region.point() for _ in range(4)])
+                          for _ in range(2)])
         G2, _ = _all_class(oracle, extra, classes, cache)
         pts, G = np.vstack([pts, extra]), np.concatenate([G, G2])
     return pts, G, []
@@ -425,8 +430,10 @@ def _pattern_region(Ws, bs, d, box, rng):
         Ax, cx = Z * (sg > 0)[:, None], z0 * (sg > 0)
     region = _Region(Ws, bs, d, box, 1e-3, rng, signs=signs)
     S = region.signs > 0
-    # the weights on the active units are read from P^T w = jump: unique only if P has full row rank there
-    if np.linalg.matrix_rank(region.P[S]) < S.sum():
+    # the weights on the active units are read from P^T w = jump: unique (and accurate) only if P is well
+    # conditioned there
+    sv = np.linalg.svd(region.P[S], compute_uv=False)
+    if not len(sv) or sv[-1] < 1e-6 * sv[0]:
         return None
     return region
 
@@ -446,6 +453,31 @@ class _LastUnits:
 
     def __init__(self, n):
         self.w, self.mask, self.beta, self.q = np.zeros((0, n)), np.zeros((0, n), bool), np.zeros(0), []
+
+    def consolidate(self, tol):
+        """Merge units found separately (disjoint masks at first) that turned out to be one; True if any."""
+        merged = False
+        j = 0
+        while j < len(self.beta):
+            others = [i for i in range(len(self.beta)) if i != j]
+            for i in others:
+                O = self.mask[j] & self.mask[i]
+                if O.sum() < 2:
+                    continue
+                u, c = np.append(self.w[i, O], self.beta[i]), np.append(self.w[j, O], self.beta[j])
+                lam = float(u @ c) / float(c @ c)
+                if np.linalg.norm(u - lam * c) <= tol["match"] * np.linalg.norm(u):
+                    new = self.mask[j] & ~self.mask[i]
+                    self.w[i, new] = lam * self.w[j, new]
+                    self.mask[i] |= new
+                    keep = np.arange(len(self.beta)) != j
+                    self.w, self.mask, self.beta = self.w[keep], self.mask[keep], self.beta[keep]
+                    self.q = [q for k, q in enumerate(self.q) if k != j]
+                    merged = True
+                    break
+            else:
+                j += 1
+        return merged
 
     def match(self, w, beta, S, tol):
         for j in range(len(self.beta)):
@@ -510,9 +542,10 @@ def _read_last(oracle, Ws, bs, flat, box, rng, classes, tol, grid, max_regions, 
                 units.w, units.mask = np.vstack([units.w, w]), np.vstack([units.mask, S])
                 units.beta, units.q = np.append(units.beta, beta), units.q + [q]
                 grew = True
+        grew |= units.consolidate(tol)
         progress_cb(len(units.beta))
         quiet = 0 if grew else quiet + 1
-        if quiet >= stale and len(units.beta) and (units.mask | ~seen).all():
+        if quiet >= stale and len(units.beta):
             break
     else:
         raise _Infeasible(f"{max_regions} fixed-pattern regions without a complete last layer "
@@ -542,7 +575,7 @@ def _read_last(oracle, Ws, bs, flat, box, rng, classes, tol, grid, max_regions, 
         raise _Infeasible(f"the last layer's orientation does not fit the gradients (residual {res:.2g}): a unit is "
                           "missing or the layer is not the last")
     sign = np.where(np.round(flip) == 1, -1.0, 1.0)
-    return units.w * sign[:, None], units.beta * sign, Q
+    return units.w * sign[:, None], units.beta * sign, Q, r + 1
 
 
 # ---------------------------------------------------------------------------------------------- the attack
@@ -596,27 +629,43 @@ def extract_mlp(service, data, *, classes: int, max_layers: int = 4, plan=None, 
     rng = np.random.default_rng(seed)
     q0, e0 = service.queries, service.evaluations
     Ws, bs, segments, cache = [], [], [], []
-    state = {"rejected": 0, "message": ""}
+    state = {"rejected": 0, "message": "", "short": []}
     bar = tqdm(desc="extract", unit="seg", disable=not progress)
 
     def finish(out, complete, message):
         bar.close()
+        if state["short"]:
+            complete, message = False, "; ".join(state["short"]) + "; " + message
         return _result(out, Ws, bs, flat, cache, service, q0, e0, segments, plan, state["rejected"], complete,
                        message, tol)
 
     try:
         for depth in range(1, max_layers + 1):
-            region = _Region(Ws, bs, d, box, 1e-3, rng)
+            for grow in range(6):  # a unit active only far out (a large negative bias) needs a larger box
+                region = _Region(Ws, bs, d, box * 4.0 ** grow, 1e-3, rng)
+                feasible = depth == 1 or region.point() is not None
+                if feasible:
+                    break
+            region = region if feasible else _Region(Ws, bs, d, box, 1e-3, rng)
             layer = _Layer(region)
-            if depth > 1 and region.point() is None:
-                # no input makes every lower unit active: read this layer as the last, from fixed-pattern regions
-                W, beta, Wout = _read_last(oracle, Ws, bs, flat, box, rng, classes, tol, grid, max_segments, stale,
-                                           cache, lambda n: (bar.update(1), bar.set_postfix(layer=depth, units=n)))
-                segments.append(0)
-                Ws.append(W)
-                bs.append(beta)
-                return finish(Wout, True, f"{depth} hidden layers read (the last from fixed-pattern regions: no input "
-                                          f"makes every unit of layers 1-{depth - 1} active at once)")
+            lower = "layer 1" if depth == 2 else f"layers 1-{depth - 1}"
+            if depth > 2 or not feasible:
+                # first as the last hidden layer, from fixed-pattern regions (no deeper unit crosses them, so no
+                # candidate needs verifying); if it is not the last, its orientation does not fit
+                try:
+                    W, beta, Wout, regions = _read_last(oracle, Ws, bs, flat, box, rng, classes, tol, grid,
+                                                        max_segments, stale, cache,
+                                                        lambda n: (bar.update(1), bar.set_postfix(layer=depth, units=n)))
+                except _Infeasible as e:
+                    if not feasible:
+                        raise _Infeasible(f"{e}; and no input makes every unit of {lower} active at once, where "
+                                          "a middle layer is read") from None
+                else:
+                    segments.append(regions)
+                    Ws.append(W)
+                    bs.append(beta)
+                    return finish(Wout, True, f"{depth} hidden layers read (the last from {regions} fixed-pattern "
+                                              "regions)")
             pts = np.stack([region.point() for _ in range(pool)]) if depth > 1 else \
                 np.concatenate([flat[rng.choice(len(flat), min(pool // 2, len(flat)), replace=False)],
                                 np.stack([region.point() for _ in range(pool - min(pool // 2, len(flat)))])])
@@ -659,14 +708,20 @@ def extract_mlp(service, data, *, classes: int, max_layers: int = 4, plan=None, 
                     if depth > 1:
                         pts, G, targets = _targets(oracle, layer, pts, G, classes, tol, cache)
                 if n_seg >= max_segments:
-                    segments.append(n_seg)
-                    return finish(None, False, f"layer {depth}: {max_segments} segments without a complete layer "
-                                               f"({len(layer.b)} units found)")
+                    if not len(layer.b):
+                        segments.append(n_seg)
+                        return finish(None, False, f"layer {depth}: {max_segments} segments found no unit")
+                    # keep what was found (the result says it is incomplete) and go on
+                    state["short"].append(f"layer {depth}: {max_segments} segments without a complete layer "
+                                          f"({len(layer.b)} units found)")
+                    break
             segments.append(n_seg)
             state["rejected"] += _prune(oracle, layer, classes, tol, delta)
             if np.linalg.matrix_rank(layer.normals()) < len(layer.b):
                 return finish(None, False, f"layer {depth} ({len(layer.b)} units) is wider than the rank below it: "
                                            "one gradient cannot tell its units' active sides")
+            if G is None:
+                G, _ = _all_class(oracle, pts, classes, cache)
             pts, G, _ = _orient(oracle, layer, pts, G, classes, tol, cache)
             C, _ = _decompose(layer, G)
             S = region.h(pts) @ layer.W.T + layer.b

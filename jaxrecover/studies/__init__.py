@@ -12,7 +12,7 @@ from .clone import CloneStudy
 from .defences import DefencesStudy
 from .endpoints import EndpointsStudy
 from .diagnostics import AccuracyStudy, ApproxPlansStudy, RayBreakpointsStudy
-from .extraction import ExtractionStudy
+from .extraction import DeepExtractionStudy, ExtractionStudy
 from .fixed_float32 import FixedFloat32Study
 from .fixed_kinks import FixedKinksStudy
 from .identification import IdentificationStudy
@@ -29,7 +29,7 @@ __all__ = ["Study", "Unit", "Context", "option", "run_study", "StudyResult", "do
 STUDIES: dict[str, Study] = {s.name: s for s in (
     ServicesStudy(), FixedKinksStudy(), DefencesStudy(), PatternStudy(), PatternLeakageStudy(), BoundaryStudy(),
     BoundarySpeedStudy(),
-    ExtractionStudy(), CloneStudy(), ProtocolSeedsStudy(), ApproxPlansStudy(), RayBreakpointsStudy(), AccuracyStudy(),
+    ExtractionStudy(), DeepExtractionStudy(), CloneStudy(), ProtocolSeedsStudy(), ApproxPlansStudy(), RayBreakpointsStudy(), AccuracyStudy(),
     UlpSensitivityStudy(), OffRayChainsStudy(), KinksAuditStudy(), IdentificationStudy(), FixedFloat32Study(),
     EndpointsStudy(),
 )}

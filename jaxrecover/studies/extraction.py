@@ -25,7 +25,7 @@ from ..stealing import extract_two_layer, extraction_fidelity
 from ..training import TrainConfig
 from .base import Study, Unit, option
 
-__all__ = ["ExtractionStudy", "extraction_services"]
+__all__ = ["ExtractionStudy", "DeepExtractionStudy", "extraction_services"]
 
 RULES64 = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 
@@ -106,4 +106,83 @@ class ExtractionStudy(Study):
         for r in rows:
             out.append("| " + " | ".join(f"{r[c]:.1e}" if c.startswith("fidelity") else str(r[c]) for c in cols)
                        + " |")
+        return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------- deep nets
+DEEP_SERVICES = {"ours64": [("ours", "float64", "gausslegendre"), ("ours", "float64", "riemann_right")],
+                 "captum64": [("captum", "float64", "gausslegendre")],
+                 "ours32": [("ours", "float32", "gausslegendre")]}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepExtractionConfig:
+    models: tuple[str, ...] = option(("mlp2", "mlp3"), "victims (fully connected ReLU nets: mlp2, mlp3, *_nobias)")
+    data: int = option(100, "training images the attacker holds")
+    services: tuple[str, ...] = option(("ours64", "captum64", "ours32"), "service groups: ours64, captum64, ours32")
+    budget: int = option(2**17, "query budget per extraction (the issue's 2^17)")
+
+
+class DeepExtractionStudy(Study):
+    name = "extraction-deep"
+    title = "Exact extraction of deep fully connected ReLU nets (mlp2, mlp3) from IG answers"
+    Config = DeepExtractionConfig
+    doc, block = "docs/EXTRACTION.md", "deep_extraction_table"
+    version = 1
+
+    def checkpoints(self, cfg):
+        return {m: TrainConfig(model=m) for m in cfg.models}
+
+    def quick(self, cfg):
+        return dataclasses.replace(cfg, models=("mlp2",), data=20, services=("ours64",))
+
+    def units(self, cfg):
+        return [Unit({"model": m, "service": s, "dtype": d, "rule": r, "data": cfg.data, "budget": cfg.budget},
+                     (m,), label=f"{m} {s} {d} {r}")
+                for m in cfg.models for g in cfg.services for s, d, r in DEEP_SERVICES[g]]
+
+    def run(self, unit, ctx):
+        from ..stealing import MLPExtractionIncomplete, extract_mlp, mlp_fidelity, mlp_params
+
+        s = unit.settings
+        model, v32, _ = ctx.checkpoint(s["model"])
+        ds = ctx.dataset()
+        v64 = cast_variables(v32, jnp.float64)
+        victim = mlp_params(v64)
+        data = normalize(ds.train_images[-s["data"]:], dtype=np.float64)
+        test = normalize(ds.test_images[:2000], dtype=np.float64)
+        noise = normalize((np.random.default_rng(5).random((10000, 28, 28, 1)) * 255).astype(np.uint8),
+                          dtype=np.float64)
+        if s["service"] == "captum":
+            from ..services.external import CaptumIGService
+
+            svc = CaptumIGService(s["model"], v64, rule=s["rule"], budget=s["budget"])
+        else:
+            svc = SimulatedIGService(model, cast_variables(v64, np.dtype(s["dtype"])), rule=s["rule"],
+                                     budget=s["budget"])
+        t0 = time.time()
+        try:
+            ex = extract_mlp(svc, data.astype(s["dtype"]), classes=10, progress=ctx.progress)
+        except MLPExtractionIncomplete as e:
+            ex = e.partial
+        ok = ex.params is not None
+        return [{"model": s["model"], "service": s["service"], "dtype": s["dtype"], "rule": s["rule"],
+                 "queries": ex.queries, "log2_queries": round(float(np.log2(max(ex.queries, 1))), 2),
+                 "widths": "-".join(map(str, ex.widths)),
+                 "victim": "-".join(str(W.shape[0]) for W in victim["W"][:-1]),
+                 "dead": "-".join(str(len(x)) for x in ex.dead), "segments": "-".join(map(str, ex.segments)),
+                 "rejected": ex.rejected,
+                 "fidelity_test": mlp_fidelity(ex.params, victim, test) if ok else float("nan"),
+                 "fidelity_random": mlp_fidelity(ex.params, victim, noise) if ok else float("nan"),
+                 "complete": ex.complete, "message": ex.message, "wall_s": round(time.time() - t0, 1)}]
+
+    def markdown(self, rows, cfg):
+        cols = ["model", "service", "dtype", "rule", "queries", "log2_queries", "victim", "widths", "dead",
+                "segments", "rejected", "fidelity_test", "fidelity_random", "complete", "wall_s"]
+        out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in rows:
+            out.append("| " + " | ".join(f"{r[c]:.1e}" if c.startswith("fidelity") else str(r[c]) for c in cols)
+                       + " |")
+        out += ["", "What stopped each run (the extraction's own message):", ""]
+        out += [f"- {r['model']} {r['service']} {r['dtype']} {r['rule']}: {r['message']}" for r in rows]
         return "\n".join(out)
