@@ -174,6 +174,9 @@ class MLPExtractionIncomplete(QueryBudgetExceeded):
         self.partial = partial
 
 
+_DEBUG = False
+
+
 class _Infeasible(Exception):
     pass
 
@@ -215,6 +218,14 @@ class _Region:
         if not len(a):
             return self.box * np.sign(r)
         res = linprog(-r, A_ub=-A, b_ub=a - m, bounds=(-self.box, self.box), method="highs")
+        return res.x if res.status == 0 else None
+
+    def extreme(self, n, side):
+        """The vertex of the region and box where ``side * n . x`` is largest (None if there is none)."""
+        if not len(self.a):
+            return self.box * np.sign(side * n + 1e-300)
+        res = linprog(-side * n, A_ub=-self.A, b_ub=self.a - self.margin, bounds=(-self.box, self.box),
+                      method="highs")
         return res.x if res.status == 0 else None
 
     def vertices(self, plane, side, count):
@@ -402,10 +413,11 @@ def _orient(oracle, layer, pts, G, classes, tol, cache):
 
 
 # ---------------------------------------------------------------------------------------------- the last layer
-def _pattern_region(Ws, bs, d, box, rng):
+def _pattern_region(Ws, bs, d, box, rng, force=None):
     """A fixed-pattern region of the layers read: unit by unit (layer by layer, in a random order), active or
     inactive as a random preference says where the programme allows both, else the one it allows; None when
-    a unit allows neither (at the margin)."""
+    a unit allows neither (at the margin). ``force``: a unit of the last layer read that must be active (it is
+    decided first)."""
     A, a, m, signs = [], [], [], []
     Ax, cx = np.eye(d), np.zeros(d)
     for depth, (W, b) in enumerate(zip(Ws, bs), start=1):
@@ -413,9 +425,12 @@ def _pattern_region(Ws, bs, d, box, rng):
         Z, z0 = W @ Ax, W @ cx + b
         mz = 1e-3 * np.maximum(np.linalg.norm(Z, axis=1), 1e-300)
         sg = np.zeros(len(b))
-        for i in rng.permutation(len(b)):
+        order = rng.permutation(len(b))
+        if force is not None and depth == len(Ws):
+            order = np.concatenate([[force], order[order != force]])
+        for i in order:
             first = 1.0 if rng.random() < prefer else -1.0
-            for s in (first, -first):
+            for s in ((1.0,) if (force is not None and depth == len(Ws) and i == force) else (first, -first)):
                 res = linprog(np.zeros(d), A_ub=-np.array(A + [s * Z[i]]), b_ub=np.array(a + [s * z0[i]]) -
                               np.array(m + [mz[i]]), bounds=(-box, box), method="highs")
                 if res.status == 0:
@@ -436,6 +451,18 @@ def _pattern_region(Ws, bs, d, box, rng):
     if not len(sv) or sv[-1] < 1e-6 * sv[0]:
         return None
     return region
+
+
+def _lower_at(Ws, bs, x):
+    """``h`` of the last layer read at ``x [d]``, its Jacobian, and the smallest ``|z|`` of any unit read there
+    relative to its weights' norm (about 0 where a unit below switches)."""
+    h, jac, zmin = np.asarray(x, np.float64), np.eye(len(x)), np.inf
+    for W, b in zip(Ws, bs):
+        z = W @ h + b
+        zmin = min(zmin, float(np.min(np.abs(z) / np.maximum(np.linalg.norm(W @ jac, axis=1), 1e-300))))
+        jac = (z > 0)[:, None] * (W @ jac)
+        h = np.maximum(z, 0.0)
+    return h, jac, zmin
 
 
 def _lower(Ws, bs, x):
@@ -497,85 +524,158 @@ def _read_last(oracle, Ws, bs, flat, box, rng, classes, tol, grid, max_regions, 
     d = flat.shape[1]
     units = _LastUnits(len(bs[-1]))
     seen = np.zeros(len(bs[-1]), bool)
-    quiet = 0
-    for r in range(max_regions):
+
+    def region_with(force=None):
         for _ in range(10):
-            region = _pattern_region(Ws, bs, d, box, rng)
+            region = _pattern_region(Ws, bs, d, box, rng, force)
             if region is not None:
-                break
-        else:
+                return region
+        return None
+
+    def segment(p, v, interval):
+        """Search ``p + t v`` over ``interval``; a crossing where no unit below switches is a unit of this layer
+        (the output is linear above it): match, merge or add it, read in the pattern of the layers below there."""
+        grew = False
+        crossings, points, _ = search_line(oracle, p, v, int(rng.integers(classes)), None, tol, grid, 1e-12,
+                                           interval=interval)
+        for t, lo, hi in crossings:
+            x, jump = p + t * v, points[hi][0] - points[lo][0]
+            h, P, zmin = _lower_at(Ws, bs, x)
+            if zmin <= tol["match"] * (1.0 + np.linalg.norm(x)):
+                continue  # a unit below switches here
+            S = h > 0
+            sv = np.linalg.svd(P[S], compute_uv=False)
+            if not len(sv) or sv[-1] < 1e-6 * sv[0]:
+                continue  # the weights on S would not be determined
+            w, *_ = np.linalg.lstsq(P.T, jump, rcond=None)
+            if np.linalg.norm(P.T @ w - jump) > tol["rank"] * np.linalg.norm(jump) or not np.any(w):
+                continue
+            w = np.where(S, w / np.linalg.norm(w), 0.0)
+            beta = -float(w @ h)
+            seen[S] = True
+            j, lam = units.match(w, beta, S, tol)
+            if j is not None:
+                new = S & ~units.mask[j]
+                if new.any():
+                    units.w[j, new] = lam * w[new]
+                    units.mask[j] |= new
+                    grew = True
+                continue
+            G, _ = _all_class(oracle, np.stack([p + lo * v, p + hi * v]), classes, cache)
+            J = G[1] - G[0]
+            nx = w @ P
+            sgn = np.sign(w @ _lower_at(Ws, bs, p + hi * v)[0] - w @ _lower_at(Ws, bs, p + lo * v)[0])
+            q = sgn * (J @ nx) / float(nx @ nx)
+            if np.linalg.norm(J - sgn * np.outer(q, nx)) > tol["rank"] * np.linalg.norm(J):
+                continue  # not one crossing of one unit
+            units.w, units.mask = np.vstack([units.w, w]), np.vstack([units.mask, S])
+            units.beta, units.q = np.append(units.beta, beta), units.q + [q]
+            grew = True
+        return grew
+
+    def region_segment(region, a, b):
+        return segment(a, b - a, tuple(rng.uniform(0.0, 1e-2, 2) * [1, -1] + [0, 1]))
+
+    quiet = r = 0
+    for r in range(max_regions):
+        region = region_with()
+        if region is None:
             raise _Infeasible("no fixed-pattern region of the layers below with full rank could be found")
-        S = region.signs > 0
-        grew = not seen[S].all()
-        seen |= S
-        for _ in range(3):
+        grew = False
+        for _ in range(4):
             a, b = region.point(), region.point()
             if a is None or b is None:
                 break
-            p, v = a, b - a
-            k = int(rng.integers(classes))
-            crossings, points, _ = search_line(oracle, p, v, k, None, tol, grid, 1e-12,
-                                               interval=tuple(rng.uniform(0.0, 1e-2, 2) * [1, -1] + [0, 1]))
-            for t, lo, hi in crossings:
-                x, jump = p + t * v, points[hi][0] - points[lo][0]
-                P = region.P
-                w, *_ = np.linalg.lstsq(P.T, jump, rcond=None)
-                if np.linalg.norm(P.T @ w - jump) > tol["rank"] * np.linalg.norm(jump) or not np.any(w):
-                    continue
-                w = np.where(S, w / np.linalg.norm(w), 0.0)
-                beta = -float(w @ region.h(x))
-                j, lam = units.match(w, beta, S, tol)
-                if j is not None:
-                    new = S & ~units.mask[j]
-                    if new.any():
-                        units.w[j, new] = lam * w[new]
-                        units.mask[j] |= new
-                        grew = True
-                    continue
-                G, _ = _all_class(oracle, np.stack([p + lo * v, p + hi * v]), classes, cache)
-                J = G[1] - G[0]
-                nx = w @ P
-                sgn = np.sign((w @ region.h(p + hi * v)) - (w @ region.h(p + lo * v)))
-                q = sgn * (J @ nx) / float(nx @ nx)
-                if np.linalg.norm(J - sgn * np.outer(q, nx)) > tol["rank"] * np.linalg.norm(J):
-                    continue  # not one crossing of one unit
-                units.w, units.mask = np.vstack([units.w, w]), np.vstack([units.mask, S])
-                units.beta, units.q = np.append(units.beta, beta), units.q + [q]
-                grew = True
+            grew |= region_segment(region, a, b)
         grew |= units.consolidate(tol)
         progress_cb(len(units.beta))
         quiet = 0 if grew else quiet + 1
-        if quiet >= stale and len(units.beta):
+        if quiet >= 2 * stale and len(units.beta):  # regions are cheap and some units are rarely crossed
             break
     else:
         raise _Infeasible(f"{max_regions} fixed-pattern regions without a complete last layer "
                           f"({len(units.beta)} units)")
-    # orientation: G(x) - sum_j q_j (w_j J(x)) [s_j > 0] = -sum_{j flipped} q_j (w_j J(x))
-    Q = np.stack(units.q, axis=1)  # [K, n]
-    pts = [flat[i] for i in rng.choice(len(flat), min(6, len(flat)), replace=False)]
-    for _ in range(6):
-        reg = _pattern_region(Ws, bs, d, box, rng)
-        pt = None if reg is None else reg.point()
-        if pt is not None:
-            pts.append(pt)
-    pts = np.stack(pts)
+    def complete_masks():
+        # complete each unit's weights: for a coordinate i it was never crossed with, a region where unit i of the
+        # layer below is active and a segment across the unit's hyperplane as known so far
+        for _ in range(3):
+            todo = [(j, i) for j in range(len(units.beta)) for i in np.flatnonzero(seen & ~units.mask[j])]
+            if not todo:
+                break
+            for j, i in todo:
+                if j >= len(units.beta) or units.mask[j, i]:
+                    continue
+                region = region_with(force=i)
+                if _DEBUG:
+                    print("complete", j, i, region is not None)
+                if region is None:
+                    continue
+                n, n0 = units.w[j] @ region.P, float(units.w[j] @ region.c + units.beta[j])
+                if not np.any(n):
+                    continue
+                # the ends where the hyperplane as known so far is farthest on either side (the unknown weight's term
+                # rarely outweighs that), then two random segments of the region
+                for a, b in [(region.extreme(n, 1.0), region.extreme(n, -1.0)), (region.point(), region.point()),
+                             (region.point(), region.point())]:
+                    if a is not None and b is not None:
+                        region_segment(region, a, b)
+                    if j >= len(units.beta) or units.mask[j, i]:
+                        break
+                if _DEBUG:
+                    print("   filled", units.mask[j, i] if j < len(units.beta) else None)
+            units.consolidate(tol)
+            progress_cb(len(units.beta))
+
+    complete_masks()
+    # orientation: G(x) - sum_j q_j (w_j J(x)) [s_j > 0] = -sum_{j flipped} q_j (w_j J(x)), at check points (the
+    # attacker's data, points of random regions); where the fit leaves a point unexplained, a unit is missing or
+    # incomplete there: segments from unexplained to explained points cross it
+    def region_points(n):
+        out = []
+        for _ in range(n):
+            reg = _pattern_region(Ws, bs, d, box, rng)
+            pt = None if reg is None else reg.point()
+            if pt is not None:
+                out.append(pt)
+        return out
+
+    pts = np.stack([flat[i] for i in rng.choice(len(flat), min(12, len(flat)), replace=False)] + region_points(12))
     G, _ = _all_class(oracle, pts, classes, cache)
+    for round_ in range(8):
+        flip, res, per = _fit_orientation(units, Ws, bs, pts, G)
+        ok = not (np.any(np.abs(flip - np.round(flip)) > tol["binary"]) or np.any(~np.isin(np.round(flip), (0, 1))))
+        if ok and res <= tol["check"]:
+            sign = np.where(np.round(flip) == 1, -1.0, 1.0)
+            return units.w * sign[:, None], units.beta * sign, np.stack(units.q, axis=1), r + 1
+        bad, good = pts[per > tol["check"]], pts[per <= tol["check"]]
+        if len(bad) and len(good):
+            for i in range(min(len(bad), len(good), 4)):
+                a, b = bad[rng.integers(len(bad))], good[rng.integers(len(good))]
+                segment(a, b - a, tuple(rng.uniform(0.0, 1e-2, 2) * [1, -1] + [0, 1]))
+            units.consolidate(tol)
+            complete_masks()
+        more = region_points(6)
+        if more:
+            G2, _ = _all_class(oracle, np.stack(more), classes, cache)
+            pts, G = np.vstack([pts, more]), np.concatenate([G, G2])
+    raise _Infeasible(f"the last layer's orientation does not fit the gradients (residual {res:.2g}): a unit is "
+                      "missing or the layer is not the last")
+
+
+def _fit_orientation(units, Ws, bs, pts, G):
+    """Least squares for which units are flipped; returns (flip, relative residual, residual per point)."""
+    Q = np.stack(units.q, axis=1)  # [K, n]
     rows, rhs = [], []
     for x, g in zip(pts, G):
         h, jac = _lower(Ws, bs, x)
         s = units.w @ h + units.beta
-        normals = units.w @ jac  # [n, d]
-        terms = Q[:, :, None] * normals[None]  # [K, n, d]
+        terms = Q[:, :, None] * (units.w @ jac)[None]  # [K, n, d]
         rhs.append((g - np.einsum("knd,n->kd", terms, (s > 0).astype(np.float64))).reshape(-1))
         rows.append(-terms.transpose(0, 2, 1).reshape(-1, len(s)))
-    flip, *_ = np.linalg.lstsq(np.concatenate(rows), np.concatenate(rhs), rcond=None)
-    res = np.linalg.norm(np.concatenate(rows) @ flip - np.concatenate(rhs)) / max(np.linalg.norm(G), 1e-300)
-    if np.any(np.abs(flip - np.round(flip)) > tol["binary"]) or np.any(~np.isin(np.round(flip), (0, 1))) \
-            or res > tol["check"]:
-        raise _Infeasible(f"the last layer's orientation does not fit the gradients (residual {res:.2g}): a unit is "
-                          "missing or the layer is not the last")
-    sign = np.where(np.round(flip) == 1, -1.0, 1.0)
-    return units.w * sign[:, None], units.beta * sign, Q, r + 1
+    A, y = np.concatenate(rows), np.concatenate(rhs)
+    flip, *_ = np.linalg.lstsq(A, y, rcond=None)
+    per = np.array([np.linalg.norm(a @ flip - b) / max(np.linalg.norm(g), 1e-300) for a, b, g in zip(rows, rhs, G)])
+    return flip, float(np.linalg.norm(A @ flip - y) / max(np.linalg.norm(G), 1e-300)), per
 
 
 # ---------------------------------------------------------------------------------------------- the attack
