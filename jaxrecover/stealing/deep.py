@@ -174,9 +174,6 @@ class MLPExtractionIncomplete(QueryBudgetExceeded):
         self.partial = partial
 
 
-_DEBUG = False
-
-
 class _Infeasible(Exception):
     pass
 
@@ -197,6 +194,7 @@ class _Region:
             offs.append(c * sg)
             A, c = A * (sg > 0)[:, None], c * (sg > 0)
         self.signs = signs[-1] if signs else None
+        self.Ws, self.bs = list(Ws), list(bs)
         self.P, self.c = A, c
         self.A = np.concatenate(rows) if rows else np.zeros((0, d))
         self.a = np.concatenate(offs) if offs else np.zeros(0)
@@ -206,6 +204,13 @@ class _Region:
 
     def h(self, x):
         return np.asarray(x) @ self.P.T + self.c
+
+    def h_true(self, x):
+        """``h`` at ``x [N, d]`` through the layers read (ReLU, wherever ``x`` is)."""
+        h = np.asarray(x, np.float64)
+        for W, b in zip(self.Ws, self.bs):
+            h = np.maximum(h @ W.T + b, 0.0)
+        return h
 
     def point(self, plane=None, side=1.0):
         """A vertex of the box cut by the region (a random objective), optionally on one side of ``plane = (n, n0)``
@@ -219,6 +224,37 @@ class _Region:
             return self.box * np.sign(r)
         res = linprog(-r, A_ub=-A, b_ub=a - m, bounds=(-self.box, self.box), method="highs")
         return res.x if res.status == 0 else None
+
+    def lift(self, x, count):
+        """Up to ``count`` of the points ``x [N, d]`` moved into the region with (about) the same ``h``: the units
+        below that are off there are switched on just barely, so the units of this layer see what they see at
+        the attacker's images (a unit active only near the data shows up in the completeness test)."""
+        x = x[self.rng.choice(len(x), min(count, len(x)), replace=False)]
+        h = self.h_true(x)
+        y = np.maximum(h, 1e-3 * max(float(np.max(h)), 1e-12))
+        Pp = np.linalg.pinv(self.P)
+        out = (y - self.c) @ Pp.T + x - (x @ self.P.T) @ Pp.T
+        inside = np.all(out @ self.A.T + self.a >= self.margin, axis=1) if len(self.a) else np.ones(len(out), bool)
+        return out[inside]
+
+    def ray(self, starts):
+        """A ray from one of ``starts`` (points of the region) along which ``h`` grows in a few random coordinates
+        (``h(p + t v) = h(p) + t u``, ``u >= 0`` sparse): it crosses every unit of the next layer whose weights on
+        those coordinates outweigh its value at ``p`` with the other sign, also units active on a small part of
+        the region only (random segments between vertices seldom cross those). Clipped to the region."""
+        p = starts[self.rng.integers(len(starts))]
+        u = np.zeros(self.P.shape[0])
+        idx = self.rng.choice(len(u), min(3, len(u)), replace=False)
+        u[idx] = self.rng.uniform(0.5, 1.0, len(idx))
+        v = np.linalg.pinv(self.P) @ u
+        hp = self.h(p[None])[0]
+        t_max = 100.0 * (1.0 + float(np.max(np.abs(hp)))) / float(np.max(u))
+        if len(self.a):
+            Av, slack = self.A @ v, self.A @ p + self.a - self.margin
+            neg = Av < 0
+            if neg.any():
+                t_max = min(t_max, float(np.min(slack[neg] / -Av[neg])))
+        return p, v, max(t_max, 1e-9)
 
     def extreme(self, n, side):
         """The vertex of the region and box where ``side * n . x`` is largest (None if there is none)."""
@@ -413,6 +449,36 @@ def _orient(oracle, layer, pts, G, classes, tol, cache):
 
 
 # ---------------------------------------------------------------------------------------------- the last layer
+def _sampled_region(Ws, bs, flat, box, rng, force=None):
+    """The fixed-pattern region of a random point (one of the attacker's images moved by a random step of up to
+    three times the data's scale): among 16 such points, one of those with the most active units in the last
+    layer read (and unit ``force`` active); None when no point qualifies or its region has no room."""
+    d = flat.shape[1]
+    scale = float(np.max(np.linalg.norm(flat, axis=1)))
+    v = rng.standard_normal((16, d))
+    x = flat[rng.integers(len(flat), size=16)] + rng.uniform(0, 3, (16, 1)) * scale * v / np.linalg.norm(v, axis=1,
+                                                                                                         keepdims=True)
+    pats = []
+    for xi in x:
+        h, sg = xi, []
+        for W, b in zip(Ws, bs):
+            z = W @ h + b
+            sg.append(np.where(z > 0, 1.0, -1.0))
+            h = np.maximum(z, 0.0)
+        pats.append(sg)
+    ok = [i for i, sg in enumerate(pats) if force is None or sg[-1][force] > 0]
+    if not ok:
+        return None
+    size = np.array([np.sum(pats[i][-1] > 0) for i in ok])
+    i = ok[int(rng.choice(np.flatnonzero(size >= np.median(size))))]
+    region = _Region(Ws, bs, d, box, 1e-6, rng, signs=pats[i])
+    S = region.signs > 0
+    sv = np.linalg.svd(region.P[S], compute_uv=False)
+    if not len(sv) or sv[-1] < 1e-6 * sv[0] or region.point() is None:
+        return None
+    return region
+
+
 def _pattern_region(Ws, bs, d, box, rng, force=None):
     """A fixed-pattern region of the layers read: unit by unit (layer by layer, in a random order), active or
     inactive as a random preference says where the programme allows both, else the one it allows; None when
@@ -526,8 +592,9 @@ def _read_last(oracle, Ws, bs, flat, box, rng, classes, tol, grid, max_regions, 
     seen = np.zeros(len(bs[-1]), bool)
 
     def region_with(force=None):
-        for _ in range(10):
-            region = _pattern_region(Ws, bs, d, box, rng, force)
+        for attempt in range(10):  # the region of a random point (cheap), else one built unit by unit
+            region = _sampled_region(Ws, bs, flat, box, rng, force) if attempt % 2 == 0 else \
+                _pattern_region(Ws, bs, d, box, rng, force)
             if region is not None:
                 return region
         return None
@@ -590,7 +657,7 @@ def _read_last(oracle, Ws, bs, flat, box, rng, classes, tol, grid, max_regions, 
         grew |= units.consolidate(tol)
         progress_cb(len(units.beta))
         quiet = 0 if grew else quiet + 1
-        if quiet >= 2 * stale and len(units.beta):  # regions are cheap and some units are rarely crossed
+        if quiet >= 4 * stale and len(units.beta):  # regions are cheap and some units are rarely crossed
             break
     else:
         raise _Infeasible(f"{max_regions} fixed-pattern regions without a complete last layer "
@@ -598,7 +665,7 @@ def _read_last(oracle, Ws, bs, flat, box, rng, classes, tol, grid, max_regions, 
     def complete_masks():
         # complete each unit's weights: for a coordinate i it was never crossed with, a region where unit i of the
         # layer below is active and a segment across the unit's hyperplane as known so far
-        for _ in range(3):
+        for _ in range(5):
             todo = [(j, i) for j in range(len(units.beta)) for i in np.flatnonzero(seen & ~units.mask[j])]
             if not todo:
                 break
@@ -606,8 +673,6 @@ def _read_last(oracle, Ws, bs, flat, box, rng, classes, tol, grid, max_regions, 
                 if j >= len(units.beta) or units.mask[j, i]:
                     continue
                 region = region_with(force=i)
-                if _DEBUG:
-                    print("complete", j, i, region is not None)
                 if region is None:
                     continue
                 n, n0 = units.w[j] @ region.P, float(units.w[j] @ region.c + units.beta[j])
@@ -621,8 +686,6 @@ def _read_last(oracle, Ws, bs, flat, box, rng, classes, tol, grid, max_regions, 
                         region_segment(region, a, b)
                     if j >= len(units.beta) or units.mask[j, i]:
                         break
-                if _DEBUG:
-                    print("   filled", units.mask[j, i] if j < len(units.beta) else None)
             units.consolidate(tol)
             progress_cb(len(units.beta))
 
@@ -639,14 +702,20 @@ def _read_last(oracle, Ws, bs, flat, box, rng, classes, tol, grid, max_regions, 
                 out.append(pt)
         return out
 
-    pts = np.stack([flat[i] for i in rng.choice(len(flat), min(12, len(flat)), replace=False)] + region_points(12))
+    scale = float(np.max(np.linalg.norm(flat, axis=1)))
+    v = rng.standard_normal((24, d))
+    near = flat[rng.integers(len(flat), size=24)] + rng.uniform(0, 3, (24, 1)) * scale * v / \
+        np.linalg.norm(v, axis=1, keepdims=True)
+    pts = np.concatenate([flat[rng.choice(len(flat), min(12, len(flat)), replace=False)], near,
+                          np.stack(region_points(12))])
     G, _ = _all_class(oracle, pts, classes, cache)
     for round_ in range(8):
         flip, res, per = _fit_orientation(units, Ws, bs, pts, G)
         ok = not (np.any(np.abs(flip - np.round(flip)) > tol["binary"]) or np.any(~np.isin(np.round(flip), (0, 1))))
         if ok and res <= tol["check"]:
             sign = np.where(np.round(flip) == 1, -1.0, 1.0)
-            return units.w * sign[:, None], units.beta * sign, np.stack(units.q, axis=1), r + 1
+            unread = int(np.sum(seen[None] & ~units.mask))
+            return units.w * sign[:, None], units.beta * sign, np.stack(units.q, axis=1), r + 1, unread
         bad, good = pts[per > tol["check"]], pts[per <= tol["check"]]
         if len(bad) and len(good):
             for i in range(min(len(bad), len(good), 4)):
@@ -729,13 +798,17 @@ def extract_mlp(service, data, *, classes: int, max_layers: int = 4, plan=None, 
     rng = np.random.default_rng(seed)
     q0, e0 = service.queries, service.evaluations
     Ws, bs, segments, cache = [], [], [], []
-    state = {"rejected": 0, "message": "", "short": []}
+    state = {"rejected": 0, "message": "", "short": [], "notes": []}
     bar = tqdm(desc="extract", unit="seg", disable=not progress)
 
     def finish(out, complete, message):
+        if out is not None and complete:  # the consistency check also covers the attacker's own images
+            _all_class(oracle, flat[rng.choice(len(flat), min(32, len(flat)), replace=False)], classes, cache)
         bar.close()
         if state["short"]:
             complete, message = False, "; ".join(state["short"]) + "; " + message
+        if state["notes"]:
+            message = message + "; note: " + "; ".join(state["notes"])
         return _result(out, Ws, bs, flat, cache, service, q0, e0, segments, plan, state["rejected"], complete,
                        message, tol)
 
@@ -753,7 +826,7 @@ def extract_mlp(service, data, *, classes: int, max_layers: int = 4, plan=None, 
                 # first as the last hidden layer, from fixed-pattern regions (no deeper unit crosses them, so no
                 # candidate needs verifying); if it is not the last, its orientation does not fit
                 try:
-                    W, beta, Wout, regions = _read_last(oracle, Ws, bs, flat, box, rng, classes, tol, grid,
+                    W, beta, Wout, regions, unread = _read_last(oracle, Ws, bs, flat, box, rng, classes, tol, grid,
                                                         max_segments, stale, cache,
                                                         lambda n: (bar.update(1), bar.set_postfix(layer=depth, units=n)))
                 except _Infeasible as e:
@@ -761,12 +834,17 @@ def extract_mlp(service, data, *, classes: int, max_layers: int = 4, plan=None, 
                         raise _Infeasible(f"{e}; and no input makes every unit of {lower} active at once, where "
                                           "a middle layer is read") from None
                 else:
+                    if unread:  # no check point needed them (the fit passed), but they were not read either
+                        state["short"].append(f"layer {depth}: {unread} weights (unit, unit below) never read, set to "
+                                              "0: no crossing of the unit was found where that unit below is active "
+                                              "(no check point needed them; the copy may differ where they matter)")
                     segments.append(regions)
                     Ws.append(W)
                     bs.append(beta)
                     return finish(Wout, True, f"{depth} hidden layers read (the last from {regions} fixed-pattern "
                                               "regions)")
-            pts = np.stack([region.point() for _ in range(pool)]) if depth > 1 else \
+            pts = np.concatenate([np.stack([region.point() for _ in range(pool)]), region.lift(flat, 2 * pool)]) \
+                if depth > 1 else \
                 np.concatenate([flat[rng.choice(len(flat), min(pool // 2, len(flat)), replace=False)],
                                 np.stack([region.point() for _ in range(pool - min(pool // 2, len(flat)))])])
             G = None
@@ -780,11 +858,15 @@ def extract_mlp(service, data, *, classes: int, max_layers: int = 4, plan=None, 
                     v /= np.linalg.norm(v)
                     crossings, points, _ = search_line(oracle, p, v, n_seg % classes, span * scale, tol, grid,
                                                        1e-12 * span * scale)
-                else:
+                elif targets or n_seg % 2:
                     a, b = targets.pop() if targets else (region.point(), region.point())
                     p, v = a, b - a
                     crossings, points, _ = search_line(oracle, p, v, n_seg % classes, None, tol, grid, 1e-12,
                                                        interval=tuple(rng.uniform(0.0, 1e-2, 2) * [1, -1] + [0, 1]))
+                else:
+                    p, v, t_max = region.ray(pts)
+                    crossings, points, _ = search_line(oracle, p, v, n_seg % classes, None, tol, grid, 1e-12,
+                                                       interval=(rng.uniform(0.0, 1e-3) * t_max, t_max))
                 added = 0
                 for t, lo, hi in crossings:
                     x, jump = p + t * v, points[hi][0] - points[lo][0]
@@ -803,7 +885,11 @@ def extract_mlp(service, data, *, classes: int, max_layers: int = 4, plan=None, 
                     if G is None:
                         G, _ = _all_class(oracle, pts, classes, cache)
                     if _decompose(layer, G)[1] <= tol["check"]:
-                        break
+                        # complete where it was tested; a unit active on a small part of the region is missed by
+                        # the test and by most segments: sweep on until 4 * stale segments found nothing new
+                        if depth == 1 or since_new >= 4 * stale:
+                            break
+                        continue
                     since_new = 0
                     if depth > 1:
                         pts, G, targets = _targets(oracle, layer, pts, G, classes, tol, cache)
