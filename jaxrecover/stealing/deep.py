@@ -7,30 +7,41 @@ extracted first), so each unit of layer ``l`` is a flat hyperplane ``w . (P x + 
 (deeper units bend at layer ``l``'s hyperplanes; in ``R_l`` layer ``l`` behaves like a first layer):
 
 1. Crossings: segments between points of ``R_l`` (vertices of a box cut by ``R_l``'s inequalities, found by
-   scipy's HiGHS linear programme) are searched exactly for the points where one class's gradient changes
-   (:func:`jaxrecover.stealing.lines.search_line`). Layer 1 uses long lines through the attacker's data
-   instead (``R_1`` is the whole space, and a long line crosses every first-layer hyperplane).
+   scipy's HiGHS linear programme), and rays along which a few coordinates of ``h`` grow (they cross units that
+   are active on a small part of ``R_l`` only, which segments between vertices seldom cross), are searched
+   exactly for the points where one class's gradient changes (:func:`jaxrecover.stealing.lines.search_line`).
+   Layer 1 uses long lines through the attacker's data instead (``R_1`` is the whole space, and a long line
+   crosses every first-layer hyperplane).
 2. Each crossing's gradient jump is ``u (w P)`` for the unit's ``w`` (in the coordinates of the layer below,
    which the extraction itself defines): ``w`` is the least-squares solution of ``P^T w = jump``, normalised,
    and ``beta = -w . h(x*)``. A crossing of a deeper unit gives the local affine form of that unit instead,
-   valid only in one cell of layer ``l``'s arrangement, so every candidate is **verified**: at two other points
-   of ``R_l`` on its hyperplane (each on the segment between two programme vertices on either side of it) the
-   gradient must jump, parallel to ``w P``. A deeper unit's local plane has no jump there and is rejected.
+   valid only in one cell of layer ``l``'s arrangement, so every candidate is **verified**: at four other points
+   of ``R_l`` on its hyperplane the gradient must jump, parallel to ``w P``. A deeper unit's local plane has no
+   jump at some of them and is rejected.
 3. Orientation (a crossing cannot tell ``(w, beta)`` from ``(-w, -beta)``): at points ``p`` of ``R_l`` the
    all-class gradient is ``G = C B`` with ``B = [w_j P]`` (full row rank while layer ``l`` is no wider than the
    one below) and ``C[:, j] = 0`` exactly when unit ``j`` is inactive at ``p``; the side on which ``C[:, j]`` is
    non-zero is the active side. The residual ``|G - C B|`` is 0 only when no active unit is missing: it is the
-   layer's completeness test (more segments are searched while it is not 0).
+   layer's completeness test (at vertices and at the attacker's images lifted into ``R_l``); while it is not 0,
+   segments from points it explains to points it does not cross the missing unit; after it passes, the search
+   sweeps on for ``4 stale`` segments.
 4. The last hidden layer is the one whose ``C[:, j]`` is the same at every point where unit ``j`` is active
    (``C`` is then the output matrix); the output bias comes from the reported values. Otherwise the layer is
-   kept and the next one is read.
+   kept and the next one is read. From the third hidden layer on, and wherever ``R_l`` is empty, the layer is
+   first read as the LAST one from fixed-pattern regions (the cell of a random point, or one built unit by unit
+   by the programme): no deeper unit crosses there, so every crossing is a unit of the layer, read on the
+   units active below it; its weights are merged across regions and completed coordinate by coordinate, its
+   output column is the all-class jump, and which units are flipped is a least-squares fit of the gradients at
+   48 check points (the attacker's images, points near them, region points), which is also the completeness
+   test. A final consistency check asks 32 of the attacker's images.
 
 The result is canonical (:func:`canonical_mlp`: each unit scaled to a unit incoming weight vector, the scale
-moved to the next layer; units sorted by a fixed random projection). Where this cannot work, and says so:
-a layer wider than the one below it (``B`` loses rank: orientation is not determined by one gradient), and a
-net whose lower layers can never be all active at once (``R_l`` empty: the programme is infeasible). Units
-whose hyperplane misses ``R_l`` (dead or always active on it) are not found; the final consistency check on
-the attacker's data says whether they matter there.
+moved to the next layer; units sorted by a fixed random projection). Where this cannot work, and says so
+(``complete=False`` and the reason in ``message``): a layer wider than the one below it (``B`` loses rank), a
+middle layer where no input activates every unit below at once, and last-layer weights for which no crossing
+was found. Units whose hyperplane misses ``R_l`` (dead, or always active on it) are not found; the consistency
+checks say whether they matter where they look. Written by hand: no library extracts networks from gradient
+queries; scipy's linear programme finds the regions' points.
 """
 
 from __future__ import annotations
@@ -45,8 +56,8 @@ from ..attacks import best_plan
 from ..services import QueryBudgetExceeded
 from .lines import GradientOracle, search_line, tolerances
 
-__all__ = ["extract_mlp", "MLPExtraction", "MLPExtractionIncomplete", "canonical_mlp", "mlp_logits", "mlp_fidelity",
-           "mlp_params"]
+__all__ = ["extract_mlp", "MLPExtraction", "MLPExtractionIncomplete", "canonical_mlp", "mlp_logits", "mlp_gradients",
+           "mlp_fidelity", "mlp_params"]
 
 
 # ---------------------------------------------------------------------------------------------- nets as arrays
@@ -531,16 +542,6 @@ def _lower_at(Ws, bs, x):
     return h, jac, zmin
 
 
-def _lower(Ws, bs, x):
-    """``h`` of the last layer read at ``x [d]`` and its Jacobian ``[n, d]``."""
-    h, jac = np.asarray(x, np.float64), np.eye(len(x))
-    for W, b in zip(Ws, bs):
-        z = W @ h + b
-        jac = (z > 0)[:, None] * (W @ jac)
-        h = np.maximum(z, 0.0)
-    return h, jac
-
-
 class _LastUnits:
     """Units of the last hidden layer read from fixed-pattern regions: weights known on ``mask``, output column ``q``."""
 
@@ -736,7 +737,7 @@ def _fit_orientation(units, Ws, bs, pts, G):
     Q = np.stack(units.q, axis=1)  # [K, n]
     rows, rhs = [], []
     for x, g in zip(pts, G):
-        h, jac = _lower(Ws, bs, x)
+        h, jac, _ = _lower_at(Ws, bs, x)
         s = units.w @ h + units.beta
         terms = Q[:, :, None] * (units.w @ jac)[None]  # [K, n, d]
         rhs.append((g - np.einsum("knd,n->kd", terms, (s > 0).astype(np.float64))).reshape(-1))
