@@ -52,9 +52,8 @@ import numpy as np
 from scipy.optimize import linprog
 from tqdm.auto import tqdm
 
-from ..attacks import best_plan
 from ..services import QueryBudgetExceeded
-from .lines import GradientOracle, search_line, tolerances
+from .lines import prepare, search_line
 
 __all__ = ["extract_mlp", "MLPExtraction", "MLPExtractionIncomplete", "canonical_mlp", "mlp_logits", "mlp_gradients",
            "mlp_fidelity", "mlp_params"]
@@ -776,26 +775,14 @@ def extract_mlp(service, data, *, classes: int, max_layers: int = 4, plan=None, 
       MLPExtractionIncomplete: the query budget ran out; ``.partial`` holds what was found.
       ValueError: bad arguments, or a service that explains something other than logits.
     """
-    if getattr(service, "output", "logit") != "logit":
-        raise ValueError(f"extraction reads logits but the service explains {service.output!r}; "
-                         "use a service with output='logit'")
-    data = np.asarray(data)
-    if data.ndim < 2 or data.shape[0] < 1:
-        raise ValueError(f"data must be [N, ...] inputs with N >= 1, got shape {data.shape}")
-    if not (isinstance(classes, (int, np.integer)) and classes >= 2):
-        raise ValueError(f"classes must be an int >= 2, got {classes!r}")
     if not (isinstance(max_layers, (int, np.integer)) and max_layers >= 1):
         raise ValueError(f"max_layers must be a positive int, got {max_layers!r}")
-    plan = best_plan(service) if plan is None else plan
-    service.fixed_baseline(data[:1].astype(service.dtype))  # clear error for input-dependent baselines
-    tol = tolerances(service.dtype)
+    data, plan, tol, flat, oracle = prepare(service, data, classes, plan, min_classes=2)
     f64 = np.dtype(service.dtype) == np.float64
     delta = 1e-9 if f64 else 1e-4
-    flat = data.reshape(data.shape[0], -1).astype(np.float64)
     d = flat.shape[1]
     scale = float(np.max(np.linalg.norm(flat, axis=1)))
     box = float(box) if box is not None else 8.0 * max(float(np.max(np.abs(flat))), 1.0)
-    oracle = GradientOracle(service, plan, data.shape[1:])
     rng = np.random.default_rng(seed)
     q0, e0 = service.queries, service.evaluations
     Ws, bs, segments, cache = [], [], [], []

@@ -34,9 +34,8 @@ import dataclasses
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..attacks import best_plan
 from ..services import QueryBudgetExceeded
-from .lines import GradientOracle, search_line, tolerances
+from .lines import prepare, search_line, tolerances
 
 __all__ = ["extract_two_layer", "Extraction", "ExtractionIncomplete", "canonical_two_layer", "two_layer_logits",
            "two_layer_variables", "extraction_fidelity"]
@@ -243,21 +242,8 @@ def extract_two_layer(service, data, *, classes: int, plan=None, span: float = 1
       ExtractionIncomplete: the query budget ran out; ``.partial`` holds what was found.
       ValueError: the service explains something other than logits, or its step count is fixed.
     """
-    if getattr(service, "output", "logit") != "logit":
-        raise ValueError(f"extraction reads logits but the service explains {service.output!r}; "
-                         "use a service with output='logit'")
-    data = np.asarray(data)
-    if data.ndim < 2 or data.shape[0] < 1:
-        raise ValueError(f"data must be [N, ...] inputs with N >= 1, got shape {data.shape}")
-    if not (isinstance(classes, (int, np.integer)) and classes >= 1):
-        raise ValueError(f"classes must be a positive int, got {classes!r}")
-    plan = best_plan(service) if plan is None else plan
-    service.fixed_baseline(data[:1].astype(service.dtype))  # clear error for input-dependent baselines
-    tol = tolerances(service.dtype)
-    shape = data.shape[1:]
-    flat = data.reshape(data.shape[0], -1).astype(np.float64)
+    data, plan, tol, flat, oracle = prepare(service, data, classes, plan)
     scale = float(np.max(np.linalg.norm(flat, axis=1)))
-    oracle = GradientOracle(service, plan, shape)
     units = _Units(flat.shape[1], classes)
     rng = np.random.default_rng(seed)
     q0, e0 = service.queries, service.evaluations

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..attacks import attack
+from ..attacks import attack, best_plan
 
-__all__ = ["GradientOracle", "search_line", "tolerances", "differ"]
+__all__ = ["GradientOracle", "search_line", "tolerances", "differ", "prepare"]
 
 
 # ---------------------------------------------------------------------------------------------- the oracle
@@ -117,3 +117,22 @@ def search_line(oracle, p, d, k, span, tol, grid, min_width, interval=None):
     return crossings, points, unresolved
 
 
+
+
+def prepare(service, data, classes, plan, min_classes=1):
+    """The checks and set-up every extraction starts with: ``(data, plan, tolerances, flat float64 data, oracle)``.
+
+    Raises ValueError (one line, naming the fix) for a service that explains something other than logits, bad
+    ``data`` or ``classes``, or an input-dependent baseline."""
+    if getattr(service, "output", "logit") != "logit":
+        raise ValueError(f"extraction reads logits but the service explains {service.output!r}; "
+                         "use a service with output='logit'")
+    data = np.asarray(data)
+    if data.ndim < 2 or data.shape[0] < 1:
+        raise ValueError(f"data must be [N, ...] inputs with N >= 1, got shape {data.shape}")
+    if not (isinstance(classes, (int, np.integer)) and classes >= min_classes):
+        raise ValueError(f"classes must be an int >= {min_classes}, got {classes!r}")
+    plan = best_plan(service) if plan is None else plan
+    service.fixed_baseline(data[:1].astype(service.dtype))  # clear error for input-dependent baselines
+    flat = data.reshape(data.shape[0], -1).astype(np.float64)
+    return data, plan, tolerances(service.dtype), flat, GradientOracle(service, plan, data.shape[1:])
